@@ -1,0 +1,5 @@
+import sys
+
+from parnet_cpu.cli import main
+
+sys.exit(main())

@@ -1,0 +1,49 @@
+"""`parnet-cpu` command line: one module per sub-command, each exposing `register(subparsers)`.
+
+Sub-command modules import heavy packages (torch, openvino, nncf) inside their handlers, so
+`parnet-cpu info` or `--help` stay fast and a serving install without torch still works.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# sub-command name -> module that registers it (order = order in --help)
+COMMANDS: tuple[str, ...] = (
+    "parnet_cpu.cli.info",
+    "parnet_cpu.cli.models",
+    "parnet_cpu.cli.export",
+)
+
+
+class CliError(Exception):
+    """An error the user can fix: printed without a traceback, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="parnet-cpu",
+        description="ParNet on CPU: reparameterize, quantize (OpenVINO+NNCF) and run with pinned multi-stream execution.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module_name in COMMANDS:
+        importlib.import_module(module_name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except CliError as exc:
+        print(f"parnet-cpu {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Argument groups and helpers shared by several sub-commands (one definition, many users)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_model_args(p: argparse.ArgumentParser, default: str = "parnet_s") -> None:
+    """--model NAME [--checkpoint FILE] plus overrides that build any ParNet configuration."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=default, help=f"registered variant (default: {default}); see `parnet-cpu models`")
+    g.add_argument("--checkpoint", help="weights: authors' .pth.tar (state_dict / state_dict_ema) or our own file")
+    g.add_argument("--ema", action="store_true", help="load state_dict_ema instead of state_dict")
+    g.add_argument("--num-classes", type=int)
+    g.add_argument("--planes", type=int_tuple, help="override widths, e.g. 16,32,64,128")
+    g.add_argument("--blocks", type=int_tuple, help="override blocks per stage, e.g. 5,6,6,1")
+    g.add_argument("--input-size", type=int, help="input side in pixels (multiple of 32)")
+    g.add_argument("--in-chans", type=int)
+    g.add_argument("--activation", choices=("relu", "silu"))
+    g.add_argument("--stem-stride", type=int, choices=(1, 2))
+
+
+def model_from_args(args: argparse.Namespace):
+    """Build (and load) the training-form model the arguments describe; returns (model, source)."""
+    from parnet_cpu.cli import CliError
+    from parnet_cpu.models.checkpoint import CheckpointError, load_checkpoint
+    from parnet_cpu.models.parnet import build_model, resolve_config
+
+    try:
+        cfg = resolve_config(args.model, num_classes=args.num_classes, planes=args.planes, num_blocks=args.blocks,
+                             input_size=args.input_size, in_chans=args.in_chans, activation=args.activation,
+                             stem_stride=args.stem_stride)
+    except (ValueError, TypeError) as exc:
+        raise CliError(str(exc)) from None
+    model = build_model(cfg)
+    source = {"model": args.model, "config": cfg.to_dict(), "checkpoint": None}
+    if args.checkpoint:
+        try:
+            source["checkpoint"] = load_checkpoint(model, args.checkpoint, use_ema=args.ema)
+        except CheckpointError as exc:
+            raise CliError(str(exc)) from None
+    else:
+        warn_random_weights()
+    return model, source
+
+
+def warn_random_weights() -> None:
+    print("!" * 78 + "\n!! WARNING: no --checkpoint given: the model has RANDOM weights.\n"
+          "!! Fine for speed measurements; accuracy figures from it mean nothing.\n" + "!" * 78, file=sys.stderr)

@@ -1,0 +1,1 @@
+"""Torch-free inference side: OpenVINO compilation helpers and the multi-stream runtime."""

@@ -1,0 +1,43 @@
+"""Shared fixtures: a narrow ParNet that exercises every block type at a fraction of the cost."""
+from __future__ import annotations
+
+import pytest
+
+NARROW = dict(planes=(16, 32, 64, 128), num_blocks=(5, 6, 6, 1), input_size=64)
+
+
+def randomize_bn(model, seed: int = 0) -> None:
+    """Give every BN non-trivial statistics and affine terms (fresh BNs are identities)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=g) * 0.6 - 0.3)
+
+
+def rel_l2(a, b) -> float:
+    import numpy as np
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture
+def narrow_cfg():
+    from parnet_cpu.models.parnet import ParNetConfig
+
+    return ParNetConfig(**NARROW)
+
+
+@pytest.fixture
+def narrow_model(narrow_cfg):
+    from parnet_cpu.models.parnet import build_model
+
+    model = build_model(narrow_cfg)
+    randomize_bn(model)
+    return model
