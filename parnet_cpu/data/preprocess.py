@@ -1,0 +1,361 @@
+"""Image decoding and ImageNet-style evaluation preprocessing (numpy + Pillow only, no torch).
+
+Evaluation transform (the ParNet authors' / timm / torchvision ImageNet protocol):
+
+1. decode to RGB (see :func:`load_image` for how unusual files are handled);
+2. resize so the *shorter* side is ``floor(input_size / crop_fraction)`` (256 for 224 / 0.875),
+   keeping the aspect ratio; the longer side is ``int(R * long / short)`` (truncated), exactly as
+   ``torchvision.transforms.Resize(int)`` computes it; Pillow filter ``interpolation`` (bicubic);
+3. centre-crop ``input_size`` x ``input_size`` (offsets ``round((dim - S) / 2)`` like torchvision);
+4. scale to [0, 1], normalise with ``mean`` / ``std``, return float32 ``(C, H, W)``.
+
+Steps 2-3 run in Pillow on the decoded image (the same code path torchvision uses for PIL images),
+so outputs match a torchvision ``Resize/CenterCrop/ToTensor/Normalize`` pipeline up to float32
+rounding of the normalisation (< 1e-6).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "INTERPOLATIONS",
+    "ImageDecodeError",
+    "PreprocessConfig",
+    "load_image",
+    "load_and_preprocess",
+    "preprocess",
+    "resize_shorter_side",
+    "center_crop",
+]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+INTERPOLATIONS: dict[str, Image.Resampling] = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+class ImageDecodeError(Exception):
+    """A file could not be decoded into an image (corrupt, truncated, empty, not an image...)."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"cannot decode image {self.path}: {reason}")
+
+    def __reduce__(self):  # keep picklable (used across process pools by callers)
+        return (type(self), (self.path, self.reason))
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Evaluation preprocessing parameters.
+
+    ``mean``/``std`` need ``channels`` values, or a single value (broadcast). For ``channels=1``
+    with the 3-value RGB defaults, the averages (0.449, 0.226) are used. Grayscale conversion for
+    ``channels=1`` uses Pillow's ITU-R 601-2 luma (``convert("L")``).
+
+    ``exif_transpose``: apply the EXIF orientation tag (what a viewer shows). torchvision's
+    ``ImageFolder`` loader does *not* do this; set False to reproduce it bit-for-bit on the rare
+    ImageNet files that carry an orientation tag.
+
+    ``alpha_background``: images with transparency are composited onto this RGB colour (white by
+    default, what browsers/viewers show); ``None`` drops the alpha channel like torchvision's
+    ``convert("RGB")`` (colour under fully transparent pixels is then whatever the file stores,
+    often black).
+
+    ``reducing_gap``: passed to ``PIL.Image.resize``; ``None`` (default) = exact filtering, a value
+    such as 3.0 speeds up large downscales at a small accuracy cost.
+    """
+
+    input_size: int = 224
+    crop_fraction: float = 0.875
+    interpolation: str = "bicubic"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    channels: int = 3
+    exif_transpose: bool = True
+    alpha_background: tuple[int, int, int] | None = (255, 255, 255)
+    reducing_gap: float | None = None
+
+    # derived, precomputed once (not part of equality / repr)
+    scale: np.ndarray = field(init=False, repr=False, compare=False, hash=False)
+    offset: np.ndarray = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        if int(self.input_size) != self.input_size or self.input_size < 1:
+            raise ValueError(f"input_size must be a positive integer, got {self.input_size!r}")
+        set_(self, "input_size", int(self.input_size))
+        if not (0.0 < float(self.crop_fraction) <= 1.0):
+            raise ValueError(f"crop_fraction must be in (0, 1], got {self.crop_fraction!r}")
+        set_(self, "crop_fraction", float(self.crop_fraction))
+        interp = str(self.interpolation).lower()
+        if interp not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {self.interpolation!r}")
+        set_(self, "interpolation", interp)
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels!r}")
+        mean = _per_channel(self.mean, self.channels, "mean")
+        std = _per_channel(self.std, self.channels, "std")
+        if any(s <= 0 for s in std):
+            raise ValueError(f"std values must be > 0, got {std}")
+        set_(self, "mean", mean)
+        set_(self, "std", std)
+        if self.alpha_background is not None:
+            bg = tuple(int(v) for v in self.alpha_background)
+            if len(bg) != 3 or any(not 0 <= v <= 255 for v in bg):
+                raise ValueError(f"alpha_background must be an (R, G, B) tuple of 0..255 or None, got {self.alpha_background!r}")
+            set_(self, "alpha_background", bg)
+        m = np.asarray(mean, dtype=np.float64).reshape(-1, 1, 1)
+        s = np.asarray(std, dtype=np.float64).reshape(-1, 1, 1)
+        # out = (x / 255 - mean) / std = x * scale + offset
+        scale = (1.0 / (255.0 * s)).astype(np.float32)
+        offset = (-m / s).astype(np.float32)
+        scale.setflags(write=False)
+        offset.setflags(write=False)
+        set_(self, "scale", scale)
+        set_(self, "offset", offset)
+
+    @property
+    def resize_size(self) -> int:
+        """Shorter-side length before the centre crop: ``floor(input_size / crop_fraction)``."""
+        return int(math.floor(self.input_size / self.crop_fraction))
+
+    @property
+    def resample(self) -> Image.Resampling:
+        return INTERPOLATIONS[self.interpolation]
+
+    @property
+    def output_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.input_size, self.input_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if not f.init:
+                continue
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "PreprocessConfig":
+        known = {f.name for f in fields(cls) if f.init}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown PreprocessConfig keys: {unknown} (known: {sorted(known)})")
+        kw = dict(d)
+        for k in ("mean", "std", "alpha_background"):
+            if kw.get(k) is not None:
+                kw[k] = tuple(kw[k])
+        return cls(**kw)
+
+
+def _per_channel(values: Sequence[float] | float, channels: int, name: str) -> tuple[float, ...]:
+    vals = (float(values),) if isinstance(values, (int, float)) else tuple(float(v) for v in values)
+    if len(vals) == channels:
+        return vals
+    if len(vals) == 1:
+        return vals * channels
+    if channels == 1 and len(vals) == 3:
+        return (sum(vals) / 3.0,)
+    raise ValueError(f"{name} must have {channels} value(s) (or 1), got {len(vals)}: {vals}")
+
+
+# --------------------------------------------------------------------------------------------
+# decoding
+# --------------------------------------------------------------------------------------------
+
+def load_image(
+    path: str | os.PathLike[str],
+    *,
+    exif_transpose: bool = True,
+    alpha_background: tuple[int, int, int] | None = (255, 255, 255),
+) -> Image.Image:
+    """Decode ``path`` fully and return an ``"RGB"`` or ``"L"`` (grayscale source) image.
+
+    Handling (documented decisions):
+
+    * EXIF orientation is applied (``ImageOps.exif_transpose``) unless ``exif_transpose=False``;
+      a broken EXIF block is ignored (image kept as stored) rather than rejecting the file.
+    * CMYK (incl. Adobe inverted CMYK JPEGs) -> RGB with Pillow's conversion; embedded ICC
+      profiles are ignored (as torchvision does).
+    * ``L``/``1`` (grayscale / bilevel) -> ``"L"``; the caller replicates it to 3 channels.
+    * 16-bit grayscale (``I;16*``, and ``I``, assumed to hold 16-bit data) -> ``"L"`` scaled
+      by 255/65535 with rounding (Pillow's own ``convert`` would clip at 255). 16-bit RGB PNGs are
+      reduced to 8 bits by Pillow's decoder. ``F`` (float) is assumed to be in [0, 1].
+    * Palette images -> RGB (via RGBA when the palette has transparency).
+    * Alpha (``RGBA``/``LA``/``PA``/palette transparency) is composited onto ``alpha_background``
+      (white); ``alpha_background=None`` drops alpha instead (torchvision behaviour).
+    * Multi-frame files (TIFF, WebP, ...): first frame.
+    * Truncated or corrupt files raise :class:`ImageDecodeError`. ``PIL.ImageFile.
+      LOAD_TRUNCATED_IMAGES`` is never set by this package; if some other code set it to True,
+      truncated JPEGs would decode with a grey lower part, so this function refuses to run then.
+    * Empty files, missing files and non-images raise :class:`ImageDecodeError`.
+    """
+    p = os.fspath(path)
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise ImageDecodeError(
+            p, "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process; truncated images would be "
+            "silently accepted. Reset it to False before loading evaluation/calibration data.")
+    try:
+        size = os.stat(p).st_size
+    except FileNotFoundError:
+        raise ImageDecodeError(p, "file not found") from None
+    except OSError as exc:
+        raise ImageDecodeError(p, f"cannot stat file: {exc}") from None
+    if size == 0:
+        raise ImageDecodeError(p, "empty file (0 bytes)")
+    try:
+        with open(p, "rb") as fh:
+            img = Image.open(fh)
+            img.load()
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(p, f"image too large: {exc}") from None
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
+        raise ImageDecodeError(p, _reason(exc)) from None
+    if exif_transpose:
+        try:
+            ImageOps.exif_transpose(img, in_place=True)
+        except Exception:
+            pass  # unreadable EXIF: keep the stored orientation
+    try:
+        return _to_rgb_or_l(img, alpha_background)
+    except ImageDecodeError:
+        raise
+    except Exception as exc:
+        raise ImageDecodeError(p, f"unsupported image mode {img.mode!r}: {_reason(exc)}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    msg = str(exc).strip()
+    name = type(exc).__name__
+    if name == "UnidentifiedImageError":
+        return "not a recognised image file"
+    text = f"{name}: {msg}" if msg else name
+    if "truncated" in msg or "broken data stream" in msg or "premature end" in msg.lower():
+        return f"truncated or corrupt image data ({text})"
+    return text
+
+
+def _to_rgb_or_l(img: Image.Image, background: tuple[int, int, int] | None) -> Image.Image:
+    mode = img.mode
+    if mode in ("RGB", "L"):
+        return img
+    if mode == "1":
+        return img.convert("L")
+    if mode.startswith("I;16") or mode == "I":
+        arr = np.asarray(img)
+        arr = np.clip(arr.astype(np.int64), 0, 65535)
+        return Image.fromarray(((arr * 255 + 32767) // 65535).astype(np.uint8), "L")
+    if mode == "F":
+        arr = np.clip(np.nan_to_num(np.asarray(img, dtype=np.float32)), 0.0, 1.0)
+        return Image.fromarray(np.rint(arr * 255.0).astype(np.uint8), "L")
+    if mode == "P":
+        if "transparency" in img.info:
+            img = img.convert("RGBA")
+            mode = "RGBA"
+        else:
+            return img.convert("RGB")
+    if mode == "PA":
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "RGBa", "LA", "La"):
+        base = "L" if mode in ("LA", "La") else "RGB"
+        if mode in ("RGBa", "La"):  # premultiplied: un-premultiply first
+            img = img.convert("RGBA" if base == "RGB" else "LA")
+        if background is None:
+            return img.convert(base)
+        alpha = img.getchannel("A")
+        if base == "L" and len(set(background)) != 1:
+            base = "RGB"  # coloured background: result is no longer grey
+        fill = background if base == "RGB" else background[0]
+        out = Image.new(base, img.size, fill)
+        out.paste(img.convert(base), (0, 0), alpha)
+        return out
+    # CMYK, YCbCr, RGBX, LAB, HSV, I;16 variants handled above; Pillow raises for impossible ones
+    return img.convert("RGB")
+
+
+# --------------------------------------------------------------------------------------------
+# geometric transform + normalisation
+# --------------------------------------------------------------------------------------------
+
+def resize_shorter_side(
+    img: Image.Image, size: int, resample: Image.Resampling = Image.Resampling.BICUBIC,
+    reducing_gap: float | None = None,
+) -> Image.Image:
+    """Resize so the shorter side is ``size`` (torchvision ``Resize(int)`` size rule)."""
+    w, h = img.size
+    if w <= h:
+        new_w, new_h = size, int(size * h / w)
+    else:
+        new_w, new_h = int(size * w / h), size
+    if (new_w, new_h) == (w, h):
+        return img
+    return img.resize((new_w, new_h), resample, reducing_gap=reducing_gap)
+
+
+def center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Centre crop ``size`` x ``size`` with torchvision's offset rule (pads with 0 if smaller)."""
+    w, h = img.size
+    if w < size or h < size:  # torchvision pads with zeros before cropping
+        padded = Image.new(img.mode, (max(w, size), max(h, size)), 0)
+        padded.paste(img, ((max(w, size) - w) // 2, (max(h, size) - h) // 2))
+        img, (w, h) = padded, padded.size
+    if (w, h) == (size, size):
+        return img
+    top = int(round((h - size) / 2.0))
+    left = int(round((w - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
+def preprocess(img: Image.Image, cfg: PreprocessConfig | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    """Resize/crop/normalise a decoded image into a float32 ``(C, S, S)`` array.
+
+    ``out`` may be a preallocated float32 array of shape ``cfg.output_shape`` (e.g. a batch slot).
+    """
+    cfg = cfg or DEFAULT_CONFIG
+    if cfg.channels == 1:
+        if img.mode != "L":
+            img = img.convert("L")
+    elif img.mode not in ("RGB", "L"):
+        img = img.convert("RGB")  # L stays L (cheaper resize) and is replicated below: exact
+    img = resize_shorter_side(img, cfg.resize_size, cfg.resample, cfg.reducing_gap)
+    img = center_crop(img, cfg.input_size)
+    arr = np.asarray(img, dtype=np.uint8)
+    src = arr[None, :, :] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # (1|3, S, S) view
+    if out is None:
+        out = np.empty(cfg.output_shape, dtype=np.float32)
+    elif out.shape != cfg.output_shape or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 {cfg.output_shape}, got {out.dtype} {out.shape}")
+    np.multiply(src, cfg.scale, out=out, casting="unsafe")  # broadcasts L over 3 channels
+    out += cfg.offset
+    return out
+
+
+def load_and_preprocess(path: str | os.PathLike[str], cfg: PreprocessConfig | None = None,
+                        out: np.ndarray | None = None) -> np.ndarray:
+    """``preprocess(load_image(path))`` honouring the config's EXIF / alpha options."""
+    cfg = cfg or DEFAULT_CONFIG
+    img = load_image(path, exif_transpose=cfg.exif_transpose, alpha_background=cfg.alpha_background)
+    try:
+        return preprocess(img, cfg, out)
+    except Exception as exc:  # e.g. a 0-pixel-wide image that Pillow decoded
+        raise ImageDecodeError(path, f"preprocessing failed: {_reason(exc)}") from None
+
+
+DEFAULT_CONFIG = PreprocessConfig()
