@@ -18,6 +18,7 @@ _LAZY = {
     "count_parameters": "parnet_cpu.models.parnet",
     "load_checkpoint": "parnet_cpu.models.checkpoint",
     "reparameterize": "parnet_cpu.reparam.fuse",
+    "Runtime": "parnet_cpu.runtime.runtime",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -75,6 +75,27 @@ class ModelDir:
             raise ModelDirError(f"{self.path}: no {precision} model ({p.name}); present: {', '.join(self.precisions) or 'none'}")
         return p
 
+    def preprocess_config(self, **overrides):
+        """The evaluation preprocessing the model was built for (its config), with optional overrides."""
+        from parnet_cpu.data import PreprocessConfig
+
+        c = self.config
+        params = dict(input_size=c["input_size"], crop_fraction=c["crop_fraction"], interpolation=c["interpolation"],
+                      mean=tuple(c["mean"]), std=tuple(c["std"]), channels=c["in_chans"])
+        params.update({k: v for k, v in overrides.items() if v is not None})
+        return PreprocessConfig(**params)
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        names = self.config.get("class_names")
+        if names:
+            return tuple(names)
+        if self.config.get("num_classes") == 1000:
+            from parnet_cpu.data import imagenet_class_names
+
+            return imagenet_class_names()
+        return None
+
     def input_shape(self) -> tuple[int, int, int]:
         c = self.config
         return (c["in_chans"], c["input_size"], c["input_size"])

@@ -14,6 +14,8 @@ COMMANDS: tuple[str, ...] = (
     "parnet_cpu.cli.info",
     "parnet_cpu.cli.models",
     "parnet_cpu.cli.export",
+    "parnet_cpu.cli.quantize",
+    "parnet_cpu.cli.eval",
 )
 
 

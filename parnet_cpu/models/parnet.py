@@ -282,25 +282,29 @@ class ParNet(nn.Module):
         self.head = ClassifierHead(p_last, cfg.num_classes, cfg.dropout)
         self.num_features = p_last
 
-    # stages, named after what the multi-stream runtime runs concurrently
+    # Stages, named after what the multi-stream runtime runs concurrently. Each stream stage ends with
+    # its own input normalisation of the next fusion point (b1/b2 of the two-input BN), so that in an
+    # INT8 graph a stage boundary sits right before a quantizer, exactly where OpenVINO's own fusion
+    # boundary is: the cut graph then computes bit-identical results to the whole graph.
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.inits[0](x)
 
     def forward_stream1(self, s: torch.Tensor) -> torch.Tensor:
-        return self.downsamples_2[0](self.streams[0](s))
+        return self.downsamples_2[1][0].b2(self.downsamples_2[0](self.streams[0](s)))
 
     def forward_inits1(self, s: torch.Tensor) -> torch.Tensor:
         return self.inits[1](s)
 
     def forward_stream2(self, x2: torch.Tensor) -> torch.Tensor:
-        return self.streams[1](x2)
+        return self.downsamples_2[1][0].b1(self.streams[1](x2))
 
     def forward_stream3(self, x2: torch.Tensor) -> torch.Tensor:
-        return self.streams[2](self.inits[2](x2))
+        return self.combine[0].b1(self.streams[2](self.inits[2](x2)))
 
     def forward_tail(self, y1: torch.Tensor, y2: torch.Tensor, y3: torch.Tensor) -> torch.Tensor:
-        fused = self.downsamples_2[1]((y2, y1))
-        return self.head(self.combine((y3, fused)))
+        """Fusion and head, from the normalised stream outputs."""
+        fused = self.downsamples_2[1][1:]((y2, y1))
+        return self.head(self.combine[1:]((y3, self.combine[0].b2(fused))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.forward_stem(x)

@@ -43,6 +43,12 @@ class CompileOptions:
         return props
 
 
+def precision_supported(precision: str) -> bool:
+    """Whether the CPU runs this precision natively (OpenVINO's OPTIMIZATION_CAPABILITIES)."""
+    caps = set(core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    return {"fp32": "FP32", "bf16": "BF16", "int8": "INT8"}[precision] in caps
+
+
 def read_model(path_or_model):
     return core().read_model(str(path_or_model)) if isinstance(path_or_model, (str, Path)) else path_or_model
 

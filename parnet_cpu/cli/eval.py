@@ -1,0 +1,58 @@
+"""`parnet-cpu eval`: top-1/top-5 of a saved model folder (FP32, BF16 or INT8) on an image folder."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="accuracy of a model folder on a labelled image folder")
+    p.add_argument("--model", required=True, help="model folder written by export or quantize")
+    p.add_argument("--data", required=True, help="labelled image folder (any supported layout)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "int8"),
+                   help="default: int8 if the folder has it, else fp32 (bf16 runs the FP32 IR with bf16 kernels)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N images")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--json", metavar="FILE", help="write the full result (with per-class counts) as JSON")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from parnet_cpu.artifacts import ModelDir, ModelDirError, write_json
+    from parnet_cpu.cli import CliError
+    from parnet_cpu.data import DatasetError, detect_layout
+    from parnet_cpu.evaluation import accuracy_summary, run_models
+    from parnet_cpu.runtime.engine import CompileOptions, compile_model, precision_supported
+
+    try:
+        md = ModelDir.open(args.model)
+        precision = args.precision or ("int8" if "int8" in md.precisions else "fp32")
+        ir = md.ir_path("fp32" if precision == "bf16" else precision)
+        ds = detect_layout(args.data)
+    except (ModelDirError, DatasetError) as exc:
+        raise CliError(str(exc)) from None
+    if not ds.has_labels:
+        raise CliError(f"{args.data} has no labels (layout {ds.layout}); eval needs a labelled folder")
+    if precision == "bf16" and not precision_supported("bf16"):
+        raise CliError("this CPU has no native bf16 (needs avx512_bf16 or AMX); use fp32 or int8")
+    num_classes = md.config["num_classes"]
+    if ds.num_classes is not None and ds.num_classes > num_classes:
+        raise CliError(f"the data has {ds.num_classes} classes but the model predicts {num_classes}")
+    samples = ds.samples[: args.limit] if args.limit else ds.samples
+    compiled = compile_model(ir, CompileOptions(precision=precision))
+    outs = run_models({precision: compiled}, samples, md.preprocess_config(), args.batch_size, args.workers,
+                      progress=not args.quiet, desc=f"eval {precision}")
+    result = {"model": str(md.path), "precision": precision, "ir": ir.name, "data": str(ds.root), "layout": ds.layout,
+              **accuracy_summary(outs.logits[precision], outs.labels, md.class_names),
+              "skipped": outs.report.failures}
+    if "top1" not in result:
+        raise CliError("no image could be decoded and evaluated")
+    print(f"{precision}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  on {result['labelled']} images"
+          + (f" ({len(result['skipped'])} undecodable skipped)" if result["skipped"] else ""))
+    if args.json:
+        from pathlib import Path
+
+        write_json(Path(args.json), result)
+    return 0

@@ -1,0 +1,76 @@
+"""`parnet-cpu quantize`: INT8 post-training quantization with a fidelity report."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from parnet_cpu.cli.common import add_model_args, model_from_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="INT8 post-training quantization (OpenVINO + NNCF) on an image folder",
+                       description="Reparameterize, calibrate on real images, write FP32 + INT8 IR and report.json.")
+    add_model_args(p)
+    p.add_argument("--calib", required=True, help="image folder (ImageNet class folders, devkit/Kaggle/Caffe "
+                   "label files, or unlabelled images)")
+    p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--subset-size", type=int, default=300, help="calibration images (default: 300)")
+    p.add_argument("--preset", choices=("performance", "mixed"), default="mixed",
+                   help="performance: symmetric activations; mixed: asymmetric activations (default: mixed)")
+    p.add_argument("--fast-bias-correction", dest="fast_bias_correction", action="store_true", default=True)
+    p.add_argument("--bias-correction", dest="fast_bias_correction", action="store_false",
+                   help="full bias correction (slower)")
+    p.add_argument("--ignored-scope", action="append", default=[], metavar="PATTERN",
+                   help="keep matching layers in float: a regex on node names, or se | stem | head | fusion; repeatable")
+    p.add_argument("--max-drop", type=float, help="accuracy-controlled PTQ: max top-1 drop in points (needs labels)")
+    p.add_argument("--eval-limit", type=int, default=5000, help="held-out images to evaluate (0: all; default 5000)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, help="image decoding threads")
+    p.add_argument("--seed", type=int, default=0, help="calibration/held-out split seed")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from parnet_cpu.artifacts import ModelDirError
+    from parnet_cpu.cli import CliError
+    from parnet_cpu.data import DatasetError
+    from parnet_cpu.quantization.ptq import QuantizationError, QuantizeOptions, quantize_to_dir
+
+    if args.subset_size < 1:
+        raise CliError("--subset-size must be at least 1")
+    model, source = model_from_args(args)
+    opts = QuantizeOptions(subset_size=args.subset_size, preset=args.preset,
+                           fast_bias_correction=args.fast_bias_correction, ignored_scope=tuple(args.ignored_scope),
+                           max_drop=args.max_drop, eval_limit=args.eval_limit or None, batch_size=args.batch_size,
+                           seed=args.seed, num_workers=args.workers, progress=not args.quiet)
+    try:
+        report = quantize_to_dir(model, source, args.calib, args.out, opts, overwrite=args.overwrite,
+                                 log=(lambda *a: None) if args.quiet else print)
+    except (DatasetError, QuantizationError, ModelDirError) as exc:
+        raise CliError(str(exc)) from None
+    print(format_report(report))
+    print(f"wrote {args.out}/ (model_fp32.xml, model_int8.xml, report.json)")
+    return 0
+
+
+def format_report(r: dict) -> str:
+    cal = r["calibration"]
+    lines = [f"calibration: {cal['decoded']} images decoded, {len(cal['skipped'])} skipped"
+             + (f" ({', '.join(p for p, _ in cal['skipped'][:3])}...)" if cal["skipped"] else "")]
+    ev = r.get("evaluation")
+    if ev:
+        f = ev["int8_vs_fp32"]
+        lines.append(f"held-out images: {ev['held_out_images']}; INT8 vs FP32 top-1 agreement {f['top1_agreement']:.2f}%, "
+                     f"SQNR {f['sqnr_db']:.1f} dB")
+        if "top1" in ev["fp32"]:
+            lines.append(f"top-1  FP32 {ev['fp32']['top1']:.2f}%  INT8 {ev['int8']['top1']:.2f}%   "
+                         f"top-5  FP32 {ev['fp32']['top5']:.2f}%  INT8 {ev['int8']['top5']:.2f}%")
+    counts = r["runtime_precision"]["int8"]["counts"]
+    conv = {k: v for k, v in counts.items() if k.startswith(("Convolution", "FullyConnected"))}
+    lines.append("INT8 model compute layers (type:precision:kernel): " + json.dumps(conv))
+    lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in r["seconds"].items()))
+    if r["random_weights"]:
+        lines.append("NOTE: random weights - accuracy figures are meaningless; speed figures are valid.")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""INT8 post-training quantization (OpenVINO + NNCF)."""

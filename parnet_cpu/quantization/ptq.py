@@ -1,0 +1,215 @@
+"""INT8 post-training quantization of the deploy-form IR with NNCF, and the `quantize` pipeline.
+
+Pipeline (each phase timed in the report): reparameterize -> export FP32 IR -> read the image folder
+-> split calibration / held-out -> NNCF PTQ (or accuracy-controlled PTQ) -> save INT8 IR ->
+evaluate FP32 and INT8 on held-out images -> read back the precision each layer runs in -> report.
+Everything is written into a temporary folder that replaces OUT only when the whole run succeeded.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from parnet_cpu.artifacts import IR_FILES, MANIFEST, ModelDir, atomic_output_dir, write_json
+from parnet_cpu.data import DecodeReport, Dataset, PreprocessConfig, detect_layout, iter_batches
+from parnet_cpu.evaluation import accuracy_summary, fidelity_summary, run_models
+from parnet_cpu.runtime.engine import CompileOptions, compile_model, core, runtime_layers
+
+# Short names for ignored-scope patterns (regexes on OpenVINO node names of the exported IR).
+IGNORED_SCOPE_ALIASES = {
+    "se": r".*\.se\.conv/.*",  # the Skip-Squeeze-Excitation gate convs
+    "stem": r".*\.inits\.0\.0\.conv/.*",  # the very first conv (3 input channels)
+    "head": r".*\.head\.fc/.*",  # the classifier
+    "fusion": r".*\.(downsamples_2\.1|combine)\.\d\.conv/.*",  # the grouped fusion convs
+}
+
+
+class QuantizationError(RuntimeError):
+    """Quantization cannot proceed (bad data, labels that do not fit the model, ...)."""
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    subset_size: int = 300
+    preset: str = "mixed"
+    fast_bias_correction: bool = True
+    ignored_scope: tuple[str, ...] = ()
+    max_drop: float | None = None  # top-1 percentage points; enables accuracy-controlled PTQ
+    eval_limit: int | None = 5000  # held-out images evaluated (None: all)
+    batch_size: int = 32
+    seed: int = 0
+    num_workers: int | None = None
+    progress: bool = True
+
+
+def ignored_scope_patterns(items: Sequence[str]) -> list[str]:
+    return [IGNORED_SCOPE_ALIASES.get(item, item) for item in items]
+
+
+class ImageStream:
+    """Re-iterable stream of single preprocessed images (or (image, label) pairs) for NNCF, which may
+    take several passes; never holds the set in memory. Undecodable files are recorded once, by path."""
+
+    def __init__(self, samples: Sequence, pcfg: PreprocessConfig, num_workers: int | None = None,
+                 with_labels: bool = False) -> None:
+        self.samples, self.pcfg, self.num_workers, self.with_labels = list(samples), pcfg, num_workers, with_labels
+        self.failures: dict[str, str] = {}
+        self.decoded = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __iter__(self) -> Iterator:
+        report = DecodeReport()
+        try:  # NNCF may stop consuming early: record what was seen either way
+            for batch in iter_batches(self.samples, self.pcfg, 16, self.num_workers, report=report):
+                if self.with_labels:
+                    yield from ((img[None], int(lab)) for img, lab in zip(batch.images, batch.labels))
+                else:
+                    yield from (img[None] for img in batch.images)
+        finally:
+            self.failures.update(dict(report.failures))
+            self.decoded = max(self.decoded, report.decoded)
+
+
+def top1_validation(compiled, items) -> tuple[float, list[float]]:
+    """NNCF accuracy-control callback: top-1 (fraction) of a compiled model on (image, label) items."""
+    hits = [float(np.asarray(compiled(image)[0]).argmax() == label) for image, label in items]
+    return (float(np.mean(hits)) if hits else 0.0), hits
+
+
+@contextmanager
+def _nncf_verbosity(progress: bool):
+    import nncf
+
+    logger = logging.getLogger("nncf")
+    old = logger.level
+    if not progress:
+        nncf.set_log_level(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
+
+
+def quantize_ir(fp32_model, calibration: ImageStream, opts: QuantizeOptions, validation: ImageStream | None = None):
+    """NNCF PTQ of an OpenVINO model; with `validation` and `opts.max_drop`, accuracy-controlled."""
+    import nncf
+
+    kwargs = dict(preset=nncf.QuantizationPreset(opts.preset), subset_size=min(opts.subset_size, len(calibration)),
+                  fast_bias_correction=opts.fast_bias_correction, target_device=nncf.TargetDevice.CPU)
+    if opts.ignored_scope:
+        kwargs["ignored_scope"] = nncf.IgnoredScope(patterns=ignored_scope_patterns(opts.ignored_scope), validate=False)
+    dataset = nncf.Dataset(calibration)
+    with _nncf_verbosity(opts.progress):
+        if opts.max_drop is not None and validation:
+            return nncf.quantize_with_accuracy_control(
+                fp32_model, dataset, nncf.Dataset(validation), top1_validation,
+                max_drop=opts.max_drop / 100.0, drop_type=nncf.DropType.ABSOLUTE, **kwargs)
+        return nncf.quantize(fp32_model, dataset, **kwargs)
+
+
+def layer_precision_summary(compiled) -> dict:
+    """Counts of (layer type, precision, kernel) for compute layers, plus the per-layer list."""
+    layers = [l for l in runtime_layers(compiled) if l["type"] not in ("Const", "Input", "Output", "Reshape")]
+    counts: dict[str, int] = {}
+    for l in layers:
+        key = f"{l['type']}:{l['precision']}:{l['kernel']}"
+        counts[key] = counts.get(key, 0) + 1
+    return {"counts": dict(sorted(counts.items())), "layers": layers}
+
+
+def check_labels_fit(ds: Dataset, num_classes: int) -> None:
+    if ds.has_labels and ds.num_classes is not None and ds.num_classes > num_classes:
+        raise QuantizationError(f"the data has {ds.num_classes} classes ({ds.label_space}) but the model predicts "
+                                f"{num_classes}: labels cannot be evaluated against this model")
+    too_big = [lab for _, lab in ds.samples if lab is not None and lab >= num_classes]
+    if too_big:
+        raise QuantizationError(f"{len(too_big)} labels are >= the model's {num_classes} classes")
+
+
+@dataclass
+class Phases:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - t0, 3)
+
+
+def quantize_to_dir(model, source: dict, calib_dir: str | Path, out: str | Path, opts: QuantizeOptions = QuantizeOptions(),
+                    overwrite: bool = False, log=print) -> dict:
+    """The whole `parnet-cpu quantize` job; returns the report (also written to OUT/report.json)."""
+    import openvino as ov
+
+    from parnet_cpu.export import manifest_for, save_ir, to_openvino
+    from parnet_cpu.reparam.fuse import reparameterize
+
+    phases = Phases()
+    with phases("read_data"):
+        ds = detect_layout(calib_dir)
+        check_labels_fit(ds, model.cfg.num_classes)
+        calib, holdout = ds.split(opts.subset_size, seed=opts.seed)
+        if opts.eval_limit is not None:
+            holdout = holdout.with_samples(holdout.samples[: opts.eval_limit])
+    log(f"data: {ds.summary()}; {len(calib)} for calibration, {len(holdout)} held out for evaluation")
+    if len(calib) < opts.subset_size:
+        log(f"warning: only {len(calib)} images for calibration (asked for {opts.subset_size})")
+
+    with phases("reparameterize"):
+        deploy = reparameterize(model)
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        with phases("export_fp32"):
+            fp32_ir = to_openvino(deploy)
+            save_ir(fp32_ir, tmp / IR_FILES["fp32"])
+            write_json(tmp / MANIFEST, {**manifest_for(deploy, source), "exported_with_openvino": ov.get_version()})
+        md = ModelDir.open(tmp)
+        pcfg = md.preprocess_config()
+        calibration = ImageStream(calib.samples, pcfg, opts.num_workers)
+        validation = None
+        if opts.max_drop is not None:
+            if not ds.has_labels or not len(holdout):
+                raise QuantizationError("--max-drop needs labelled images beyond the calibration subset")
+            validation = ImageStream(holdout.samples, pcfg, opts.num_workers, with_labels=True)
+        with phases("quantize"):
+            int8_ir = quantize_ir(core().read_model(str(tmp / IR_FILES["fp32"])), calibration, opts, validation)
+        if calibration.decoded == 0:
+            raise QuantizationError(f"none of the {len(calib)} calibration images could be decoded")
+        save_ir(int8_ir, tmp / IR_FILES["int8"])
+
+        with phases("compile"):
+            fp32_c = compile_model(tmp / IR_FILES["fp32"], CompileOptions(precision="fp32"))
+            int8_c = compile_model(tmp / IR_FILES["int8"], CompileOptions(precision="int8"))
+        evaluation = None
+        if len(holdout):
+            with phases("evaluate"):
+                outs = run_models({"fp32": fp32_c, "int8": int8_c}, holdout.samples, pcfg, opts.batch_size,
+                                  opts.num_workers, progress=opts.progress, desc="evaluate fp32+int8")
+            evaluation = {"held_out_images": len(outs.paths), "skipped": outs.report.failures,
+                          "fp32": accuracy_summary(outs.logits["fp32"], outs.labels, md.class_names),
+                          "int8": accuracy_summary(outs.logits["int8"], outs.labels, md.class_names),
+                          "int8_vs_fp32": fidelity_summary(outs.logits["fp32"], outs.logits["int8"], outs.labels)}
+        report = {
+            "model": source.get("model"), "config": model.cfg.to_dict(),
+            "checkpoint": source.get("checkpoint"), "random_weights": source.get("checkpoint") is None,
+            "data": {"root": str(ds.root), "layout": ds.layout, "images": len(ds), "labelled": ds.has_labels,
+                     "label_space": ds.label_space, "notes": ds.notes},
+            "calibration": {"requested": opts.subset_size, "images": len(calib), "decoded": calibration.decoded,
+                            "skipped": sorted(calibration.failures.items()),
+                            "files": [str(p) for p, _ in calib.samples]},
+            "options": asdict(opts) | {"ignored_scope_patterns": ignored_scope_patterns(opts.ignored_scope)},
+            "evaluation": evaluation,
+            "runtime_precision": {"int8": layer_precision_summary(int8_c), "fp32": layer_precision_summary(fp32_c)["counts"]},
+            "seconds": phases.seconds,
+            "openvino": ov.get_version(),
+        }
+        write_json(tmp / "report.json", report)
+    return report

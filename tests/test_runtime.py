@@ -1,0 +1,146 @@
+"""Multi-stream runtime: stage equality with the single graph, real pinning read from /proc,
+concurrency, lifecycle and core-spec errors. Uses real worker processes and OpenVINO."""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import NARROW, randomize_bn, rel_l2
+from parnet_cpu.models.parnet import create_model
+from parnet_cpu.quantization.ptq import QuantizeOptions, quantize_to_dir
+from parnet_cpu.runtime import Runtime, RuntimeClosedError
+from parnet_cpu.runtime.cores import CoreSpecError, parse_groups, proportional_sizes
+from parnet_cpu.runtime.engine import CompileOptions, compile_model
+from parnet_cpu.system.cpuinfo import parse_cpu_list
+
+REPO = Path(__file__).resolve().parents[1]
+CPUS = sorted(os.sched_getaffinity(0))
+# three stream groups on whatever this machine has (2 cores here: groups overlap, explicitly allowed)
+GROUPS = [[CPUS[0]], [CPUS[-1]], [CPUS[0]]]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = create_model("parnet_s", **NARROW)
+    randomize_bn(model)
+    out = tmp_path_factory.mktemp("rt") / "narrow"
+    quantize_to_dir(model, {"model": "narrow"}, REPO / "calibration" / "sample", out,
+                    QuantizeOptions(subset_size=16, progress=False), log=lambda *a: None)
+    return out
+
+
+def images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 3, 64, 64)).astype(np.float32)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("inits1", ["recompute", "share"])
+def test_multistream_equals_single_graph(model_dir, precision, inits1):
+    x = images(4)
+    with Runtime(model_dir, cores=GROUPS, precision=precision, plan="multistream", inits1=inits1) as rt:
+        assert rt.plan.kind == "multistream"
+        got = rt.infer(x)
+        ref = compile_model(rt.ir_path, CompileOptions(precision=precision))(x)[0]
+        stages = set(rt.stats.summary())
+    if precision == "fp32":
+        assert rel_l2(got, ref) <= 1e-5
+    else:
+        assert (got.argmax(1) == ref.argmax(1)).all()
+        assert rel_l2(got, ref) <= 1e-3  # stage boundaries sit at the graph's own quantizers: measured 0.0
+    expected = {"stem", "stream1", "stream2", "stream3", "tail"} | ({"inits1"} if inits1 == "share" else set())
+    assert stages == expected
+
+
+def test_every_inference_thread_stays_in_its_group(model_dir):
+    with Runtime(model_dir, cores=GROUPS, plan="multistream") as rt:
+        rt.infer(images(1))  # make sure the inference threads exist
+        aff = rt.thread_affinity()
+    assert set(aff) == {"stem+tail", "stream1", "stream2", "stream3"}
+    for name, info in aff.items():
+        assert len(info["threads"]) >= 2, name  # main thread + OpenVINO's
+        for tid, allowed in info["threads"].items():
+            assert set(parse_cpu_list(allowed)) <= set(info["cpus"]), (name, tid, allowed)
+        # the worker process is a different process, pinned as a whole
+        assert info["pid"] != os.getpid()
+
+
+def test_concurrent_callers_get_their_own_results(model_dir):
+    x = images(16, seed=3)
+    ref = compile_model(Path(model_dir) / "model_fp32.xml", CompileOptions(precision="fp32"))(x)[0]
+    results: dict[int, np.ndarray] = {}
+    with Runtime(model_dir, cores=GROUPS, precision="fp32", plan="multistream", inflight=3) as rt:
+        def call(i: int) -> None:
+            results[i] = rt.infer(x[i:i + 1]) if i % 2 else rt.submit(x[i:i + 1]).result()
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    for i in range(16):
+        assert rel_l2(results[i], ref[i:i + 1]) <= 1e-5
+
+
+def test_closed_runtime_and_bad_inputs(model_dir):
+    rt = Runtime(model_dir, cores=GROUPS, plan="multistream", max_batch=2)
+    with pytest.raises(ValueError, match=r"expected images of shape \(N, 3, 64, 64\)"):
+        rt.infer(np.zeros((1, 3, 32, 32), np.float32))
+    with pytest.raises(ValueError, match="takes 1..2"):
+        rt.infer(images(3))
+    rt.close()
+    with pytest.raises(RuntimeClosedError, match="closed"):
+        rt.infer(images(1))
+    with pytest.raises(RuntimeClosedError):
+        rt.submit(images(1))
+    rt.close()  # idempotent
+
+
+def test_bad_core_specs(model_dir):
+    n = len(CPUS)
+    with pytest.raises(CoreSpecError, match=f"may use {n}"):
+        Runtime(model_dir, cores_per_stream=n, plan="multistream")
+    with pytest.raises(CoreSpecError, match="not usable"):
+        Runtime(model_dir, cores=[[CPUS[0]], [CPUS[0]], [4096]])
+    with pytest.raises(CoreSpecError, match="3 groups"):
+        Runtime(model_dir, cores=[[CPUS[0]], [CPUS[-1]]])
+    with pytest.raises(CoreSpecError, match="at least 1"):
+        Runtime(model_dir, cores_per_stream=0)
+    with pytest.raises(CoreSpecError):
+        parse_groups("0-x:1")
+    assert parse_groups("0-3:4-7;8,10") == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 10]]
+    assert proportional_sizes([1.0, 1.25, 1.25], 16) == [5, 6, 5] or sum(proportional_sizes([1, 1.25, 1.25], 16)) == 16
+
+
+def test_two_runtimes_never_share_cores(model_dir):
+    with Runtime(model_dir, plan="single") as first:
+        assert set(first.plan.cpus) == set(CPUS)
+        with pytest.raises(CoreSpecError, match="already used by another Runtime"):
+            Runtime(model_dir, plan="single")
+    with Runtime(model_dir, plan="single") as again:  # released on close
+        assert again.plan.kind == "single"
+
+
+def test_auto_plan_is_never_slower_than_single(model_dir):
+    with Runtime(model_dir) as rt:
+        x = images(2)
+        ref = compile_model(rt.ir_path, CompileOptions(precision=rt.precision))(x)[0]
+        assert (rt.infer(x).argmax(1) == ref.argmax(1)).all()
+        if len(CPUS) < 3:
+            assert rt.plan.kind == "single" and "at least 3 physical cores" in rt.plan.reason
+        else:
+            assert "auto" in rt.plan.reason
+
+
+def test_runtime_side_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, parnet_cpu.runtime, parnet_cpu.data, parnet_cpu.evaluation, parnet_cpu.system.cpuinfo; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
