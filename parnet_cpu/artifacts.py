@@ -5,6 +5,7 @@ Torch-free on purpose (the runtime and server read it). Layout::
     OUT/parnet.json       manifest: architecture config, preprocessing, files, provenance
     OUT/model_fp32.xml/.bin   deploy-form FP32 OpenVINO IR (weights kept in fp32)
     OUT/model_int8.xml/.bin   INT8 IR (after `quantize`)
+    OUT/model_deploy.pt   deploy-form torch weights (safe format) for eager baselines
     OUT/model.onnx        optional ONNX export of the deploy form
     OUT/report.json       quantization report (after `quantize`)
 """
@@ -23,6 +24,7 @@ MANIFEST = "parnet.json"
 FORMAT = "parnet-cpu/1"
 IR_FILES = {"fp32": "model_fp32.xml", "int8": "model_int8.xml", "bf16": "model_bf16.xml"}
 ONNX_FILE = "model.onnx"
+DEPLOY_WEIGHTS = "model_deploy.pt"  # deploy-form torch weights + config (eager baselines, ONNX export)
 # Named tensors inside every exported IR, where the multi-stream runtime cuts the graph.
 STAGE_TENSORS = ("stem", "inits1", "stream1", "stream2", "stream3")
 INPUT_NAME = "input"

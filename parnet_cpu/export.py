@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from parnet_cpu.artifacts import (FORMAT, INPUT_NAME, IR_FILES, MANIFEST, ONNX_FILE, OUTPUT_NAME, STAGE_TENSORS,
-                                  atomic_output_dir, write_json)
+from parnet_cpu.artifacts import (DEPLOY_WEIGHTS, FORMAT, INPUT_NAME, IR_FILES, MANIFEST, ONNX_FILE, OUTPUT_NAME,
+                                  STAGE_TENSORS, atomic_output_dir, write_json)
 from parnet_cpu.models.parnet import ParNet
 from parnet_cpu.reparam.fuse import reparameterize
 
@@ -90,17 +90,36 @@ def manifest_for(model: ParNet, source: dict) -> dict:
     }
 
 
+def write_fp32_artifacts(deploy: ParNet, folder: Path, source: dict) -> None:
+    """FP32 IR, deploy-form torch weights (for eager baselines and ONNX) and the manifest."""
+    import openvino as ov
+
+    from parnet_cpu.models.checkpoint import save_checkpoint
+
+    save_ir(to_openvino(deploy), folder / IR_FILES["fp32"])
+    save_checkpoint(deploy, folder / DEPLOY_WEIGHTS)
+    manifest = manifest_for(deploy, source)
+    manifest["exported_with"]["openvino"] = ov.get_version()
+    write_json(folder / MANIFEST, manifest)
+
+
+def load_deploy_model(folder: str | Path) -> ParNet:
+    """Rebuild the deploy-form torch module stored in a model folder."""
+    from parnet_cpu.models.checkpoint import extract_state_dict, read_checkpoint
+    from parnet_cpu.models.parnet import ParNetConfig, build_model
+
+    obj = read_checkpoint(Path(folder) / DEPLOY_WEIGHTS)
+    model = reparameterize(build_model(ParNetConfig.from_dict(obj["config"])))
+    model.load_state_dict(extract_state_dict(obj), strict=True)
+    return model.eval()
+
+
 def export_model_dir(model: ParNet, out: str | Path, source: dict | None = None, onnx: bool = False,
                      overwrite: bool = False) -> Path:
     """Write the deploy form as a model folder: FP32 IR (+ ONNX) and the manifest."""
-    import openvino as ov
-
     deploy = deploy_form(model)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        save_ir(to_openvino(deploy), tmp / IR_FILES["fp32"])
+        write_fp32_artifacts(deploy, tmp, source or {})
         if onnx:
             to_onnx(deploy, tmp / ONNX_FILE)
-        manifest = manifest_for(deploy, source or {})
-        manifest["exported_with"]["openvino"] = ov.get_version()
-        write_json(tmp / MANIFEST, manifest)
     return Path(out)

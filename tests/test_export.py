@@ -88,3 +88,13 @@ def test_export_cli_and_no_half_written_output(tmp_path, capsys):
     assert main(args[:-1] + [str(bad), "--checkpoint", str(tmp_path / "missing.pth.tar")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
     assert not bad.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".bad")]
+
+
+def test_deploy_weights_in_model_folder_rebuild_the_deploy_form(exported):
+    from parnet_cpu.export import load_deploy_model
+
+    model, out = exported
+    rebuilt = load_deploy_model(out)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), parnet_cpu.reparameterize(model)(x))

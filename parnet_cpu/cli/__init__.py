@@ -16,6 +16,7 @@ COMMANDS: tuple[str, ...] = (
     "parnet_cpu.cli.export",
     "parnet_cpu.cli.quantize",
     "parnet_cpu.cli.eval",
+    "parnet_cpu.cli.bench",
 )
 
 

@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from parnet_cpu.artifacts import IR_FILES, MANIFEST, ModelDir, atomic_output_dir, write_json
+from parnet_cpu.artifacts import IR_FILES, ModelDir, atomic_output_dir, write_json
 from parnet_cpu.data import DecodeReport, Dataset, PreprocessConfig, detect_layout, iter_batches
 from parnet_cpu.evaluation import accuracy_summary, fidelity_summary, run_models
 from parnet_cpu.runtime.engine import CompileOptions, compile_model, core, runtime_layers
@@ -150,7 +150,7 @@ def quantize_to_dir(model, source: dict, calib_dir: str | Path, out: str | Path,
     """The whole `parnet-cpu quantize` job; returns the report (also written to OUT/report.json)."""
     import openvino as ov
 
-    from parnet_cpu.export import manifest_for, save_ir, to_openvino
+    from parnet_cpu.export import save_ir, write_fp32_artifacts
     from parnet_cpu.reparam.fuse import reparameterize
 
     phases = Phases()
@@ -168,9 +168,7 @@ def quantize_to_dir(model, source: dict, calib_dir: str | Path, out: str | Path,
         deploy = reparameterize(model)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         with phases("export_fp32"):
-            fp32_ir = to_openvino(deploy)
-            save_ir(fp32_ir, tmp / IR_FILES["fp32"])
-            write_json(tmp / MANIFEST, {**manifest_for(deploy, source), "exported_with_openvino": ov.get_version()})
+            write_fp32_artifacts(deploy, tmp, source)
         md = ModelDir.open(tmp)
         pcfg = md.preprocess_config()
         calibration = ImageStream(calib.samples, pcfg, opts.num_workers)

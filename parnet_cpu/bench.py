@@ -1,0 +1,253 @@
+"""`parnet-cpu bench`: the multi-stream runtime against the best single-graph execution, same cores.
+
+Every engine except the multi-stream runtime runs in its own spawned process pinned (before its
+runtime starts) to exactly the CPUs the multi-stream plan uses, with that many threads; the runtime
+pins its own workers. Rows:
+
+- multistream     `Runtime` (stem+tail on all groups' cores, one stream per group)
+- ov-latency      OpenVINO single graph, LATENCY hint, threads = all cores of the plan
+- ov-throughput   OpenVINO single graph, THROUGHPUT hint (several streams), async requests
+- torch-eager     PyTorch eager FP32, deploy form, torch threads = cores
+- ort-parallel    ONNX Runtime FP32, ORT_PARALLEL (inter-op 3 = branches, intra-op = cores per stream)
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from parnet_cpu.artifacts import ONNX_FILE, ModelDir
+from parnet_cpu.runtime.timing import measure_latency
+
+ENGINES = ("multistream", "ov-latency", "ov-throughput", "torch-eager", "ort-parallel")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    batches: tuple[int, ...] = (1, 8)
+    warmup: int = 2
+    iters: int = 10
+    min_seconds: float = 0.2
+    engines: tuple[str, ...] = ENGINES
+
+
+def _throughput(run_one, n_requests: int, batch: int) -> float:
+    t0 = time.perf_counter()
+    run_one(n_requests)
+    return n_requests * batch / (time.perf_counter() - t0)
+
+
+def _make_engine(engine: str, model_dir: str, precision: str, threads: int, onnx_path: str | None):
+    """Returns (sync_infer(x), async_run(n_requests, x)) for one engine, built inside the pinned process."""
+    if engine in ("ov-latency", "ov-throughput"):
+        import openvino as ov
+
+        from parnet_cpu.runtime.engine import CompileOptions, compile_model
+
+        hint = "LATENCY" if engine == "ov-latency" else "THROUGHPUT"
+        compiled = compile_model(ModelDir.open(model_dir).ir_path(precision),
+                                 CompileOptions(precision=precision, hint=hint, num_threads=threads))
+        nreq = compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
+        queue = ov.AsyncInferQueue(compiled, nreq)
+
+        def run_async(n, x):
+            for _ in range(n):
+                queue.start_async({0: x})
+            queue.wait_all()
+
+        return (lambda x: compiled(x)), run_async, {"hint": hint, "infer_requests": nreq}
+    if engine == "torch-eager":
+        import torch
+
+        from parnet_cpu.export import load_deploy_model
+
+        torch.set_num_threads(threads)
+        model = load_deploy_model(model_dir)
+
+        def infer(x):
+            with torch.inference_mode():
+                return model(torch.from_numpy(x))
+
+        return infer, (lambda n, x: [infer(x) for _ in range(n)]), {"precision": "fp32", "torch_threads": threads}
+    if engine == "ort-parallel":
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.execution_mode = ort.ExecutionMode.ORT_PARALLEL
+        so.inter_op_num_threads = 3
+        so.intra_op_num_threads = max(1, threads // 3)
+        session = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+
+        def infer(x):
+            return session.run(None, {name: x})
+
+        return infer, (lambda n, x: [infer(x) for _ in range(n)]), {
+            "precision": "fp32", "inter_op": 3, "intra_op": so.intra_op_num_threads, "ort": ort.__version__}
+    raise ValueError(f"unknown engine {engine!r}")
+
+
+def _engine_main(engine, model_dir, precision, cpus, batches, cfg, onnx_path, conn) -> None:
+    from parnet_cpu.runtime.worker import pin_process
+
+    pin_process(cpus)
+    try:
+        infer, run_async, info = _make_engine(engine, model_dir, precision, len(cpus), onnx_path)
+        shape = ModelDir.open(model_dir).input_shape()
+        rows = []
+        for b in batches:
+            x = np.random.default_rng(0).standard_normal((b, *shape)).astype(np.float32)
+            stats = measure_latency(lambda: infer(x), cfg.warmup, cfg.iters, cfg.min_seconds, batch=b)
+            if engine == "ov-throughput":
+                n = max(8, info["infer_requests"] * 4)
+                stats["throughput_ips"] = _throughput(lambda k: run_async(k, x), n, b)
+            rows.append({"engine": engine, **info, **stats})
+        conn.send(("ok", rows))
+    except Exception as exc:  # reported as a row, the benchmark goes on
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def run_pinned_engine(engine: str, model_dir: Path, precision: str, cpus: list[int], cfg: BenchConfig,
+                      onnx_path: str | None) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_engine_main, args=(engine, str(model_dir), precision, cpus, cfg.batches, cfg,
+                                                  onnx_path, child), daemon=True)
+    proc.start()
+    status, payload = parent.recv()
+    proc.join(timeout=30)
+    if status != "ok":
+        return [{"engine": engine, "batch": b, "error": payload} for b in cfg.batches]
+    return payload
+
+
+def bench_multistream(rt, cfg: BenchConfig) -> list[dict]:
+    rows = []
+    for b in cfg.batches:
+        x = np.random.default_rng(0).standard_normal((b, *rt.input_shape)).astype(np.float32)
+        stats = measure_latency(lambda: rt.infer(x), cfg.warmup, cfg.iters, cfg.min_seconds, batch=b)
+        n = max(8, 4 * rt.inflight)
+
+        def run_many(k):
+            for f in [rt.submit(x) for _ in range(k)]:
+                f.result()
+
+        stats["throughput_ips"] = _throughput(run_many, n, b)
+        rows.append({"engine": "multistream", "plan": rt.plan.kind, "inflight": rt.inflight, **stats})
+    return rows
+
+
+def export_onnx_for(md: ModelDir, folder: Path) -> str | None:
+    """The ONNX file of the model folder, or one exported now from its deploy-form weights."""
+    if (md.path / ONNX_FILE).is_file():
+        return str(md.path / ONNX_FILE)
+    try:
+        from parnet_cpu.export import load_deploy_model, to_onnx
+    except ImportError:
+        return None
+    path = folder / ONNX_FILE
+    to_onnx(load_deploy_model(md.path), path)
+    return str(path)
+
+
+def run_bench(model_dir: str | Path, cores_per_stream, cores, precision: str | None, cfg: BenchConfig,
+              use_smt: bool = False, log=print) -> dict:
+    from parnet_cpu.runtime.runtime import Runtime
+    from parnet_cpu.system.cpuinfo import describe_machine, format_cpu_list
+
+    md = ModelDir.open(model_dir)
+    precision = precision or ("int8" if "int8" in md.precisions else "fp32")
+    rows: list[dict] = []
+    plan_info, cpus = None, None
+    if "multistream" in cfg.engines:
+        log("multistream: starting pinned workers ...")
+        try:
+            with Runtime(md.path, cores_per_stream=cores_per_stream, cores=cores, precision=precision,
+                         plan="multistream", use_smt=use_smt, max_batch=max(cfg.batches)) as rt:
+                plan_info, cpus = rt.plan.describe(), rt.plan.cpus
+                rows += bench_multistream(rt, cfg)
+                rows[-1]["stage_median_ms"] = {k: v["median_ms"] for k, v in rt.stats.summary().items()}
+        except Exception as exc:
+            rows += [{"engine": "multistream", "batch": b, "error": str(exc)} for b in cfg.batches]
+    if cpus is None:
+        cpus = sorted(os.sched_getaffinity(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = export_onnx_for(md, Path(tmp)) if "ort-parallel" in cfg.engines else None
+        for engine in cfg.engines:
+            if engine == "multistream":
+                continue
+            log(f"{engine}: pinned to CPUs {format_cpu_list(cpus)} ...")
+            rows += run_pinned_engine(engine, md.path, precision, cpus, cfg, onnx_path)
+    for r in rows:
+        r.setdefault("precision", precision)
+    baseline = {r["batch"]: r for r in rows if r["engine"] == "ov-latency" and "error" not in r}
+    for r in rows:
+        base = baseline.get(r["batch"])
+        if base and "error" not in r:
+            r["latency_ratio_vs_ov_latency"] = r["median_ms"] / base["median_ms"]
+            r["throughput_ratio_vs_ov_latency"] = r["throughput_ips"] / base["throughput_ips"]
+    info = describe_machine()
+    return {"model": str(md.path), "config": md.config, "precision": precision, "cpus": format_cpu_list(cpus),
+            "threads": len(cpus), "plan": plan_info, "settings": asdict(cfg),
+            "machine": {"cpu": info.model_name, "isa_level": info.isa_level, "usable_cpus": info.usable_cpus,
+                        "physical_cores": info.physical_cores, "openvino": info.openvino.version if info.openvino else None},
+            "rows": rows, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def format_table(result: dict) -> str:
+    head = f"{'engine':<14}{'prec':<6}{'batch':>5}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'img/s':>9}{'lat x':>7}{'thr x':>7}"
+    lines = [f"CPU: {result['machine']['cpu']} ({result['machine']['isa_level']}), CPUs {result['cpus']}, "
+             f"{result['threads']} threads; ratios are against ov-latency (single graph, same cores)", head]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"{r['engine']:<14}{r.get('precision', ''):<6}{r['batch']:>5}  error: {r['error'][:70]}")
+            continue
+        lines.append(f"{r['engine']:<14}{r['precision']:<6}{r['batch']:>5}{r['median_ms']:>9.2f}{r['p90_ms']:>9.2f}"
+                     f"{r['p99_ms']:>9.2f}{r['throughput_ips']:>9.1f}"
+                     f"{r.get('latency_ratio_vs_ov_latency', float('nan')):>7.2f}"
+                     f"{r.get('throughput_ratio_vs_ov_latency', float('nan')):>7.2f}")
+    return "\n".join(lines)
+
+
+def cores_per_stream_of(result: dict) -> float:
+    """Mean stream-group size of the multi-stream plan (all threads / 3 when there was none)."""
+    plan = result.get("plan")
+    if plan:
+        from parnet_cpu.system.cpuinfo import parse_cpu_list
+
+        sizes = [len(parse_cpu_list(w["cpus"])) for w in plan["workers"] if w["name"].startswith("stream")]
+        return sum(sizes) / len(sizes)
+    return result["threads"] / 3
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Median latency and throughput per engine against cores per stream, first batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batch = results[0]["settings"]["batches"][0]
+    fig, (ax_lat, ax_thr) = plt.subplots(1, 2, figsize=(11, 4))
+    for engine in sorted({r["engine"] for res in results for r in res["rows"]}):
+        points = [(cores_per_stream_of(res), r["median_ms"], r["throughput_ips"]) for res in results
+                  for r in res["rows"] if r["engine"] == engine and r["batch"] == batch and "error" not in r]
+        if points:
+            xs, lat, thr = zip(*sorted(points))
+            ax_lat.plot(xs, lat, marker="o", label=engine)
+            ax_thr.plot(xs, thr, marker="o", label=engine)
+    ax_lat.set(title=f"median latency, batch {batch}", ylabel="ms (log)", yscale="log")
+    ax_thr.set(title=f"throughput, batch {batch}", ylabel="images/s")
+    for ax in (ax_lat, ax_thr):
+        ax.set_xlabel("cores per stream")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{results[0]['machine']['cpu']} - {Path(results[0]['model']).name} ({results[0]['precision']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
