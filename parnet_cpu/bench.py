@@ -127,10 +127,17 @@ def run_pinned_engine(engine: str, model_dir: Path, precision: str, cpus: list[i
 
 
 def bench_multistream(rt, cfg: BenchConfig) -> list[dict]:
+    from parnet_cpu.runtime.runtime import StageStats
+
     rows = []
     for b in cfg.batches:
         x = np.random.default_rng(0).standard_normal((b, *rt.input_shape)).astype(np.float32)
+        rt.stats = StageStats()
         stats = measure_latency(lambda: rt.infer(x), cfg.warmup, cfg.iters, cfg.min_seconds, batch=b)
+        stages = {k: v["median_ms"] for k, v in rt.stats.summary().items()}
+        critical = stages.get("stem", 0) + max(stages.get(f"stream{i}", 0) for i in (1, 2, 3)) + stages.get("tail", 0)
+        stats["stage_median_ms"] = stages
+        stats["handover_ms"] = stats["median_ms"] - critical  # messages, copies, scheduling
         n = max(8, 4 * rt.inflight)
 
         def run_many(k):
@@ -156,7 +163,7 @@ def export_onnx_for(md: ModelDir, folder: Path) -> str | None:
 
 
 def run_bench(model_dir: str | Path, cores_per_stream, cores, precision: str | None, cfg: BenchConfig,
-              use_smt: bool = False, log=print) -> dict:
+              use_smt: bool = False, with_cost_model: bool = False, log=print) -> dict:
     from parnet_cpu.runtime.runtime import Runtime
     from parnet_cpu.system.cpuinfo import describe_machine, format_cpu_list
 
@@ -171,7 +178,6 @@ def run_bench(model_dir: str | Path, cores_per_stream, cores, precision: str | N
                          plan="multistream", use_smt=use_smt, max_batch=max(cfg.batches)) as rt:
                 plan_info, cpus = rt.plan.describe(), rt.plan.cpus
                 rows += bench_multistream(rt, cfg)
-                rows[-1]["stage_median_ms"] = {k: v["median_ms"] for k, v in rt.stats.summary().items()}
         except Exception as exc:
             rows += [{"engine": "multistream", "batch": b, "error": str(exc)} for b in cfg.batches]
     if cpus is None:
@@ -192,11 +198,28 @@ def run_bench(model_dir: str | Path, cores_per_stream, cores, precision: str | N
             r["latency_ratio_vs_ov_latency"] = r["median_ms"] / base["median_ms"]
             r["throughput_ratio_vs_ov_latency"] = r["throughput_ips"] / base["throughput_ips"]
     info = describe_machine()
-    return {"model": str(md.path), "config": md.config, "precision": precision, "cpus": format_cpu_list(cpus),
+    model = None
+    if with_cost_model:
+        from parnet_cpu.runtime.costmodel import cost_model
+
+        log("cost model: timing every stage at 1..N threads ...")
+        handover = next((r["handover_ms"] for r in rows if r["engine"] == "multistream" and r.get("batch") == 1
+                         and "handover_ms" in r), 0.0)
+        model = cost_model(md.path, precision, handover_ms=max(0.0, handover))
+    return {"cost_model": model, "model": str(md.path), "config": md.config, "precision": precision, "cpus": format_cpu_list(cpus),
             "threads": len(cpus), "plan": plan_info, "settings": asdict(cfg),
             "machine": {"cpu": info.model_name, "isa_level": info.isa_level, "usable_cpus": info.usable_cpus,
                         "physical_cores": info.physical_cores, "openvino": info.openvino.version if info.openvino else None},
             "rows": rows, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def format_cost_model(cm: dict) -> str:
+    lines = [f"cost model ({cm['caveat']}; handover {cm['handover_ms']:.2f} ms):"]
+    for p in cm["predictions"]:
+        if "multistream_ms" in p:
+            lines.append(f"  {p['cores']:>3} cores: single {p['single_ms']:.2f} ms, multi-stream {p['multistream_ms']:.2f} ms "
+                         f"(groups {'/'.join(map(str, p['groups']))}) -> ratio {p['ratio_multi_vs_single']:.2f}")
+    return "\n".join(lines)
 
 
 def format_table(result: dict) -> str:

@@ -35,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--min-seconds", type=float, default=0.2, help="minimum measuring time per row")
+    p.add_argument("--cost-model", action="store_true",
+                   help="also time every stage at 1..N threads and predict 16/32/56-core latency")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--plot", metavar="PNG", help="write latency/throughput vs cores per stream as PNG")
     p.set_defaults(handler=run)
@@ -42,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from parnet_cpu.artifacts import ModelDirError, write_json
-    from parnet_cpu.bench import ENGINES, BenchConfig, format_table, plot, run_bench
+    from parnet_cpu.bench import ENGINES, BenchConfig, format_cost_model, format_table, plot, run_bench
     from parnet_cpu.cli import CliError
     from parnet_cpu.runtime.cores import CoreSpecError, parse_groups
 
@@ -61,8 +63,11 @@ def run(args: argparse.Namespace) -> int:
     results = []
     try:
         for cps in sweep:
-            res = run_bench(args.model, cps, cores, args.precision, cfg, use_smt=args.use_smt)
+            res = run_bench(args.model, cps, cores, args.precision, cfg, use_smt=args.use_smt,
+                            with_cost_model=args.cost_model)
             print(format_table(res))
+            if res["cost_model"]:
+                print(format_cost_model(res["cost_model"]))
             results.append(res)
     except (ModelDirError, CoreSpecError) as exc:
         raise CliError(str(exc)) from None

@@ -1,0 +1,56 @@
+"""`parnet-cpu bench` end to end on a narrow model: every engine row, ratios, JSON, plot, errors."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import NARROW
+from parnet_cpu.cli import main
+from parnet_cpu.export import export_model_dir
+from parnet_cpu.models.parnet import create_model
+
+CPUS = sorted(os.sched_getaffinity(0))
+GROUPS = f"{CPUS[0]}:{CPUS[-1]}:{CPUS[0]}"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("bench") / "narrow"
+    export_model_dir(create_model("parnet_s", **NARROW), out)
+    return out
+
+
+def test_bench_all_engines_json_and_plot(model_dir, tmp_path, capsys):
+    js, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    assert main(["bench", "--model", str(model_dir), "--cores", GROUPS, "--batches", "1,2", "--iters", "3",
+                 "--warmup", "1", "--min-seconds", "0", "--cost-model", "--json", str(js), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "ratios are against ov-latency" in out and "cost model" in out
+    res = json.loads(js.read_text())
+    rows = {(r["engine"], r["batch"]): r for r in res["rows"]}
+    assert set(rows) == {(e, b) for e in ("multistream", "ov-latency", "ov-throughput", "torch-eager", "ort-parallel")
+                         for b in (1, 2)}
+    for (engine, batch), r in rows.items():
+        assert "error" not in r, r
+        assert 0 < r["median_ms"] <= r["p99_ms"] + 1e-9 and r["throughput_ips"] > 0
+        if engine == "ov-latency":
+            assert r["latency_ratio_vs_ov_latency"] == pytest.approx(1.0)
+    assert rows[("torch-eager", 1)]["precision"] == "fp32" and rows[("ov-latency", 1)]["precision"] == "fp32"
+    assert res["plan"]["kind"] == "multistream" and res["machine"]["cpu"]
+    assert set(rows[("multistream", 1)]["stage_median_ms"]) == {"stem", "stream1", "stream2", "stream3", "tail"}
+    preds = res["cost_model"]["predictions"]
+    assert [p["cores"] for p in preds] == [16, 32, 56] and all(p["multistream_ms"] > 0 for p in preds)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_errors(model_dir, capsys):
+    assert main(["bench", "--model", str(model_dir), "--engines", "ov-latency,warp-drive"]) == 2
+    assert "unknown engines" in capsys.readouterr().err
+    assert main(["bench", "--model", str(model_dir), "--cores", "0-x"]) == 2
+    assert "bad core spec" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--model", str(model_dir), "--cores-per-stream", "0"])
