@@ -6,6 +6,7 @@ Torch-free on purpose (the runtime and server read it). Layout::
     OUT/model_fp32.xml/.bin   deploy-form FP32 OpenVINO IR (weights kept in fp32)
     OUT/model_int8.xml/.bin   INT8 IR (after `quantize`)
     OUT/model_deploy.pt   deploy-form torch weights (safe format) for eager baselines
+    OUT/model_int8_torch.pt2  PT2E INT8 program (after `quantize --backend torch`)
     OUT/model.onnx        optional ONNX export of the deploy form
     OUT/report.json       quantization report (after `quantize`)
 """
@@ -24,6 +25,7 @@ MANIFEST = "parnet.json"
 FORMAT = "parnet-cpu/1"
 IR_FILES = {"fp32": "model_fp32.xml", "int8": "model_int8.xml", "bf16": "model_bf16.xml"}
 ONNX_FILE = "model.onnx"
+TORCH_INT8_FILE = "model_int8_torch.pt2"  # PT2E INT8 program (torch.export.save), `--backend torch`
 DEPLOY_WEIGHTS = "model_deploy.pt"  # deploy-form torch weights + config (eager baselines, ONNX export)
 # Named tensors inside every exported IR, where the multi-stream runtime cuts the graph.
 STAGE_TENSORS = ("stem", "inits1", "stream1", "stream2", "stream3")

@@ -11,6 +11,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="labelled image folder (any supported layout)")
     p.add_argument("--precision", choices=("fp32", "bf16", "int8"),
                    help="default: int8 if the folder has it, else fp32 (bf16 runs the FP32 IR with bf16 kernels)")
+    p.add_argument("--backend", choices=("openvino", "torch", "ipex"), default="openvino",
+                   help="engine that runs the model (torch/ipex: their INT8 artifact from `quantize --backend`)")
     p.add_argument("--limit", type=int, help="evaluate only the first N images")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int)
@@ -28,8 +30,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         md = ModelDir.open(args.model)
-        precision = args.precision or ("int8" if "int8" in md.precisions else "fp32")
-        ir = md.ir_path("fp32" if precision == "bf16" else precision)
+        precision = args.precision or ("int8" if "int8" in md.precisions or args.backend != "openvino" else "fp32")
+        ir = md.ir_path("fp32" if precision == "bf16" else precision) if args.backend == "openvino" else None
         ds = detect_layout(args.data)
     except (ModelDirError, DatasetError) as exc:
         raise CliError(str(exc)) from None
@@ -41,10 +43,20 @@ def run(args: argparse.Namespace) -> int:
     if ds.num_classes is not None and ds.num_classes > num_classes:
         raise CliError(f"the data has {ds.num_classes} classes but the model predicts {num_classes}")
     samples = ds.samples[: args.limit] if args.limit else ds.samples
-    compiled = compile_model(ir, CompileOptions(precision=precision))
+    if args.backend == "openvino":
+        compiled = compile_model(ir, CompileOptions(precision=precision))
+    else:
+        from parnet_cpu.quantization.ptq import QuantizationError, get_backend
+
+        if precision == "bf16":
+            raise CliError("--precision bf16 is an OpenVINO option")
+        try:
+            compiled = get_backend(args.backend).compile(md.path, precision)
+        except (QuantizationError, FileNotFoundError) as exc:
+            raise CliError(f"{exc} (run `parnet-cpu quantize --backend {args.backend}` first)") from None
     outs = run_models({precision: compiled}, samples, md.preprocess_config(), args.batch_size, args.workers,
                       progress=not args.quiet, desc=f"eval {precision}")
-    result = {"model": str(md.path), "precision": precision, "ir": ir.name, "data": str(ds.root), "layout": ds.layout,
+    result = {"model": str(md.path), "precision": precision, "backend": args.backend, "ir": ir.name if ir else None, "data": str(ds.root), "layout": ds.layout,
               **accuracy_summary(outs.logits[precision], outs.labels, md.class_names),
               "skipped": outs.report.failures}
     if "top1" not in result:

@@ -14,6 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib", required=True, help="image folder (ImageNet class folders, devkit/Kaggle/Caffe "
                    "label files, or unlabelled images)")
     p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--backend", choices=("openvino", "torch", "ipex"), default="openvino",
+                   help="openvino: NNCF PTQ on the IR (default); torch: PT2E + X86InductorQuantizer + torch.compile; "
+                        "ipex: Intel Extension for PyTorch static INT8 (needs the [ipex] install)")
     p.add_argument("--subset-size", type=int, default=300, help="calibration images (default: 300)")
     p.add_argument("--preset", choices=("performance", "mixed"), default="mixed",
                    help="performance: symmetric activations; mixed: asymmetric activations (default: mixed)")
@@ -44,14 +47,14 @@ def run(args: argparse.Namespace) -> int:
     opts = QuantizeOptions(subset_size=args.subset_size, preset=args.preset,
                            fast_bias_correction=args.fast_bias_correction, ignored_scope=tuple(args.ignored_scope),
                            max_drop=args.max_drop, eval_limit=args.eval_limit or None, batch_size=args.batch_size,
-                           seed=args.seed, num_workers=args.workers, progress=not args.quiet)
+                           seed=args.seed, num_workers=args.workers, progress=not args.quiet, backend=args.backend)
     try:
         report = quantize_to_dir(model, source, args.calib, args.out, opts, overwrite=args.overwrite,
                                  log=(lambda *a: None) if args.quiet else print)
     except (DatasetError, QuantizationError, ModelDirError) as exc:
         raise CliError(str(exc)) from None
     print(format_report(report))
-    print(f"wrote {args.out}/ (model_fp32.xml, model_int8.xml, report.json)")
+    print(f"wrote {args.out}/ ({report['backend']} backend; report.json)")
     return 0
 
 
@@ -68,7 +71,7 @@ def format_report(r: dict) -> str:
             lines.append(f"top-1  FP32 {ev['fp32']['top1']:.2f}%  INT8 {ev['int8']['top1']:.2f}%   "
                          f"top-5  FP32 {ev['fp32']['top5']:.2f}%  INT8 {ev['int8']['top5']:.2f}%")
     counts = r["runtime_precision"]["int8"]["counts"]
-    conv = {k: v for k, v in counts.items() if k.startswith(("Convolution", "FullyConnected"))}
+    conv = {k: v for k, v in counts.items() if k.lower().startswith(("convolution", "fullyconnected", "conv2d", "linear"))}
     lines.append("INT8 model compute layers (type:precision:kernel): " + json.dumps(conv))
     lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in r["seconds"].items()))
     if r["random_weights"]:

@@ -41,6 +41,7 @@ class QuantizeOptions:
     fast_bias_correction: bool = True
     ignored_scope: tuple[str, ...] = ()
     max_drop: float | None = None  # top-1 percentage points; enables accuracy-controlled PTQ
+    backend: str = "openvino"  # openvino (NNCF) | torch (PT2E + X86InductorQuantizer) | ipex
     eval_limit: int | None = 5000  # held-out images evaluated (None: all)
     batch_size: int = 32
     seed: int = 0
@@ -125,6 +126,48 @@ def layer_precision_summary(compiled) -> dict:
     return {"counts": dict(sorted(counts.items())), "layers": layers}
 
 
+class OpenVinoBackend:
+    """NNCF PTQ of the FP32 IR; runs on OpenVINO (VNNI/AMX kernels chosen by its CPU plugin)."""
+
+    name = "openvino"
+
+    def check_options(self, opts: QuantizeOptions) -> None:
+        """Every NNCF option applies."""
+
+    def quantize(self, folder: Path, deploy, calibration: ImageStream, opts: QuantizeOptions,
+                 validation: ImageStream | None) -> None:
+        from parnet_cpu.export import save_ir
+
+        int8 = quantize_ir(core().read_model(str(folder / IR_FILES["fp32"])), calibration, opts, validation)
+        save_ir(int8, folder / IR_FILES["int8"])
+
+    def compile(self, folder: Path, precision: str):
+        return compile_model(ModelDir.open(folder).ir_path(precision), CompileOptions(precision=precision))
+
+    def layer_precisions(self, compiled) -> dict:
+        return layer_precision_summary(compiled)
+
+    def versions(self) -> dict:
+        import nncf
+        import openvino as ov
+
+        return {"openvino": ov.get_version(), "nncf": nncf.__version__}
+
+
+def get_backend(name: str):
+    if name == "openvino":
+        return OpenVinoBackend()
+    if name == "torch":
+        from parnet_cpu.quantization.torch_backend import TorchBackend
+
+        return TorchBackend()
+    if name == "ipex":
+        from parnet_cpu.quantization.ipex_backend import IpexBackend
+
+        return IpexBackend()
+    raise QuantizationError(f"unknown backend {name!r}; choose openvino, torch or ipex")
+
+
 def check_labels_fit(ds: Dataset, num_classes: int) -> None:
     if ds.has_labels and ds.num_classes is not None and ds.num_classes > num_classes:
         raise QuantizationError(f"the data has {ds.num_classes} classes ({ds.label_space}) but the model predicts "
@@ -148,11 +191,11 @@ class Phases:
 def quantize_to_dir(model, source: dict, calib_dir: str | Path, out: str | Path, opts: QuantizeOptions = QuantizeOptions(),
                     overwrite: bool = False, log=print) -> dict:
     """The whole `parnet-cpu quantize` job; returns the report (also written to OUT/report.json)."""
-    import openvino as ov
-
-    from parnet_cpu.export import save_ir, write_fp32_artifacts
+    from parnet_cpu.export import write_fp32_artifacts
     from parnet_cpu.reparam.fuse import reparameterize
 
+    backend = get_backend(opts.backend)  # fails early (e.g. IPEX not installed) before any work
+    backend.check_options(opts)
     phases = Phases()
     with phases("read_data"):
         ds = detect_layout(calib_dir)
@@ -178,14 +221,13 @@ def quantize_to_dir(model, source: dict, calib_dir: str | Path, out: str | Path,
                 raise QuantizationError("--max-drop needs labelled images beyond the calibration subset")
             validation = ImageStream(holdout.samples, pcfg, opts.num_workers, with_labels=True)
         with phases("quantize"):
-            int8_ir = quantize_ir(core().read_model(str(tmp / IR_FILES["fp32"])), calibration, opts, validation)
+            backend.quantize(tmp, deploy, calibration, opts, validation)
         if calibration.decoded == 0:
             raise QuantizationError(f"none of the {len(calib)} calibration images could be decoded")
-        save_ir(int8_ir, tmp / IR_FILES["int8"])
 
         with phases("compile"):
-            fp32_c = compile_model(tmp / IR_FILES["fp32"], CompileOptions(precision="fp32"))
-            int8_c = compile_model(tmp / IR_FILES["int8"], CompileOptions(precision="int8"))
+            fp32_c = backend.compile(tmp, "fp32")
+            int8_c = backend.compile(tmp, "int8")
         evaluation = None
         if len(holdout):
             with phases("evaluate"):
@@ -205,9 +247,11 @@ def quantize_to_dir(model, source: dict, calib_dir: str | Path, out: str | Path,
                             "files": [str(p) for p, _ in calib.samples]},
             "options": asdict(opts) | {"ignored_scope_patterns": ignored_scope_patterns(opts.ignored_scope)},
             "evaluation": evaluation,
-            "runtime_precision": {"int8": layer_precision_summary(int8_c), "fp32": layer_precision_summary(fp32_c)["counts"]},
+            "backend": backend.name,
+            "runtime_precision": {"int8": backend.layer_precisions(int8_c),
+                                  "fp32": backend.layer_precisions(fp32_c)["counts"]},
             "seconds": phases.seconds,
-            "openvino": ov.get_version(),
+            "versions": backend.versions(),
         }
         write_json(tmp / "report.json", report)
     return report
