@@ -1,7 +1,12 @@
 """Shared fixtures: a narrow ParNet that exercises every block type at a fraction of the cost."""
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
+
+# IPEX needs torch 2.8 and lives in its own environment (scripts/ipex_env.sh runs tests/ipex there)
+collect_ignore = [] if importlib.util.find_spec("intel_extension_for_pytorch") else ["ipex"]
 
 NARROW = dict(planes=(16, 32, 64, 128), num_blocks=(5, 6, 6, 1), input_size=64)
 

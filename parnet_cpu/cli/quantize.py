@@ -71,7 +71,7 @@ def format_report(r: dict) -> str:
             lines.append(f"top-1  FP32 {ev['fp32']['top1']:.2f}%  INT8 {ev['int8']['top1']:.2f}%   "
                          f"top-5  FP32 {ev['fp32']['top5']:.2f}%  INT8 {ev['int8']['top5']:.2f}%")
     counts = r["runtime_precision"]["int8"]["counts"]
-    conv = {k: v for k, v in counts.items() if k.lower().startswith(("convolution", "fullyconnected", "conv2d", "linear"))}
+    conv = {k: v for k, v in counts.items() if k.lower().startswith(("convolution", "fullyconnected", "conv2d", "linear", "ipex::llga"))}
     lines.append("INT8 model compute layers (type:precision:kernel): " + json.dumps(conv))
     lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in r["seconds"].items()))
     if r["random_weights"]:

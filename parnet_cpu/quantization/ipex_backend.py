@@ -31,8 +31,8 @@ def import_ipex():
 class JitCallable:
     """Numpy batch in, [numpy logits] out, like an OpenVINO compiled model."""
 
-    def __init__(self, module) -> None:
-        self.module = module
+    def __init__(self, module, example=None) -> None:
+        self.module, self.example = module, example
 
     def __call__(self, batch: np.ndarray) -> list[np.ndarray]:
         import torch
@@ -78,20 +78,28 @@ class IpexBackend:
             from parnet_cpu.export import load_deploy_model
 
             module = self.ipex.optimize(load_deploy_model(folder), dtype=torch.float32)
+        x = torch.zeros(1, *module_input_shape(folder))
         with torch.no_grad():  # two warm-up runs let the JIT fuse the int8 graph
-            x = torch.zeros(1, *module_input_shape(folder))
             module(x), module(x)
-        return JitCallable(module)
+        return JitCallable(module, x)
 
     def layer_precisions(self, compiled) -> dict:
-        graph = getattr(compiled.module, "graph_for", None)
-        kinds: dict[str, int] = {}
-        text = str(compiled.module.graph) if hasattr(compiled.module, "graph") else ""
-        for token in ("quantized::conv2d", "ipex::qconv", "aten::conv2d", "aten::linear", "ipex_prepack::"):
-            n = text.count(token)
-            if n:
-                kinds[token] = n
-        return {"counts": kinds, "layers": [], "source": "TorchScript graph" + (" (fused)" if graph else "")}
+        """Node kinds of the optimized TorchScript graph: int8 convs appear as oneDNN Graph (LLGA)
+        fusion groups between quantize/dequantize nodes."""
+        import torch
+
+        if not isinstance(compiled.module, torch.jit.ScriptModule):
+            return {"counts": {"ipex.optimize:fp32": 1}, "layers": [], "source": "eager module (ipex.optimize)"}
+        graph = compiled.module.graph
+        if compiled.example is not None and hasattr(compiled.module, "graph_for"):
+            with torch.no_grad():
+                graph = compiled.module.graph_for(compiled.example)
+        counts: dict[str, int] = {}
+        for node in graph.nodes():
+            kind = node.kind()
+            if any(k in kind.lower() for k in ("conv", "linear", "quant", "llga", "ipex")):
+                counts[kind] = counts.get(kind, 0) + 1
+        return {"counts": dict(sorted(counts.items())), "layers": [], "source": "optimized TorchScript graph"}
 
     def versions(self) -> dict:
         import torch
