@@ -9,6 +9,8 @@ pins its own workers. Rows:
 - ov-throughput   OpenVINO single graph, THROUGHPUT hint (several streams), async requests
 - torch-eager     PyTorch eager FP32, deploy form, torch threads = cores
 - ort-parallel    ONNX Runtime FP32, ORT_PARALLEL (inter-op 3 = branches, intra-op = cores per stream)
+- torch-int8      PT2E INT8 program through torch.compile (`quantize --backend torch`)
+- ipex-int8       IPEX static INT8, TorchScript (`quantize --backend ipex`, IPEX environment only)
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ import numpy as np
 from parnet_cpu.artifacts import ONNX_FILE, ModelDir
 from parnet_cpu.runtime.timing import measure_latency
 
-ENGINES = ("multistream", "ov-latency", "ov-throughput", "torch-eager", "ort-parallel")
+ENGINES = ("multistream", "ov-latency", "ov-throughput", "torch-eager", "ort-parallel", "torch-int8", "ipex-int8")
+DEFAULT_ENGINES = ENGINES[:5]  # + torch-int8 / ipex-int8 where the model folder has their INT8 artifact
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,7 @@ class BenchConfig:
     warmup: int = 2
     iters: int = 10
     min_seconds: float = 0.2
-    engines: tuple[str, ...] = ENGINES
+    engines: tuple[str, ...] | None = None  # None: DEFAULT_ENGINES plus the INT8 artifacts present
 
 
 def _throughput(run_one, n_requests: int, batch: int) -> float:
@@ -89,7 +92,31 @@ def _make_engine(engine: str, model_dir: str, precision: str, threads: int, onnx
 
         return infer, (lambda n, x: [infer(x) for _ in range(n)]), {
             "precision": "fp32", "inter_op": 3, "intra_op": so.intra_op_num_threads, "ort": ort.__version__}
+    if engine in ("torch-int8", "ipex-int8"):
+        import torch
+
+        from parnet_cpu.quantization.ptq import get_backend
+
+        torch.set_num_threads(threads)
+        backend = get_backend(engine.split("-")[0])
+        compiled = backend.compile(Path(model_dir), "int8")
+        return compiled, (lambda n, x: [compiled(x) for _ in range(n)]), {
+            "precision": "int8", "torch_threads": threads, **backend.versions()}
     raise ValueError(f"unknown engine {engine!r}")
+
+
+def available_engines(md: ModelDir) -> tuple[str, ...]:
+    import importlib.util
+
+    from parnet_cpu.artifacts import TORCH_INT8_FILE
+    from parnet_cpu.quantization.ipex_backend import IPEX_INT8_FILE
+
+    extra = []
+    if (md.path / TORCH_INT8_FILE).is_file():
+        extra.append("torch-int8")
+    if (md.path / IPEX_INT8_FILE).is_file() and importlib.util.find_spec("intel_extension_for_pytorch"):
+        extra.append("ipex-int8")
+    return DEFAULT_ENGINES + tuple(extra)
 
 
 def _engine_main(engine, model_dir, precision, cpus, batches, cfg, onnx_path, conn) -> None:
@@ -169,9 +196,10 @@ def run_bench(model_dir: str | Path, cores_per_stream, cores, precision: str | N
 
     md = ModelDir.open(model_dir)
     precision = precision or ("int8" if "int8" in md.precisions else "fp32")
+    engines = cfg.engines or available_engines(md)
     rows: list[dict] = []
     plan_info, cpus = None, None
-    if "multistream" in cfg.engines:
+    if "multistream" in engines:
         log("multistream: starting pinned workers ...")
         try:
             with Runtime(md.path, cores_per_stream=cores_per_stream, cores=cores, precision=precision,
@@ -183,8 +211,8 @@ def run_bench(model_dir: str | Path, cores_per_stream, cores, precision: str | N
     if cpus is None:
         cpus = sorted(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
-        onnx_path = export_onnx_for(md, Path(tmp)) if "ort-parallel" in cfg.engines else None
-        for engine in cfg.engines:
+        onnx_path = export_onnx_for(md, Path(tmp)) if "ort-parallel" in engines else None
+        for engine in engines:
             if engine == "multistream":
                 continue
             log(f"{engine}: pinned to CPUs {format_cpu_list(cpus)} ...")
