@@ -31,7 +31,7 @@ def model_from_args(args: argparse.Namespace):
     """Build (and load) the training-form model the arguments describe; returns (model, source)."""
     from parnet_cpu.cli import CliError
     from parnet_cpu.models.checkpoint import CheckpointError, load_checkpoint
-    from parnet_cpu.models.parnet import build_model, resolve_config
+    from parnet_cpu.models.parnet import build_model, resolve_config, shipped_weights
 
     try:
         cfg = resolve_config(args.model, num_classes=args.num_classes, planes=args.planes, num_blocks=args.blocks,
@@ -41,9 +41,12 @@ def model_from_args(args: argparse.Namespace):
         raise CliError(str(exc)) from None
     model = build_model(cfg)
     source = {"model": args.model, "config": cfg.to_dict(), "checkpoint": None}
-    if args.checkpoint:
+    checkpoint = args.checkpoint
+    if checkpoint is None and cfg == resolve_config(args.model):
+        checkpoint = shipped_weights(args.model)  # e.g. parnet_fmnist: its weights ship with the package
+    if checkpoint:
         try:
-            source["checkpoint"] = load_checkpoint(model, args.checkpoint, use_ema=args.ema)
+            source["checkpoint"] = load_checkpoint(model, checkpoint, use_ema=args.ema)
         except CheckpointError as exc:
             raise CliError(str(exc)) from None
     else:

@@ -92,7 +92,24 @@ MODEL_CONFIGS: dict[str, ParNetConfig] = {
                                    crop_fraction=1.0, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
     "parnet_cifar100": ParNetConfig(planes=(92, 192, 384, 1280), num_classes=100, input_size=32, stem_stride=1,
                                     crop_fraction=1.0, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
+    # The shipped reference model: trained on Fashion-MNIST (28x28 grey, resized to 32), SiLU, every block
+    # type; class order = the dataset's label order. Weights: parnet_cpu/assets/parnet_fmnist.pt.
+    "parnet_fmnist": ParNetConfig(planes=(16, 32, 64, 128), num_blocks=(3, 4, 4, 1), num_classes=10, in_chans=1,
+                                  input_size=32, activation="silu", stem_stride=1, crop_fraction=1.0,
+                                  interpolation="bilinear", mean=(0.286,), std=(0.353,),
+                                  class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                                               "Shirt", "Sneaker", "Bag", "Ankle boot")),
 }
+# Variants whose weights ship inside the package (file names under parnet_cpu/assets/).
+SHIPPED_WEIGHTS: dict[str, str] = {"parnet_fmnist": "parnet_fmnist.pt"}
+
+
+def shipped_weights(name: str):
+    """Path of the weights shipped for a variant, or None."""
+    from pathlib import Path
+
+    fname = SHIPPED_WEIGHTS.get(name.lower().replace("-", "_"))
+    return Path(__file__).resolve().parents[1] / "assets" / fname if fname else None
 
 
 def list_models() -> list[str]:
@@ -344,12 +361,15 @@ def build_model(cfg: ParNetConfig) -> ParNet:
 
 
 def create_model(name: str | ParNetConfig, num_classes: int | None = None, checkpoint: str | None = None,
-                 **overrides) -> ParNet:
+                 pretrained: bool = True, **overrides) -> ParNet:
     """timm/torchvision-style builder: `create_model("parnet_s", checkpoint="parnet_s.pth.tar")`.
 
-    The model is returned in eval mode, training form. Without a checkpoint the weights are random.
+    The model is returned in eval mode, training form. Variants with shipped weights (`parnet_fmnist`)
+    load them unless `pretrained=False` or another checkpoint is given; otherwise weights are random.
     """
     cfg = resolve_config(name, num_classes=num_classes, **overrides)
+    if checkpoint is None and pretrained and isinstance(name, str) and not overrides and num_classes is None:
+        checkpoint = shipped_weights(name)
     model = build_model(cfg)
     if checkpoint is not None:
         from parnet_cpu.models.checkpoint import load_checkpoint
