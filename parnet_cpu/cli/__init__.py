@@ -11,12 +11,15 @@ import sys
 
 # sub-command name -> module that registers it (order = order in --help)
 COMMANDS: tuple[str, ...] = (
+    "parnet_cpu.cli.demo",
     "parnet_cpu.cli.info",
     "parnet_cpu.cli.models",
     "parnet_cpu.cli.export",
     "parnet_cpu.cli.quantize",
     "parnet_cpu.cli.eval",
     "parnet_cpu.cli.bench",
+    "parnet_cpu.cli.train",
+    "parnet_cpu.cli.dataset",
 )
 
 
