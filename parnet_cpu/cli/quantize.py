@@ -20,11 +20,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--subset-size", type=int, default=300, help="calibration images (default: 300)")
     p.add_argument("--preset", choices=("performance", "mixed"), default="mixed",
                    help="performance: symmetric activations; mixed: asymmetric activations (default: mixed)")
-    p.add_argument("--fast-bias-correction", dest="fast_bias_correction", action="store_true", default=True)
+    p.add_argument("--fast-bias-correction", dest="fast_bias_correction", action="store_true", default=False,
+                   help="fast bias correction (quicker, lower fidelity)")
     p.add_argument("--bias-correction", dest="fast_bias_correction", action="store_false",
-                   help="full bias correction (slower)")
-    p.add_argument("--ignored-scope", action="append", default=[], metavar="PATTERN",
-                   help="keep matching layers in float: a regex on node names, or se | stem | head | fusion; repeatable")
+                   help="full bias correction (default)")
+    p.add_argument("--ignored-scope", action="append", metavar="PATTERN",
+                   help="keep matching layers in float: a regex on node names, or se | stem | head | fusion; "
+                        "repeatable; default: se and stem; 'none' quantizes everything")
     p.add_argument("--max-drop", type=float, help="accuracy-controlled PTQ: max top-1 drop in points (needs labels)")
     p.add_argument("--eval-limit", type=int, default=5000, help="held-out images to evaluate (0: all; default 5000)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -44,8 +46,12 @@ def run(args: argparse.Namespace) -> int:
     if args.subset_size < 1:
         raise CliError("--subset-size must be at least 1")
     model, source = model_from_args(args)
+    if args.ignored_scope is None:
+        ignored = QuantizeOptions.ignored_scope if args.backend == "openvino" else ()
+    else:
+        ignored = tuple(p for p in args.ignored_scope if p != "none")
     opts = QuantizeOptions(subset_size=args.subset_size, preset=args.preset,
-                           fast_bias_correction=args.fast_bias_correction, ignored_scope=tuple(args.ignored_scope),
+                           fast_bias_correction=args.fast_bias_correction, ignored_scope=ignored,
                            max_drop=args.max_drop, eval_limit=args.eval_limit or None, batch_size=args.batch_size,
                            seed=args.seed, num_workers=args.workers, progress=not args.quiet, backend=args.backend)
     try:

@@ -36,10 +36,16 @@ class QuantizationError(RuntimeError):
 
 @dataclass(frozen=True)
 class QuantizeOptions:
+    """Defaults chosen from benchmarks/quant_quality.py on the shipped Fashion-MNIST ParNet (10,000 test
+    images): keeping the SE gate convs and the stem conv in float plus full bias correction raised
+    INT8-vs-FP32 logit SQNR from 19.2 to 24.4 dB and cut changed predictions from 83 to 47 at ~0.02 ms;
+    preset mixed beat performance in combination; 300 images matched 1000; SmoothQuant does not apply
+    to CNNs in NNCF (it needs model_type=transformer, which was worse)."""
+
     subset_size: int = 300
     preset: str = "mixed"
-    fast_bias_correction: bool = True
-    ignored_scope: tuple[str, ...] = ()
+    fast_bias_correction: bool = False
+    ignored_scope: tuple[str, ...] = ("se", "stem")
     max_drop: float | None = None  # top-1 percentage points; enables accuracy-controlled PTQ
     backend: str = "openvino"  # openvino (NNCF) | torch (PT2E + X86InductorQuantizer) | ipex
     eval_limit: int | None = 5000  # held-out images evaluated (None: all)

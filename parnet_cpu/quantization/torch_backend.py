@@ -88,7 +88,10 @@ class TorchBackend:
     name = "torch"
 
     def check_options(self, opts) -> None:
-        if opts.max_drop is not None or opts.ignored_scope:
+        from parnet_cpu.quantization.ptq import QuantizeOptions
+
+        # the default ignored scope is an NNCF default; only an explicit request is an error here
+        if opts.max_drop is not None or (opts.ignored_scope and opts.ignored_scope != QuantizeOptions.ignored_scope):
             from parnet_cpu.quantization.ptq import QuantizationError
 
             raise QuantizationError(f"--max-drop and --ignored-scope are OpenVINO/NNCF options; "
