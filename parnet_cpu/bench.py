@@ -164,7 +164,9 @@ def bench_multistream(rt, cfg: BenchConfig) -> list[dict]:
         stages = {k: v["median_ms"] for k, v in rt.stats.summary().items()}
         critical = stages.get("stem", 0) + max(stages.get(f"stream{i}", 0) for i in (1, 2, 3)) + stages.get("tail", 0)
         stats["stage_median_ms"] = stages
-        stats["handover_ms"] = stats["median_ms"] - critical  # messages, copies, scheduling
+        # what is left besides the critical path: messages, copies, scheduling, and, where the groups
+        # overlap, streams slowing each other down
+        stats["overhead_ms"] = stats["median_ms"] - critical
         n = max(8, 4 * rt.inflight)
 
         def run_many(k):
@@ -173,6 +175,7 @@ def bench_multistream(rt, cfg: BenchConfig) -> list[dict]:
 
         stats["throughput_ips"] = _throughput(run_many, n, b)
         rows.append({"engine": "multistream", "plan": rt.plan.kind, "inflight": rt.inflight, **stats})
+    rows[0]["message_round_trip_ms"] = rt.message_round_trip_ms()
     return rows
 
 
@@ -231,9 +234,11 @@ def run_bench(model_dir: str | Path, cores_per_stream, cores, precision: str | N
         from parnet_cpu.runtime.costmodel import cost_model
 
         log("cost model: timing every stage at 1..N threads ...")
-        handover = next((r["handover_ms"] for r in rows if r["engine"] == "multistream" and r.get("batch") == 1
-                         and "handover_ms" in r), 0.0)
-        model = cost_model(md.path, precision, handover_ms=max(0.0, handover))
+        # a request crosses three hand-overs (stem -> streams -> tail -> caller), each a message round trip
+        rtt = next((r["message_round_trip_ms"] for r in rows if "message_round_trip_ms" in r), None)
+        model = cost_model(md.path, precision, handover_ms=3 * rtt if rtt is not None else 0.0)
+        model["handover_source"] = ("3 x measured parent-worker message round trip" if rtt is not None
+                                    else "not measured (no multi-stream run): 0")
     return {"cost_model": model, "model": str(md.path), "config": md.config, "precision": precision, "cpus": format_cpu_list(cpus),
             "threads": len(cpus), "plan": plan_info, "settings": asdict(cfg),
             "machine": {"cpu": info.model_name, "isa_level": info.isa_level, "usable_cpus": info.usable_cpus,

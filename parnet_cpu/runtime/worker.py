@@ -122,6 +122,9 @@ def worker_main(spec: WorkerSpec, conns: list[Connection]) -> None:
                 open_conns = []
                 break
             try:
+                if msg[0] == "ping":
+                    conn.send(("pong",))
+                    continue
                 if msg[0] == "threads":
                     conn.send(("threads", os.getpid(), thread_affinities()))
                     continue
