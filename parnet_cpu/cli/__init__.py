@@ -18,6 +18,7 @@ COMMANDS: tuple[str, ...] = (
     "parnet_cpu.cli.quantize",
     "parnet_cpu.cli.eval",
     "parnet_cpu.cli.bench",
+    "parnet_cpu.cli.serve",
     "parnet_cpu.cli.train",
     "parnet_cpu.cli.dataset",
 )

@@ -1,0 +1,177 @@
+"""`parnet-cpu serve`: HTTP inference server (Open Inference Protocol / KServe v2 REST + /v1/classify).
+
+One process per machine (or per core set): the runtime already uses every core it is given, so the
+server scales by replicas behind a load balancer, never by uvicorn workers. See docs/serving.md.
+
+Also runnable as `python -m parnet_cpu.cli.serve --model DIR ...`.
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import signal
+import socket
+import sys
+
+from parnet_cpu.cli.bench import cores_per_stream_arg
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model folder written by export or quantize")
+    p.add_argument("--name", default="parnet", help="model name in the v2 API (default: parnet)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000; 0 = any free port)")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--cores-per-stream", type=cores_per_stream_arg, default="auto", metavar="N",
+                   help="cores per ParNet stream, or auto (default)")
+    r.add_argument("--cores", help="explicit groups, one per stream, separated by ':' e.g. 0-3:4-7:8-11")
+    r.add_argument("--precision", choices=("fp32", "bf16", "int8"), help="default: int8 if present, else fp32")
+    r.add_argument("--plan", choices=("auto", "single", "multistream"), default="auto")
+    r.add_argument("--inflight", type=int, default=2, help="batches inside the runtime at once (default: 2)")
+    b = p.add_argument_group("batching and limits")
+    b.add_argument("--max-batch", type=int, default=8, help="images per batch (default: 8; 1 = no batching)")
+    b.add_argument("--max-wait-ms", type=float, default=2.0, help="how long the oldest request waits for a "
+                   "fuller batch (default: 2)")
+    b.add_argument("--max-queue", type=int, default=256, help="images waiting; beyond this 503 (default: 256)")
+    b.add_argument("--max-body-mb", type=float, default=32.0, help="request body limit, 413 above (default: 32)")
+    b.add_argument("--max-image-pixels", type=int, default=40_000_000, help="decoded image limit (default: 40M)")
+    b.add_argument("--cpu-threads", type=int, help="threads for decoding/parsing (default: min(4, CPUs))")
+    o = p.add_argument_group("operations")
+    o.add_argument("--graceful-timeout", type=float, default=30.0,
+                   help="seconds to drain in-flight requests after SIGTERM (default: 30)")
+    o.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    o.add_argument("--no-access-log", dest="access_log", action="store_false", help="no per-request log line")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="HTTP server: KServe v2 inference protocol + /v1/classify, dynamic batching")
+    add_arguments(p)
+    p.set_defaults(handler=run)
+
+
+def _validate(args: argparse.Namespace) -> None:
+    from parnet_cpu.cli import CliError
+
+    for name in ("max_batch", "max_queue", "inflight"):
+        if getattr(args, name) < 1:
+            raise CliError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_wait_ms < 0 or args.max_body_mb <= 0 or args.max_image_pixels < 1:
+        raise CliError("--max-wait-ms must be >= 0, --max-body-mb and --max-image-pixels > 0")
+    if args.max_queue < args.max_batch:
+        raise CliError("--max-queue must be at least --max-batch")
+    if not 0 <= args.port <= 65535:
+        raise CliError(f"--port must be 0..65535, got {args.port}")
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind before the runtime starts: a taken port fails fast, and nothing accepts until uvicorn listens."""
+    from parnet_cpu.cli import CliError
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as exc:
+        raise CliError(f"cannot bind {host}:{port}: {exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _start_runtime(config):
+    """Start the runtime's worker processes with SIGINT ignored, which they inherit: Ctrl-C then reaches
+    only the server, which drains in-flight requests before it stops the workers itself."""
+    from parnet_cpu.artifacts import ModelDirError
+    from parnet_cpu.cli import CliError
+    from parnet_cpu.runtime.cores import CoreSpecError
+    from parnet_cpu.serve.app import open_runtime
+
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        return open_runtime(config)
+    except (CoreSpecError, ModelDirError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def run(args: argparse.Namespace) -> int:
+    from parnet_cpu.artifacts import ModelDir, ModelDirError
+    from parnet_cpu.cli import CliError
+
+    _validate(args)
+    try:
+        ModelDir.open(args.model)
+    except ModelDirError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        import uvicorn
+
+        from parnet_cpu.serve.app import ServeConfig, create_app
+        from parnet_cpu.serve.metrics import configure_logging
+    except ImportError as exc:
+        raise CliError(f"serving needs the web stack ({exc.name} is missing): "
+                       "pip install starlette uvicorn prometheus-client python-multipart") from None
+    import logging
+
+    configure_logging(args.log_level)
+    log = logging.getLogger("parnet_cpu.serve")
+    config = ServeConfig(model=args.model, name=args.name, cores_per_stream=args.cores_per_stream, cores=args.cores,
+                         precision=args.precision, plan=args.plan, max_batch=args.max_batch,
+                         max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, inflight=args.inflight,
+                         max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_image_pixels=args.max_image_pixels,
+                         cpu_threads=args.cpu_threads, access_log=args.access_log)
+    sock = _bind(args.host, args.port)
+    if not _is_loopback(args.host):
+        log.warning("binding a non-loopback address: the API has no authentication; put it behind a proxy "
+                    "or a network policy", extra={"host": args.host})
+    runtime = _start_runtime(config)
+    try:
+        app = create_app(config, runtime=runtime)
+        server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
+                                               server_header=False, log_level=args.log_level,
+                                               timeout_graceful_shutdown=args.graceful_timeout))
+        host, port = sock.getsockname()[:2]
+        log.info("listening", extra={"host": host, "port": port, "url": f"http://{args.host}:{port}"})
+        try:
+            server.run(sockets=[sock])
+        except SystemExit as exc:
+            if exc.code:
+                raise CliError("the server failed to start (see the log above)") from None
+        if not server.started:
+            raise CliError("the server failed to start (see the log above)")
+    finally:
+        runtime.close()  # idempotent: normally the app already closed it after draining
+        sock.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m parnet_cpu.cli.serve`: the same command without the `parnet-cpu` entry point."""
+    from parnet_cpu.cli import CliError
+
+    parser = argparse.ArgumentParser(prog="parnet-cpu serve", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except CliError as exc:
+        print(f"parnet-cpu serve: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

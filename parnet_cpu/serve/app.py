@@ -1,0 +1,633 @@
+"""ASGI app (Starlette): the Open Inference Protocol (KServe v2) REST API plus `/v1/classify`.
+
+Endpoints
+
+    GET  /v2                                    server metadata
+    GET  /v2/health/live, /v2/health/ready      200 = true, 503 = false, empty body
+    GET  /v2/models/{name}[/versions/1]         model metadata
+    GET  /v2/models/{name}[/versions/1]/ready
+    POST /v2/models/{name}[/versions/1]/infer   FP32 tensors, JSON or the binary tensor data extension
+    POST /v1/classify?top_k=5                   a JPEG/PNG/WebP (multipart field or raw body) -> top-k classes
+    GET  /metrics                               Prometheus
+
+Torch-free: only numpy, Pillow, OpenVINO (through `Runtime`) and the web stack are imported. The
+event loop only routes: body parsing, image decoding and response encoding run in a small thread
+pool, inference in the runtime's worker processes via the `DynamicBatcher`.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from parnet_cpu import __version__
+from parnet_cpu.artifacts import INPUT_NAME, OUTPUT_NAME
+from parnet_cpu.data.preprocess import ImageDecodeError, PreprocessConfig, _reason, _to_rgb_or_l, preprocess
+from parnet_cpu.serve.batcher import BatcherClosedError, DynamicBatcher, QueueFullError
+from parnet_cpu.serve.metrics import CONTENT_TYPE_LATEST, ServeMetrics
+
+__all__ = ["ApiError", "ServeConfig", "create_app", "decode_image_bytes"]
+
+log = logging.getLogger("parnet_cpu.serve")
+
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP")
+UPLOAD = "<upload>"  # the "path" named in ImageDecodeError for uploaded bytes
+MODEL_VERSION = "1"
+PLATFORM = "openvino_ir"
+CLIENT_CLOSED = 499  # nginx's code for "client closed the request": recorded, never received by anyone
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything `parnet-cpu serve` configures; defaults are the CLI's."""
+
+    model: str
+    name: str = "parnet"
+    cores_per_stream: int | str = "auto"
+    cores: str | None = None
+    precision: str | None = None
+    plan: str = "auto"
+    max_batch: int = 8
+    max_wait_ms: float = 2.0
+    max_queue: int = 256  # images waiting; more -> 503
+    inflight: int = 2  # batches inside the runtime at once
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_image_pixels: int = 40_000_000  # decoded size limit for /v1/classify (decompression bombs)
+    cpu_threads: int | None = None  # body parsing / image decoding pool; default min(4, usable CPUs)
+    retry_after_s: int = 1
+    access_log: bool = True
+
+
+class RuntimeLike(Protocol):
+    """What the app needs from `parnet_cpu.runtime.Runtime` (tests substitute a stub)."""
+
+    model_dir: Any
+    input_shape: tuple[int, int, int]
+    precision: str
+    max_batch: int
+    inflight: int
+    stats: Any
+
+    def submit(self, batch: np.ndarray): ...
+    def describe(self) -> dict: ...
+    def close(self) -> None: ...
+
+
+class ApiError(Exception):
+    """An error answered as `{"error": message}` with an HTTP status (4xx: the client's; 5xx: ours)."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+class BodyTooLarge(ApiError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body larger than the server's limit of {limit} bytes")
+
+
+# ---------------------------------------------------------------------------------------------- model facts
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Facts about the served model, computed once at start-up (nothing of this on the hot path)."""
+
+    name: str
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    precision: str
+    class_names: tuple[str, ...] | None
+    preprocess: PreprocessConfig
+    metadata_json: bytes = field(repr=False, default=b"")
+
+    @classmethod
+    def from_runtime(cls, name: str, runtime: RuntimeLike) -> "ModelInfo":
+        md = runtime.model_dir
+        num_classes = int(md.config["num_classes"])
+        names = md.class_names
+        if names is not None and len(names) != num_classes:
+            names = None  # a mismatched list would mislabel every answer
+        meta = {"name": name, "versions": [MODEL_VERSION], "platform": PLATFORM,
+                "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, *runtime.input_shape]}],
+                "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, num_classes]}]}
+        return cls(name, tuple(runtime.input_shape), num_classes, runtime.precision, names, md.preprocess_config(),
+                   json.dumps(meta).encode())
+
+
+# ---------------------------------------------------------------------------------------------- v2 tensors
+
+@dataclass(frozen=True)
+class InferRequest:
+    images: np.ndarray  # (N, C, H, W) float32, C-contiguous
+    id: str | None
+    binary_output: bool
+
+
+def parse_infer_request(body: bytes, header_length: str | None, model: ModelInfo, max_images: int) -> InferRequest:
+    """A v2 inference request (JSON, or JSON + binary tensor data) -> validated FP32 images. 400 otherwise."""
+    head, binary = _split_binary(body, header_length)
+    try:
+        req = json.loads(head)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(req, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    inputs = req.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise ApiError(400, f"'inputs' must be a list with exactly one tensor, '{INPUT_NAME}'")
+    images = _input_tensor(inputs[0], binary, model, max_images)
+    req_id = req.get("id")
+    if req_id is not None and not isinstance(req_id, str):
+        raise ApiError(400, "'id' must be a string")
+    return InferRequest(images, req_id, _binary_output(req))
+
+
+def _split_binary(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+    if header_length is None:
+        return body, memoryview(b"")
+    try:
+        n = int(header_length)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= len(body):
+        raise ApiError(400, f"Inference-Header-Content-Length {header_length!r} does not fit a {len(body)}-byte body")
+    return body[:n], memoryview(body)[n:]
+
+
+def _input_tensor(spec: dict, binary: memoryview, model: ModelInfo, max_images: int) -> np.ndarray:
+    if spec.get("name") != INPUT_NAME:
+        raise ApiError(400, f"unknown input {spec.get('name')!r}; this model's input is '{INPUT_NAME}'")
+    if spec.get("datatype") != "FP32":
+        raise ApiError(400, f"input '{INPUT_NAME}' must have datatype FP32, got {spec.get('datatype')!r}")
+    shape = spec.get("shape")
+    expected = "[N, " + ", ".join(map(str, model.input_shape)) + "]"
+    if (not isinstance(shape, list) or len(shape) != 4 or not all(type(d) is int for d in shape)
+            or tuple(shape[1:]) != model.input_shape or shape[0] < 1):
+        raise ApiError(400, f"input '{INPUT_NAME}' must have shape {expected}, got {shape!r}")
+    if shape[0] > max_images:
+        raise ApiError(400, f"batch of {shape[0]} images is more than this server queues ({max_images})")
+    count = int(np.prod(shape))
+    params = spec.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ApiError(400, "'parameters' must be an object")
+    if "binary_data_size" in params:
+        arr = _binary_tensor(params["binary_data_size"], binary, count)
+    else:
+        if len(binary):
+            raise ApiError(400, "binary data present but no input declares binary_data_size")
+        arr = _json_tensor(spec.get("data"), count)
+    arr = arr.reshape(shape)
+    if not np.isfinite(arr).all():
+        raise ApiError(400, f"input '{INPUT_NAME}' contains NaN or infinity")
+    return arr
+
+
+def _binary_tensor(size: Any, binary: memoryview, count: int) -> np.ndarray:
+    if type(size) is not int or size != count * 4:
+        raise ApiError(400, f"binary_data_size must be {count * 4} bytes (FP32 x {count}), got {size!r}")
+    if len(binary) != size:
+        raise ApiError(400, f"binary data is {len(binary)} bytes, binary_data_size says {size}")
+    return np.frombuffer(binary, dtype="<f4").astype(np.float32)  # copy: aligned, native, writable
+
+
+def _json_tensor(data: Any, count: int) -> np.ndarray:
+    if not isinstance(data, list):
+        raise ApiError(400, f"input '{INPUT_NAME}' needs 'data' (a flat or nested list of numbers)")
+    try:
+        arr = np.asarray(data, dtype=np.float32)
+    except (ValueError, TypeError):
+        raise ApiError(400, f"input '{INPUT_NAME}' data must be numbers (FP32), in a flat or regular nested list") from None
+    if arr.size != count:
+        raise ApiError(400, f"input '{INPUT_NAME}' has {arr.size} values, its shape needs {count}")
+    return arr.ravel()
+
+
+def _binary_output(req: dict) -> bool:
+    params = req.get("parameters") or {}
+    default = bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
+    outputs = req.get("outputs")
+    if not outputs:
+        return default
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
+        raise ApiError(400, "'outputs' must be a list of objects")
+    binary = default
+    for out in outputs:
+        if out.get("name") != OUTPUT_NAME:
+            raise ApiError(400, f"unknown output {out.get('name')!r}; this model's output is '{OUTPUT_NAME}'")
+        oparams = out.get("parameters") or {}
+        if isinstance(oparams, dict) and "binary_data" in oparams:
+            binary = bool(oparams["binary_data"])
+    return binary
+
+
+def encode_infer_response(model: ModelInfo, req: InferRequest, logits: np.ndarray) -> tuple[bytes, dict, str]:
+    """(body, headers, media type) of a v2 inference response; binary when the request asked for it."""
+    out: dict[str, Any] = {"name": OUTPUT_NAME, "datatype": "FP32", "shape": list(logits.shape)}
+    resp: dict[str, Any] = {"model_name": model.name, "model_version": MODEL_VERSION}
+    if req.id is not None:
+        resp["id"] = req.id
+    resp["outputs"] = [out]
+    if req.binary_output:
+        raw = np.ascontiguousarray(logits, dtype="<f4").tobytes()
+        out["parameters"] = {"binary_data_size": len(raw)}
+        head = json.dumps(resp).encode()
+        return head + raw, {"Inference-Header-Content-Length": str(len(head))}, "application/octet-stream"
+    out["data"] = logits.ravel().tolist()
+    return json.dumps(resp).encode(), {}, "application/json"
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+def decode_image_bytes(data: bytes, cfg: PreprocessConfig, max_pixels: int) -> np.ndarray:
+    """Uploaded JPEG/PNG/WebP bytes -> (1, C, H, W) float32, with exactly `load_image`'s conversion rules
+    (EXIF orientation, grey/CMYK/palette/alpha handling, truncation refused) and the model's preprocessing."""
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise ImageDecodeError(UPLOAD, "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process")
+    if not data:
+        raise ImageDecodeError(UPLOAD, "empty file (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+        if img.width * img.height > max_pixels:
+            raise ApiError(413, f"image of {img.width}x{img.height} pixels is larger than the limit of {max_pixels}")
+        img.load()
+    except ApiError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ApiError(413, f"image too large: {exc}") from None
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
+        reason = _reason(exc)
+        if reason == "not a recognised image file":
+            reason += f" (accepted: {', '.join(ACCEPTED_FORMATS)})"
+        raise ImageDecodeError(UPLOAD, reason) from None
+    if cfg.exif_transpose:
+        try:
+            ImageOps.exif_transpose(img, in_place=True)
+        except Exception:
+            pass  # unreadable EXIF: keep the stored orientation, as load_image does
+    out = np.empty((1, *cfg.output_shape), np.float32)
+    try:
+        preprocess(_to_rgb_or_l(img, cfg.alpha_background), cfg, out[0])
+    except Exception as exc:
+        raise ImageDecodeError(UPLOAD, f"preprocessing failed: {_reason(exc)}") from None
+    return out
+
+
+def top_k(model: ModelInfo, logits: np.ndarray, k: int) -> list[dict]:
+    """Softmax probabilities of the k best classes (ties: lower index first)."""
+    z = logits.astype(np.float64)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")[:k]
+    names = model.class_names
+    return [{"index": int(i), "label": names[i] if names else None, "probability": float(p[i])} for i in order]
+
+
+# ---------------------------------------------------------------------------------------------- service
+
+class Service:
+    """The app's state: runtime, batcher, metrics, CPU pool and precomputed model facts."""
+
+    def __init__(self, config: ServeConfig, runtime: RuntimeLike | None,
+                 runtime_factory: Callable[[ServeConfig], RuntimeLike]) -> None:
+        self.config = config
+        self.runtime = runtime
+        self._runtime_factory = runtime_factory
+        self.metrics = ServeMetrics(config.max_batch)
+        self.model: ModelInfo | None = None
+        self.batcher: DynamicBatcher | None = None
+        self.pool: ThreadPoolExecutor | None = None
+        self.ready = False
+        self.broken: str | None = None  # the runtime failed: not live any more, let the orchestrator restart us
+
+    async def start(self) -> None:
+        c = self.config
+        if self.runtime is None:
+            self.runtime = await asyncio.to_thread(self._runtime_factory, c)
+        rt = self.runtime
+        self.model = ModelInfo.from_runtime(c.name, rt)
+        threads = c.cpu_threads or min(4, len(os.sched_getaffinity(0)))
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="parnet-serve")
+        self.batcher = DynamicBatcher(rt.submit, max_batch=min(c.max_batch, rt.max_batch), max_wait_s=c.max_wait_ms / 1e3,
+                                      max_queue=c.max_queue, inflight=rt.inflight, on_batch=self.metrics.observe_batch)
+        await self.batcher.start()
+        self.metrics.bind_live(self.batcher, rt.stats.summary,
+                               {"model": c.name, "precision": rt.precision, "version": __version__})
+        self.ready = True
+        log.info("ready", extra={"model": c.name, "model_dir": str(rt.model_dir.path), "runtime": rt.describe(),
+                                 "max_batch": self.batcher.max_batch, "max_wait_ms": c.max_wait_ms,
+                                 "max_queue": c.max_queue, "cpu_threads": threads})
+
+    async def stop(self) -> None:
+        """Drain: finish what is queued and in flight, then stop the runtime's workers."""
+        self.ready = False
+        if self.batcher is not None:
+            log.info("draining", extra={"queued_images": self.batcher.queued_images,
+                                        "batches_in_flight": self.batcher.running_batches})
+            await self.batcher.close()
+        if self.runtime is not None:
+            await asyncio.to_thread(self.runtime.close)
+        if self.pool is not None:
+            self.pool.shutdown(wait=False)
+        log.info("stopped")
+
+    def run_cpu(self, fn: Callable, *args) -> asyncio.Future:
+        """CPU-bound work (parsing, decoding, encoding) off the event loop."""
+        return asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def admit(self) -> None:
+        """Refuse before reading the body when the answer is already known to be 503."""
+        if not self.ready or self.batcher.closing:
+            raise ApiError(503, "server is not ready (starting or shutting down)", self._retry())
+        if self.batcher.is_full():
+            self.batcher.stats.rejected_requests += 1
+            raise ApiError(503, "server overloaded: inference queue is full", self._retry())
+
+    def _retry(self) -> dict[str, str]:
+        return {"Retry-After": str(self.config.retry_after_s)}
+
+    async def infer(self, request: Request, images: np.ndarray) -> np.ndarray | None:
+        """Logits for `images` through the batcher; None if the client disconnected first."""
+        try:
+            fut = self.batcher.enqueue(images)
+        except QueueFullError as exc:
+            raise ApiError(503, f"server overloaded: {exc}", self._retry()) from None
+        except BatcherClosedError as exc:
+            raise ApiError(503, str(exc), self._retry()) from None
+        try:
+            return await _unless_disconnected(request, fut)
+        except (asyncio.CancelledError, ApiError):
+            raise
+        except BatcherClosedError as exc:
+            raise ApiError(503, str(exc), self._retry()) from None
+        except Exception as exc:
+            if isinstance(exc, RuntimeError) and self.broken is None:
+                self.broken = f"{type(exc).__name__}: {exc}"
+                log.error("runtime failed; reporting not live", extra={"error": self.broken})
+            log.error("inference failed", exc_info=exc)
+            raise ApiError(500, f"inference failed: {type(exc).__name__}") from None
+
+
+async def _unless_disconnected(request: Request, fut: asyncio.Future) -> np.ndarray | None:
+    """Await `fut`, or cancel it (dropping work not yet batched) as soon as the client goes away."""
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({fut, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        fut.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if fut.done():
+        return fut.result()
+    fut.cancel()
+    return None
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the server reports `http.disconnect` (the body has been read already)."""
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # cannot tell: keep waiting for the result instead
+        await asyncio.Event().wait()
+
+
+# ---------------------------------------------------------------------------------------------- handlers
+
+def _svc(request: Request) -> Service:
+    return request.app.state.service
+
+
+def _check_model(svc: Service, request: Request) -> None:
+    name = request.path_params["name"]
+    version = request.path_params.get("version")
+    if name != svc.config.name or (version is not None and version != MODEL_VERSION):
+        what = f"{name!r}" + (f" version {version!r}" if version is not None else "")
+        raise ApiError(404, f"unknown model {what}; this server serves {svc.config.name!r} version {MODEL_VERSION}")
+
+
+async def server_metadata(request: Request) -> Response:
+    return JSONResponse({"name": "parnet-cpu", "version": __version__, "extensions": ["binary_tensor_data"]})
+
+
+async def live(request: Request) -> Response:
+    return Response(status_code=503 if _svc(request).broken else 200)
+
+
+async def ready(request: Request) -> Response:
+    svc = _svc(request)
+    return Response(status_code=200 if svc.ready and not svc.broken else 503)
+
+
+async def model_metadata(request: Request) -> Response:
+    svc = _svc(request)
+    _check_model(svc, request)
+    return Response(svc.model.metadata_json, media_type="application/json")
+
+
+async def model_ready(request: Request) -> Response:
+    svc = _svc(request)
+    _check_model(svc, request)
+    return await ready(request)
+
+
+async def infer(request: Request) -> Response:
+    svc = _svc(request)
+    _check_model(svc, request)
+    svc.admit()
+    body = await request.body()
+    req = await svc.run_cpu(parse_infer_request, body, request.headers.get("inference-header-content-length"),
+                            svc.model, svc.config.max_queue)
+    logits = await svc.infer(request, req.images)
+    if logits is None:
+        return Response(status_code=CLIENT_CLOSED)
+    content, headers, media_type = await svc.run_cpu(encode_infer_response, svc.model, req, logits)
+    return Response(content, headers=headers, media_type=media_type)
+
+
+async def classify(request: Request) -> Response:
+    svc = _svc(request)
+    k = _top_k_param(request, svc.model.num_classes)
+    svc.admit()
+    data = await _upload_bytes(request)
+    images = await svc.run_cpu(decode_image_bytes, data, svc.model.preprocess, svc.config.max_image_pixels)
+    logits = await svc.infer(request, images)
+    if logits is None:
+        return Response(status_code=CLIENT_CLOSED)
+    return JSONResponse({"model": svc.config.name, "predictions": top_k(svc.model, logits[0], k)})
+
+
+def _top_k_param(request: Request, num_classes: int) -> int:
+    raw = request.query_params.get("top_k", "5")
+    try:
+        k = int(raw)
+    except ValueError:
+        k = 0
+    if not 1 <= k <= num_classes:
+        raise ApiError(400, f"top_k must be an integer in 1..{num_classes}, got {raw!r}")
+    return k
+
+
+async def _upload_bytes(request: Request) -> bytes:
+    """The image: the single file of a multipart form (any field name), or the raw body."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        await request.body()  # read through the size limit first; the form parser reuses the cached body
+        async with request.form(max_files=1, max_fields=16) as form:
+            files = [v for v in form.values() if hasattr(v, "read")]
+            if not files:
+                raise ApiError(400, "multipart form has no file field (send the image as e.g. 'file')")
+            return await files[0].read()
+    if ctype and not (ctype.startswith("image/") or ctype == "application/octet-stream"):
+        raise ApiError(415, f"send the image as multipart/form-data or as a raw image/* body, not {ctype}")
+    return await request.body()
+
+
+async def metrics(request: Request) -> Response:
+    return Response(_svc(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+# ---------------------------------------------------------------------------------------------- middleware
+
+class ObservabilityMiddleware:
+    """Counts and times every request by route (bounded label set) and writes one JSON access-log line."""
+
+    def __init__(self, app, service: Service) -> None:
+        self.app, self.service = app, service
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            seconds = time.perf_counter() - start
+            endpoint = _endpoint_label(scope)
+            self.service.metrics.observe_request(endpoint, scope["method"], status, seconds)
+            if self.service.config.access_log:
+                log.info("request", extra={"method": scope["method"], "path": scope["path"], "status": status,
+                                           "duration_ms": round(seconds * 1e3, 3),
+                                           "client": (scope.get("client") or ("?",))[0]})
+
+
+def _endpoint_label(scope: dict) -> str:
+    """The route template (Starlette sets `scope["route"]`; older releases only the endpoint function)."""
+    path = getattr(scope.get("route"), "path", None)
+    return path or getattr(scope.get("endpoint"), "__name__", None) or "unmatched"
+
+
+class BodyLimitMiddleware:
+    """Refuses bodies over the limit: at once from Content-Length, or mid-stream for chunked uploads."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for key, value in scope["headers"]:
+            if key == b"content-length":
+                if not value.isdigit() or int(value) > self.max_bytes:
+                    err = BodyTooLarge(self.max_bytes) if value.isdigit() else ApiError(400, "invalid Content-Length")
+                    return await _error_response(err)(scope, receive, send)
+                break
+        received = 0
+
+        async def limited() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def _error_response(exc: ApiError) -> Response:
+    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+
+
+async def _api_error(request: Request, exc: ApiError) -> Response:
+    return _error_response(exc)
+
+
+async def _decode_error(request: Request, exc: ImageDecodeError) -> Response:
+    return JSONResponse({"error": f"cannot decode image: {exc.reason}"}, status_code=400)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error", exc_info=exc)
+    return JSONResponse({"error": "internal server error"}, status_code=500)
+
+
+# ---------------------------------------------------------------------------------------------- factory
+
+def open_runtime(config: ServeConfig) -> RuntimeLike:
+    """The default runtime: `parnet_cpu.runtime.Runtime` with the server's settings."""
+    from parnet_cpu.runtime.runtime import Runtime
+
+    return Runtime(config.model, cores_per_stream=config.cores_per_stream, cores=config.cores,
+                   precision=config.precision, plan=config.plan, max_batch=config.max_batch, inflight=config.inflight)
+
+
+def _routes() -> list[Route]:
+    routes = [Route("/v2", server_metadata), Route("/v2/health/live", live), Route("/v2/health/ready", ready),
+              Route("/v1/classify", classify, methods=["POST"]), Route("/metrics", metrics)]
+    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        routes += [Route(prefix, model_metadata), Route(prefix + "/ready", model_ready),
+                   Route(prefix + "/infer", infer, methods=["POST"])]
+    return routes
+
+
+def create_app(config: ServeConfig, runtime: RuntimeLike | None = None,
+               runtime_factory: Callable[[ServeConfig], RuntimeLike] = open_runtime) -> Starlette:
+    """The ASGI app. The runtime is `runtime` if given, else made by `runtime_factory` at start-up;
+    either way the app owns it and closes it after draining at shutdown."""
+    service = Service(config, runtime, runtime_factory)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette):
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = Starlette(routes=_routes(), lifespan=lifespan,
+                    middleware=[Middleware(ObservabilityMiddleware, service=service),
+                                Middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)],
+                    exception_handlers={ApiError: _api_error, ImageDecodeError: _decode_error,
+                                        HTTPException: _http_error, Exception: _internal_error})
+    app.state.service = service
+    return app
