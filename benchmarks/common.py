@@ -97,23 +97,26 @@ def other_busy_processes(threshold: float = 20.0) -> list[str]:
 class OtherLoad:
     """Context manager sampling, once a second in a background thread, the CPU time used by every
     *other* process (summed per process, so this process's own accounting cannot leak in), in % of
-    all CPUs; `summary()` goes into the result JSON."""
+    all CPUs; `summary()` goes into the result JSON. With `exclude_children`, this process's own
+    child processes (servers, bench workers: the load being measured) are not counted either."""
 
-    def __init__(self, interval: float = 1.0) -> None:
+    def __init__(self, interval: float = 1.0, exclude_children: bool = False) -> None:
         import psutil
 
         self.interval, self.samples, self._stop = interval, [], threading.Event()
+        self.exclude_children = exclude_children
         self._ncpu = psutil.cpu_count() or 1
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    @staticmethod
-    def _others() -> dict[int, tuple[float, float]]:
+    def _others(self) -> dict[int, tuple[float, float]]:
         """pid -> (create_time, user+system CPU seconds) of every other process."""
         import psutil
 
+        me = psutil.Process()
+        ours = {me.pid} | ({c.pid for c in me.children(recursive=True)} if self.exclude_children else set())
         out = {}
         for p in psutil.process_iter():
-            if p.pid == os.getpid():
+            if p.pid in ours:
                 continue
             try:
                 t = p.cpu_times()

@@ -36,28 +36,6 @@ REPO = Path(__file__).resolve().parents[1]
 MODES = {"batching": ["--max-batch", "8", "--max-wait-ms", "2"], "no_batching": ["--max-batch", "1"]}
 
 
-class OtherLoadButServer(OtherLoad):
-    """`OtherLoad` that also leaves out this benchmark's own process tree (the server and its runtime
-    workers are the load being measured, not interference)."""
-
-    @staticmethod
-    def _others() -> dict[int, tuple[float, float]]:
-        import psutil
-
-        me = psutil.Process()
-        ours = {me.pid} | {c.pid for c in me.children(recursive=True)}
-        out = {}
-        for p in psutil.process_iter():
-            if p.pid in ours:
-                continue
-            try:
-                t = p.cpu_times()
-                out[p.pid] = (p.create_time(), t.user + t.system)
-            except psutil.Error:
-                pass
-        return out
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -207,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     if busy:
         print("WARNING: other processes are busy, timings will be noisy: " + ", ".join(busy))
     t_start = time.time()
-    with tempfile.TemporaryDirectory(prefix="parnet_serve_load_") as tmp, OtherLoadButServer() as load:
+    with tempfile.TemporaryDirectory(prefix="parnet_serve_load_") as tmp, OtherLoad(exclude_children=True) as load:
         tmp = Path(tmp)
         model = args.model or export_model(args.variant, tmp / "model")
         from parnet_cpu.artifacts import ModelDir

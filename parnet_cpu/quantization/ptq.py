@@ -93,16 +93,20 @@ def top1_validation(compiled, items) -> tuple[float, list[float]]:
 
 @contextmanager
 def _nncf_verbosity(progress: bool):
+    """Without progress: NNCF's info logs and its progress bars (drawn on rich's global console) off."""
     import nncf
+    import rich
 
-    logger = logging.getLogger("nncf")
-    old = logger.level
+    logger, console = logging.getLogger("nncf"), rich.get_console()
+    old_level, old_quiet = logger.level, console.quiet
     if not progress:
         nncf.set_log_level(logging.ERROR)
+        console.quiet = True
     try:
         yield
     finally:
-        logger.setLevel(old)
+        logger.setLevel(old_level)
+        console.quiet = old_quiet
 
 
 def quantize_ir(fp32_model, calibration: ImageStream, opts: QuantizeOptions, validation: ImageStream | None = None):

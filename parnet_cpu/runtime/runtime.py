@@ -51,21 +51,6 @@ class Plan:
     def cpus(self) -> list[int]:
         return sorted({c for _, cpus, _ in self.workers for c in cpus})
 
-    def message_round_trip_ms(self, n: int = 200) -> float:
-        """Median parent<->worker message round trip: the unit cost of one hand-over between stages."""
-        slot = self._slots.get()
-        try:
-            conn = slot.conns[self.plan.workers[-1][0]]
-            times = []
-            for _ in range(n):
-                t0 = time.perf_counter()
-                conn.send(("ping",))
-                conn.recv()
-                times.append(time.perf_counter() - t0)
-        finally:
-            self._slots.put(slot)
-        return float(np.median(times) * 1e3)
-
     def describe(self) -> dict:
         from parnet_cpu.system.cpuinfo import format_cpu_list
 
