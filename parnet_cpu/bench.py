@@ -5,6 +5,7 @@ runtime starts) to exactly the CPUs the multi-stream plan uses, with that many t
 pins its own workers. Rows:
 
 - multistream     `Runtime` (stem+tail on all groups' cores, one stream per group)
+- auto            `Runtime(plan="auto")` on the same cores: whichever plan measured faster at load (the default)
 - ov-latency      OpenVINO single graph, LATENCY hint, threads = all cores of the plan
 - ov-throughput   OpenVINO single graph, THROUGHPUT hint (several streams), async requests
 - torch-eager     PyTorch eager FP32, deploy form, torch threads = cores
@@ -26,8 +27,8 @@ import numpy as np
 from parnet_cpu.artifacts import ONNX_FILE, ModelDir
 from parnet_cpu.runtime.timing import measure_latency
 
-ENGINES = ("multistream", "ov-latency", "ov-throughput", "torch-eager", "ort-parallel", "torch-int8", "ipex-int8")
-DEFAULT_ENGINES = ENGINES[:5]  # + torch-int8 / ipex-int8 where the model folder has their INT8 artifact
+ENGINES = ("multistream", "auto", "ov-latency", "ov-throughput", "torch-eager", "ort-parallel", "torch-int8", "ipex-int8")
+DEFAULT_ENGINES = ENGINES[:6]  # + torch-int8 / ipex-int8 where the model folder has their INT8 artifact
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ def run_pinned_engine(engine: str, model_dir: Path, precision: str, cpus: list[i
     return payload
 
 
-def bench_multistream(rt, cfg: BenchConfig) -> list[dict]:
+def bench_runtime(rt, cfg: BenchConfig, engine: str = "multistream") -> list[dict]:
     from parnet_cpu.runtime.runtime import StageStats
 
     rows = []
@@ -174,7 +175,8 @@ def bench_multistream(rt, cfg: BenchConfig) -> list[dict]:
                 f.result()
 
         stats["throughput_ips"] = _throughput(run_many, n, b)
-        rows.append({"engine": "multistream", "plan": rt.plan.kind, "inflight": rt.inflight, **stats})
+        rows.append({"engine": engine, "plan": rt.plan.kind, "plan_reason": rt.plan.reason, "inflight": rt.inflight,
+                     **stats})
     rows[0]["message_round_trip_ms"] = rt.message_round_trip_ms()
     return rows
 
@@ -208,15 +210,24 @@ def run_bench(model_dir: str | Path, cores_per_stream, cores, precision: str | N
             with Runtime(md.path, cores_per_stream=cores_per_stream, cores=cores, precision=precision,
                          plan="multistream", use_smt=use_smt, max_batch=max(cfg.batches)) as rt:
                 plan_info, cpus = rt.plan.describe(), rt.plan.cpus
-                rows += bench_multistream(rt, cfg)
+                rows += bench_runtime(rt, cfg)
         except Exception as exc:
             rows += [{"engine": "multistream", "batch": b, "error": str(exc)} for b in cfg.batches]
+    if "auto" in engines:
+        log("auto: starting the runtime with plan='auto' (measures both plans at load unless cached) ...")
+        try:
+            with Runtime(md.path, cores_per_stream=cores_per_stream, cores=cores, precision=precision,
+                         plan="auto", use_smt=use_smt, max_batch=max(cfg.batches)) as rt:
+                cpus = cpus or rt.plan.cpus
+                rows += bench_runtime(rt, cfg, "auto")
+        except Exception as exc:
+            rows += [{"engine": "auto", "batch": b, "error": str(exc)} for b in cfg.batches]
     if cpus is None:
         cpus = sorted(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = export_onnx_for(md, Path(tmp)) if "ort-parallel" in engines else None
         for engine in engines:
-            if engine == "multistream":
+            if engine in ("multistream", "auto"):
                 continue
             log(f"{engine}: pinned to CPUs {format_cpu_list(cpus)} ...")
             rows += run_pinned_engine(engine, md.path, precision, cpus, cfg, onnx_path)

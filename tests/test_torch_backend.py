@@ -54,6 +54,26 @@ def test_saved_program_reloads_with_identical_outputs(torch_int8):
     assert (first.argmax(1) == ref.argmax(1)).mean() >= 2 / 3
 
 
+def test_one_channel_model_runs_at_batch_above_one(tmp_path):
+    """The shipped 1-channel reference model: inductor's dynamic-shape conv breaks on 1-channel inputs at
+    batch > 1 (stride assertion), so the backend compiles such models per batch size; it must run."""
+    from parnet_cpu.quantization.ptq import get_backend
+
+    out = tmp_path / "fm"
+    assert main(["quantize", "--model", "parnet_fmnist", "--calib", str(REPO / "calibration" / "sample"),
+                 "--out", str(out), "--subset-size", "16", "--backend", "torch", "--quiet"]) == 0
+    md = ModelDir.open(out)
+    x = np.stack([load_and_preprocess(p, md.preprocess_config()) for p in PHOTOS[:4]])
+    assert x.shape == (4, 1, 32, 32)
+    backend = get_backend("torch")
+    int8 = backend.compile(out, "int8")(x)[0]
+    fp32 = backend.compile(out, "fp32")(x)[0]
+    assert int8.shape == (4, 10) and np.isfinite(int8).all()
+    single = backend.compile(out, "int8")(x[:1])[0]  # batch 1 agrees with batch 4's first row
+    assert single.argmax() == int8[0].argmax() and np.abs(single - int8[:1]).max() <= 1e-2 * np.abs(int8[0]).max()
+    assert (int8.argmax(1) == fp32.argmax(1)).mean() >= 0.75
+
+
 def test_backend_option_errors(tmp_path, capsys):
     calib = str(REPO / "calibration" / "sample")
     assert main(["quantize", *NARROW_ARGS, "--calib", calib, "--out", str(tmp_path / "a"), "--backend", "torch",

@@ -4,7 +4,8 @@ This is where Intel's CPU INT8 path went after IPEX: torch.export -> prepare_pt2
 convert_pt2e; inductor with freezing lowers the q/dq patterns to oneDNN int8 kernels (VNNI/AMX where
 the CPU has them). The converted program is saved with `torch.export.save`, so it reloads without the
 calibration data. Each new input shape costs a `torch.compile` (seconds), so the batch dimension is
-exported dynamic and compiled once with `dynamic=True`.
+exported dynamic and compiled once with `dynamic=True` (per batch size for 1-channel models: see
+`load_compiled`).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from parnet_cpu.artifacts import TORCH_INT8_FILE
+from parnet_cpu.artifacts import TORCH_INT8_FILE, ModelDir
 
 MAX_BATCH = 1024
 
@@ -57,14 +58,17 @@ def quantize_pt2e(deploy, calibration, subset_size: int):
     return _export(converted, example)
 
 
-def load_compiled(path: str | Path) -> TorchCallable:
+def load_compiled(path: str | Path, dynamic: bool = True) -> TorchCallable:
+    """The saved PT2E program through `torch.compile`. `dynamic=False` specializes per batch size
+    (a compile per new size): needed for 1-channel inputs, where inductor's dynamic-shape conv assumes
+    a channels-last output the kernel does not produce (stride assertion at batch > 1, torch 2.13)."""
     import torch
     import torch._inductor.config as inductor_config
     import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401  (registers the q/dq ops the program uses)
 
     inductor_config.freezing = True  # constant-fold weights so inductor picks oneDNN int8 kernels
     module = torch.export.load(str(path)).module()
-    return TorchCallable(module, torch.compile(module, dynamic=True))
+    return TorchCallable(module, torch.compile(module, dynamic=dynamic))
 
 
 def graph_precisions(module) -> dict:
@@ -107,7 +111,8 @@ class TorchBackend:
 
     def compile(self, folder: Path, precision: str):
         if precision == "int8":
-            return load_compiled(folder / TORCH_INT8_FILE)
+            in_chans = ModelDir.open(folder).input_shape()[0]
+            return load_compiled(folder / TORCH_INT8_FILE, dynamic=in_chans != 1)
         from parnet_cpu.export import load_deploy_model
 
         model = load_deploy_model(folder)

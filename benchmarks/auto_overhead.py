@@ -1,0 +1,76 @@
+"""What the runtime's single-graph plan (what `auto` picks when multi-stream loses) costs over calling
+OpenVINO directly: the same compiled graph, in a pinned worker process with shared-memory hand-over,
+against an in-process compiled model on the same cores, timed in interleaved blocks so that drift of
+the machine hits both alike.
+
+    python benchmarks/auto_overhead.py --model OUT [--model OUT2 ...] [--batches 1,8] [--rounds 30]
+
+Result: `benchmarks/results/auto_overhead.json` (per model and batch: both medians, their ratio, the
+worker-side inference time, and the parent<->worker message round trip).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from common import OtherLoad, machine_summary, print_table, usable_cores, write_result
+
+
+def interleaved(a, b, rounds: int, block: int = 10) -> tuple[float, float]:
+    """Medians (ms) of `a()` and `b()`, timed in alternating blocks of `block` calls."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(3):
+        a(), b()
+    for _ in range(rounds):
+        for fn, out in ((a, times[0]), (b, times[1])):
+            for _ in range(block):
+                t0 = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - t0)
+    return float(np.median(times[0]) * 1e3), float(np.median(times[1]) * 1e3)
+
+
+def measure(model_dir: str, batches: list[int], rounds: int) -> list[dict]:
+    from parnet_cpu import Runtime
+    from parnet_cpu.artifacts import ModelDir
+    from parnet_cpu.runtime.engine import CompileOptions, compile_model
+    from parnet_cpu.runtime.runtime import StageStats
+
+    md = ModelDir.open(model_dir)
+    rows = []
+    with Runtime(model_dir, plan="single", max_batch=max(batches)) as rt:
+        direct = compile_model(rt.ir_path, CompileOptions(precision=rt.precision, num_threads=len(rt.plan.cpus)))
+        for b in batches:
+            x = np.random.default_rng(0).standard_normal((b, *md.input_shape())).astype(np.float32)
+            rt.stats = StageStats()
+            runtime_ms, direct_ms = interleaved(lambda: rt.infer(x), lambda: direct(x), rounds)
+            rows.append({"model": md.manifest.get("source", {}).get("model") or model_dir, "precision": rt.precision, "batch": b,
+                         "runtime_single_ms": runtime_ms, "direct_ms": direct_ms,
+                         "ratio": runtime_ms / direct_ms, "overhead_ms": runtime_ms - direct_ms,
+                         "worker_infer_ms": rt.stats.summary()["model"]["median_ms"],
+                         "message_round_trip_ms": rt.message_round_trip_ms(), "cpus": rt.plan.cpus})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", action="append", required=True, help="model folder (repeatable)")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--rounds", type=int, default=30, help="interleaved blocks of 10 calls per engine")
+    args = p.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
+    with OtherLoad(exclude_children=True) as load:
+        rows = [r for m in args.model for r in measure(m, batches, args.rounds)]
+    print_table(rows, ["model", "precision", "batch", "runtime_single_ms", "direct_ms", "ratio", "overhead_ms",
+                       "worker_infer_ms", "message_round_trip_ms"])
+    path = write_result("auto_overhead", {
+        "benchmark": "auto_overhead", "description": __doc__.split("\n\n")[0].replace("\n", " "),
+        "rounds": args.rounds, "rows": rows, "machine": machine_summary(usable_cores()),
+        "other_load_during_run": load.summary(), "machine_was_quiet": load.quiet})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
