@@ -70,6 +70,32 @@ def test_every_inference_thread_stays_in_its_group(model_dir):
         assert info["pid"] != os.getpid()
 
 
+def test_single_graph_owning_every_cpu_runs_in_process(model_dir):
+    """A single-graph plan on all the CPUs the process may use runs in the process (no hand-over);
+    on fewer CPUs it keeps a pinned worker. Both give the single graph's results."""
+    x = images(3, seed=5)
+    ref = compile_model(Path(model_dir) / "model_fp32.xml", CompileOptions(precision="fp32"))(x)[0]
+    before = os.sched_getaffinity(0)
+    cpu = min(before)
+    os.sched_setaffinity(0, {cpu})  # this thread, and the threads OpenVINO starts from it, may use one CPU
+    try:
+        with Runtime(model_dir, precision="fp32", plan="single") as rt:
+            assert rt.plan.cpus == [cpu] and "in this process" in rt.plan.reason
+            got = rt.infer(x)
+            rows = np.concatenate([f.result() for f in [rt.submit(x[i:i + 1]) for i in range(3)]])
+            aff = rt.thread_affinity()["model"]
+            assert rt.message_round_trip_ms() == 0.0
+    finally:
+        os.sched_setaffinity(0, before)
+    assert aff["pid"] == os.getpid()
+    assert rel_l2(got, ref) <= 1e-5 and rel_l2(rows, ref) <= 1e-5
+    if len(before) > 1:
+        with Runtime(model_dir, precision="fp32", plan="single", cores=[[cpu]]) as rt:
+            assert "in this process" not in rt.plan.reason
+            assert rt.thread_affinity()["model"]["pid"] != os.getpid()
+            assert rel_l2(rt.infer(x), ref) <= 1e-5
+
+
 def test_concurrent_callers_get_their_own_results(model_dir):
     x = images(16, seed=3)
     ref = compile_model(Path(model_dir) / "model_fp32.xml", CompileOptions(precision="fp32"))(x)[0]

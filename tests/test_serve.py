@@ -549,7 +549,10 @@ def test_disconnected_client_is_dropped_before_inference(gated):
 def test_sigterm_drains_in_flight_requests(model_dir, reference, tmp_path):
     import psutil
 
-    srv = ServerProcess(model_dir, tmp_path, "--max-wait-ms", "1500", "--plan", "single", "--precision", "fp32")
+    cpus = sorted(os.sched_getaffinity(0))
+    groups = f"{cpus[0]}:{cpus[-1]}:{cpus[0]}"  # multi-stream: worker processes that must stop too
+    srv = ServerProcess(model_dir, tmp_path, "--max-wait-ms", "1500", "--plan", "multistream", "--cores", groups,
+                        "--precision", "fp32")
     try:
         workers = psutil.Process(srv.proc.pid).children(recursive=True)
         assert workers
