@@ -42,8 +42,12 @@ def measure(model_dir: str, batches: list[int], rounds: int, cores: str | None) 
     md = ModelDir.open(model_dir)
     rows = []
     with Runtime(model_dir, plan="single", cores=cores, max_batch=max(batches)) as rt:
+        before = os.sched_getaffinity(0)
         os.sched_setaffinity(0, rt.plan.cpus)  # the direct model's threads start from here: same CPUs
-        direct = compile_model(rt.ir_path, CompileOptions(precision=rt.precision, num_threads=len(rt.plan.cpus)))
+        try:
+            direct = compile_model(rt.ir_path, CompileOptions(precision=rt.precision, num_threads=len(rt.plan.cpus)))
+        finally:
+            os.sched_setaffinity(0, before)
         for b in batches:
             x = np.random.default_rng(0).standard_normal((b, *md.input_shape())).astype(np.float32)
             rt.stats = StageStats()

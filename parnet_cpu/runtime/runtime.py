@@ -235,7 +235,6 @@ class Runtime:
         self._slots = queue.Queue()
         for i in range(self.inflight):
             self._slots.put(_Slot(i, {}, {}, self._compiled.create_infer_request()))
-        self._worker_info = {"model": {"pid": os.getpid()}}
         plan.reason += "; in this process (its CPUs are all the process may use: no hand-over)"
 
     def _start(self, plan: Plan) -> None:
@@ -272,7 +271,6 @@ class Runtime:
         self._slots: queue.Queue[_Slot] = queue.Queue()
         for i in range(self.inflight):
             self._slots.put(_Slot(i, views[i], {name: pipes[name][i][0] for name in pipes}))
-        self._worker_info = {}
         deadline = time.monotonic() + self._start_timeout
         for name in pipes:
             conn = pipes[name][0][0]
@@ -281,7 +279,6 @@ class Runtime:
             msg = conn.recv()
             if msg[0] != "ready":
                 raise RuntimeError(f"worker {name} failed to start:\n{msg[2]}")
-            self._worker_info[name] = {"pid": msg[1]}
 
     def _stop_workers(self) -> None:
         for slot in list(self._slots.queue) if hasattr(self, "_slots") else []:

@@ -111,7 +111,6 @@ def worker_main(spec: WorkerSpec, conns: list[Connection]) -> None:
     import time
 
     open_conns = list(conns)
-    batch_set: dict[tuple[int, str], int] = {}  # (slot, stage) -> batch size its request is bound to
     while open_conns:
         for conn in wait(open_conns):
             try:
@@ -130,14 +129,12 @@ def worker_main(spec: WorkerSpec, conns: list[Connection]) -> None:
                     conn.send(("threads", os.getpid(), thread_affinities()))
                     continue
                 _, slot, stage, n = msg
+                ins, outs = tensors(slot, stage, n)
                 req = requests[slot][stage]
-                if batch_set.get((slot, stage)) != n:  # (re)bind only when the batch size changes
-                    ins, outs = tensors(slot, stage, n)
-                    for i, t in enumerate(ins):
-                        req.set_input_tensor(i, t)
-                    for i, t in enumerate(outs):
-                        req.set_output_tensor(i, t)
-                    batch_set[(slot, stage)] = n
+                for i, t in enumerate(ins):
+                    req.set_input_tensor(i, t)
+                for i, t in enumerate(outs):
+                    req.set_output_tensor(i, t)
                 t0 = time.perf_counter()
                 req.infer()
                 conn.send(("done", stage, time.perf_counter() - t0))
