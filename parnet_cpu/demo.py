@@ -64,7 +64,7 @@ def run_demo(out: str | Path = "parnet-demo", test_limit: int | None = None, log
     summary: dict = {"machine_note": None}
     try:
         calib, test = prepare_fmnist(out / "data", test_limit, log)
-        model = create_model("parnet_fmnist")
+        model = create_model("parnet_fmnist", pretrained=True)
         source = {"model": "parnet_fmnist", "checkpoint": {"path": "parnet_cpu/assets/parnet_fmnist.pt (shipped)"}}
         real_data = True
     except FileNotFoundError as exc:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # sub-command name -> module that registers it (order = order in --help)
@@ -33,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="parnet-cpu",
         description="ParNet on CPU: reparameterize, quantize (OpenVINO+NNCF) and run with pinned multi-stream execution.",
     )
+    from parnet_cpu import __version__
+
+    parser.add_argument("--version", action="version", version=f"parnet-cpu {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_name in COMMANDS:
         importlib.import_module(module_name).register(sub)
@@ -50,6 +54,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _reader_went_away()
+
+
+def _reader_went_away() -> int:
+    """`parnet-cpu info --json | head`: the reader closed the pipe; stop quietly, as Unix tools do.
+    stdout is pointed at /dev/null so the interpreter's final flush cannot raise again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by a closed pipe
 
 
 if __name__ == "__main__":  # pragma: no cover

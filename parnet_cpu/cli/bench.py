@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
 
@@ -18,12 +18,42 @@ def cores_per_stream_arg(text: str):
     return value
 
 
+def newest_model_dir(where: Path = Path(".")) -> Path | None:
+    """The most recently written model folder directly under `where` (what `bench` uses without --model)."""
+    from parnet_cpu.artifacts import MANIFEST
+
+    found = [d for d in where.iterdir() if d.is_dir() and (d / MANIFEST).is_file()] if where.is_dir() else []
+    return max(found, key=lambda d: (d / MANIFEST).stat().st_mtime, default=None)
+
+
+def check_cores_feasible(sweep: list, cores, use_smt: bool) -> None:
+    """Refuse an explicit core request this machine cannot meet before any engine starts (it would
+    otherwise run every other engine for minutes and report the failure as a table row)."""
+    from parnet_cpu.runtime.cores import CoreSpecError, available_cores, plan_groups, validate_groups
+
+    if cores:
+        validate_groups(cores)
+        return
+    for cps in sweep:
+        if isinstance(cps, int):
+            try:
+                plan_groups(3, cps, use_smt)
+            except CoreSpecError as exc:
+                usable = len(available_cores(use_smt))
+                largest = (f"the largest valid --cores-per-stream here is {usable // 3}" if usable >= 3 else
+                           "multi-stream needs at least 3 cores: use --cores to give overlapping groups, or "
+                           "--engines without multistream")
+                raise CoreSpecError(f"--cores-per-stream {cps}: {exc}; {usable} usable physical cores, "
+                                    f"{largest}") from None
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from parnet_cpu.bench import ENGINES
 
     p = sub.add_parser("bench", help="benchmark the multi-stream runtime against single-graph engines",
                        description="Latency (p50/p90/p99) and throughput of every engine on the same cores.")
-    p.add_argument("--model", required=True, help="model folder (export or quantize output)")
+    p.add_argument("--model", help="model folder (export or quantize output); default: the newest one in the "
+                                   "current directory")
     p.add_argument("--cores-per-stream", type=cores_per_stream_arg, default="auto",
                    help="physical cores per stream, or auto (proportional to stream cost; default)")
     p.add_argument("--cores", help="explicit groups, one per stream, separated by ':' e.g. 0-7:8-15:16-23")
@@ -61,6 +91,18 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     cfg = BenchConfig(batches=batches, warmup=args.warmup, iters=args.iters, min_seconds=args.min_seconds,
                       engines=engines)
+    if args.model is None:
+        found = newest_model_dir()
+        if found is None:
+            raise CliError("no --model given and no model folder in the current directory; create one with "
+                           "`parnet-cpu quantize --calib DIR` or `parnet-cpu export`, or pass --model DIR")
+        print(f"bench: using {found} (the newest model folder here; --model DIR to choose)")
+        args.model = str(found)
+    try:
+        if not engines or "multistream" in engines or "auto" in engines:
+            check_cores_feasible(sweep, cores, args.use_smt)
+    except CoreSpecError as exc:
+        raise CliError(str(exc)) from None
     results = []
     try:
         for cps in sweep:
@@ -76,4 +118,8 @@ def run(args: argparse.Namespace) -> int:
         write_json(Path(args.json), results[0] if len(results) == 1 else {"sweep": results})
     if args.plot:
         plot(results, Path(args.plot))
+    failed = [r for res in results for r in res["rows"] if "error" in r]
+    if failed and len(failed) == sum(len(res["rows"]) for res in results):
+        print("parnet-cpu bench: error: every engine failed (see the table)", file=sys.stderr)
+        return 1
     return 0

@@ -102,6 +102,25 @@ MODEL_CONFIGS: dict[str, ParNetConfig] = {
 }
 # Variants whose weights ship inside the package (file names under parnet_cpu/assets/).
 SHIPPED_WEIGHTS: dict[str, str] = {"parnet_fmnist": "parnet_fmnist.pt"}
+# The authors' ImageNet checkpoints (release files of github.com/imankgoyal/NonDeepNetworks, folder
+# imagenet/models/ in their instructions): not shipped and never downloaded; pass them as `checkpoint=`.
+AUTHORS_CHECKPOINTS: dict[str, str] = {
+    "parnet_s": "planes_92_192_384_1280_num_blocks_5_6_6_1_sebv_13.pth.tar",
+    "parnet_m": "planes_128_256_512_2048_num_blocks_5_6_6_1_sebv_13.pth.tar",
+    "parnet_l": "planes_160_320_640_2560_num_blocks_5_6_6_1_sebv_13_dropout_lin.pth.tar",
+    "parnet_xl": "reg_se13_cosine_planes_200_400_800_3200_num_blocks_5_6_6_1_sebv_13_dropout_lin.pth.tar",
+}
+
+
+def no_pretrained_weights_message(name: str) -> str:
+    """Why `pretrained=True` cannot be honoured, and what to pass instead."""
+    key = name.lower().replace("-", "_")
+    if key in AUTHORS_CHECKPOINTS:
+        return (f"no weights for {name!r} ship with parnet-cpu and nothing is downloaded: get the authors' "
+                f"checkpoint {AUTHORS_CHECKPOINTS[key]} (release files of github.com/imankgoyal/NonDeepNetworks) "
+                f"and pass checkpoint=PATH (CLI: --checkpoint PATH)")
+    return (f"no pretrained weights exist for {name!r}; pass checkpoint=PATH or pretrained=False "
+            f"(shipped: {', '.join(sorted(SHIPPED_WEIGHTS))})")
 
 
 def shipped_weights(name: str):
@@ -361,15 +380,23 @@ def build_model(cfg: ParNetConfig) -> ParNet:
 
 
 def create_model(name: str | ParNetConfig, num_classes: int | None = None, checkpoint: str | None = None,
-                 pretrained: bool = True, **overrides) -> ParNet:
+                 pretrained: bool = False, **overrides) -> ParNet:
     """timm/torchvision-style builder: `create_model("parnet_s", checkpoint="parnet_s.pth.tar")`.
 
-    The model is returned in eval mode, training form. Variants with shipped weights (`parnet_fmnist`)
-    load them unless `pretrained=False` or another checkpoint is given; otherwise weights are random.
+    The model is returned in eval mode, training form, with random weights unless `checkpoint` is given
+    or `pretrained=True` (as in timm). `pretrained=True` loads the weights shipped in the package
+    (`parnet_fmnist`) and is an error for every other variant: silently random "pretrained" weights
+    would make every accuracy figure meaningless.
     """
     cfg = resolve_config(name, num_classes=num_classes, **overrides)
-    if checkpoint is None and pretrained and isinstance(name, str) and not overrides and num_classes is None:
-        checkpoint = shipped_weights(name)
+    if checkpoint is None and pretrained:
+        shipped = shipped_weights(name) if isinstance(name, str) else None
+        if shipped is None:
+            raise ValueError(no_pretrained_weights_message(name if isinstance(name, str) else "this configuration"))
+        if cfg != resolve_config(name):
+            raise ValueError(f"pretrained=True loads the shipped {name!r} weights, which fix the architecture; "
+                             f"drop the overrides {sorted(overrides) + (['num_classes'] if num_classes else [])}")
+        checkpoint = shipped
     model = build_model(cfg)
     if checkpoint is not None:
         from parnet_cpu.models.checkpoint import load_checkpoint

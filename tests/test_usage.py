@@ -1,0 +1,86 @@
+"""The project as a user types it: builder defaults, --version, closed pipes, impossible requests refused early."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from parnet_cpu.models.parnet import AUTHORS_CHECKPOINTS, create_model, shipped_weights
+
+
+def test_create_model_is_random_unless_asked_and_pretrained_never_silently_random():
+    torch.manual_seed(0)
+    a = create_model("parnet_fmnist")  # as in timm: pretrained=False by default
+    shipped = create_model("parnet_fmnist", pretrained=True)
+    ref = torch.load(shipped_weights("parnet_fmnist"), weights_only=True)
+    ref = ref.get("state_dict", ref)
+    key = next(k for k in shipped.state_dict() if k.endswith("weight"))
+    assert torch.equal(shipped.state_dict()[key], ref[key])
+    assert not torch.equal(a.state_dict()[key], ref[key])
+    for name, fname in AUTHORS_CHECKPOINTS.items():
+        with pytest.raises(ValueError, match=fname.replace(".", r"\.")):
+            create_model(name, pretrained=True)
+    for override in (dict(num_classes=3), dict(activation="relu")):
+        with pytest.raises(ValueError, match="fix the architecture"):
+            create_model("parnet_fmnist", pretrained=True, **override)
+
+
+def test_version_flag():
+    from parnet_cpu import __version__
+
+    out = subprocess.run([sys.executable, "-m", "parnet_cpu", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == f"parnet-cpu {__version__}"
+
+
+def test_closed_pipe_is_not_a_traceback():
+    # `parnet-cpu info --json | head -1`: the reader goes away early
+    proc = subprocess.Popen(f"{sys.executable} -m parnet_cpu info --json | true",
+                            shell=True, stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate(timeout=120)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+@pytest.fixture(scope="module")
+def workdir_with_model(tmp_path_factory):
+    """An otherwise empty working directory holding one model folder written by this tool."""
+    from conftest import NARROW
+    from parnet_cpu.export import export_model_dir
+
+    torch.manual_seed(0)
+    cwd = tmp_path_factory.mktemp("usage")
+    export_model_dir(create_model("parnet_s", **NARROW), cwd / "parnet_s-int8")
+    return cwd
+
+
+def _cli(args, cwd, timeout=120):
+    return subprocess.run([sys.executable, "-m", "parnet_cpu", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": os.getcwd()})
+
+
+def test_bench_cores_per_stream_8_is_refused_before_any_work(workdir_with_model):
+    import time
+
+    usable = len(os.sched_getaffinity(0))
+    cps = 8 if usable < 24 else usable  # the usage line's request, or one that is impossible here too
+    t0 = time.monotonic()
+    out = _cli(["bench", "--cores-per-stream", str(cps)], workdir_with_model)
+    assert out.returncode == 2, out.stderr
+    assert time.monotonic() - t0 < 60
+    assert f"--cores-per-stream {cps}" in out.stderr and "usable physical cores" in out.stderr
+    assert "using parnet_s-int8" in out.stdout  # found the model folder by itself
+    assert "ov-latency" not in out.stdout  # no engine ran
+
+
+def test_bench_without_model_folder_says_what_to_run(tmp_path):
+    out = _cli(["bench"], tmp_path)
+    assert out.returncode == 2 and "parnet-cpu quantize" in out.stderr, out.stderr
+
+
+def test_bench_exits_nonzero_when_every_engine_failed(workdir_with_model):
+    # no torch INT8 program in the folder: the only requested engine fails
+    out = _cli(["bench", "--engines", "torch-int8", "--batches", "1", "--iters", "1", "--warmup", "0",
+                "--min-seconds", "0"], workdir_with_model)
+    assert out.returncode == 1 and "every engine failed" in out.stderr, (out.stdout, out.stderr)
