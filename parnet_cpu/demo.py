@@ -15,7 +15,7 @@ from pathlib import Path
 
 from parnet_cpu.artifacts import write_json
 
-REPO_SAMPLE = Path(__file__).resolve().parents[1] / "calibration" / "sample"
+REPO_SAMPLE = Path(__file__).resolve().parent / "assets" / "calibration_sample"  # package data
 
 
 def stream_groups_for_this_machine() -> tuple[list[list[int]] | None, str]:

@@ -11,4 +11,4 @@ if command -v apt-get >/dev/null && ! dpkg -s dataset-fashion-mnist >/dev/null 2
   fi
 fi
 python3 -m pip install -q torch==2.13.0
-python3 -m pip install -q -e '.[test]'
+python3 -m pip install -q -e '.[full,test]'

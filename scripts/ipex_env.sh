@@ -10,7 +10,7 @@ VENV="${1:-.venv-ipex}"
 start=$(date +%s)
 { [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"; } \
   && "$VENV/bin/pip" install -q --disable-pip-version-check torch==2.8.0 intel-extension-for-pytorch==2.8.0 intel-openmp \
-  && "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[test]' \
+  && "$VENV/bin/pip" install -q --disable-pip-version-check -e '.[full,test]' \
   || { echo "ipex_env: could not install the IPEX environment in $VENV" >&2; exit 90; }
 echo "ipex_env: environment ready in $(( $(date +%s) - start )) s, $(du -sh "$VENV" | cut -f1)"
 export LD_PRELOAD="$(cd "$VENV" && pwd)/lib/libiomp5.so"

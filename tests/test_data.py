@@ -49,7 +49,7 @@ SEA_SNAKE = "n01751748"  # devkit ILSVRC2012_ID 490, sorted-synset index 65
 # ----------------------------------------------------------------------------- shipped assets
 
 def test_calibration_sample_shipped():
-    assert bundled_calibration_dir() == SAMPLE_DIR
+    assert bundled_calibration_dir() == SAMPLE_DIR.resolve()
     assert 20 <= len(PHOTOS) <= 30
     assert sum(p.stat().st_size for p in PHOTOS) < 2 * 1024 * 1024
     modes = set()

@@ -64,11 +64,13 @@ __all__ = [
     "is_image_file",
     "list_images",
     "load_devkit_mapping",
+    "match_model_classes",
     "split_calibration_holdout",
     "synset_to_index",
 ]
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+# File names listed as images; whether a file is one is decided on its decoded format (preprocess.IMAGE_FORMATS).
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
 LAYOUTS: tuple[str, ...] = (
     "class_folders", "devkit_ground_truth", "caffe_val_txt", "kaggle_loc_csv",
     "imagenet_val_filenames", "unlabelled",
@@ -144,8 +146,9 @@ def imagenet_val_labels() -> np.ndarray:
 
 
 def bundled_calibration_dir() -> Path | None:
-    """``calibration/sample`` of a source checkout (24 freely licensed photos), if present."""
-    p = Path(__file__).resolve().parents[2] / "calibration" / "sample"
+    """The 24 freely licensed photos shipped as package data (``calibration/sample`` in a checkout
+    links to them), so an installed wheel can calibrate and run the demo without any dataset."""
+    p = Path(__file__).resolve().parents[1] / "assets" / "calibration_sample"
     return p if p.is_dir() else None
 
 
@@ -158,18 +161,78 @@ def is_image_file(path: str | os.PathLike[str]) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def list_images(folder: str | os.PathLike[str], recursive: bool = False) -> list[Path]:
-    """Image files (by extension, hidden files skipped) under ``folder``, sorted by relative path."""
+def _dir_key(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """(device, inode) of a directory, following links; None if it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _skip_reason(entry: os.DirEntry) -> str:
+    if entry.name.startswith("."):
+        return "hidden"
+    try:
+        if entry.is_file():
+            return f"not an image file name (images: {', '.join(sorted(IMAGE_EXTENSIONS))})"
+    except OSError:
+        pass
+    return "broken link or not a regular file"
+
+
+def list_images(folder: str | os.PathLike[str], recursive: bool = False, *,
+                skipped: list[tuple[str, str]] | None = None,
+                visited: set[tuple[int, int]] | None = None) -> list[Path]:
+    """Image files (by extension, hidden files skipped) under ``folder``, sorted by relative path.
+
+    The recursive walk follows symbolic links but enters each directory once, by (device, inode): a link
+    loop neither repeats images nor recurses forever. ``visited`` seeds the directories counted as read
+    already (e.g. the other class folders, so a link to one is not read twice). Every entry not taken is
+    appended to ``skipped`` as ``(path, reason)``."""
     folder = Path(folder)
+    skip = skipped if skipped is not None else []
     out: list[Path] = []
-    if recursive:
-        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            out.extend(Path(dirpath, f) for f in filenames if is_image_file(f))
-        out.sort(key=lambda p: p.relative_to(folder).as_posix())
-    else:
+    if not recursive:
         with os.scandir(folder) as it:
-            out = sorted((Path(e.path) for e in it if is_image_file(e.name) and e.is_file()), key=lambda p: p.name)
+            for e in sorted(it, key=lambda e: e.name):
+                if is_image_file(e.name) and e.is_file():
+                    out.append(Path(e.path))
+                elif not e.is_dir():
+                    skip.append((e.path, _skip_reason(e)))
+        return out
+    seen = set(visited or ())
+    key = _dir_key(folder)
+    if key is not None:
+        seen.add(key)
+    stack = [folder]
+    while stack:
+        d = stack.pop()
+        try:
+            with os.scandir(d) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            skip.append((str(d), f"cannot list folder: {exc.strerror or exc}"))
+            continue
+        subdirs: list[Path] = []
+        for e in entries:
+            if e.name.startswith("."):
+                skip.append((e.path, "hidden"))
+            elif e.is_dir():
+                key = _dir_key(e.path)
+                if key in seen:
+                    skip.append((e.path, "folder already read (symbolic link loop or second link to it)"))
+                elif key is None:
+                    skip.append((e.path, "cannot read folder"))
+                else:
+                    seen.add(key)
+                    subdirs.append(Path(e.path))
+            elif is_image_file(e.name) and e.is_file():
+                out.append(Path(e.path))
+            else:
+                skip.append((e.path, _skip_reason(e)))
+        stack.extend(reversed(subdirs))
+    out.sort(key=lambda p: p.relative_to(folder).as_posix())
     return out
 
 
@@ -195,6 +258,8 @@ class Dataset:
     missing_images: int = 0                       # label entries whose image is absent
     missing_examples: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    label_mapping: dict[str, int] | None = None   # class folder name -> label index used
+    skipped_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) not read as images
 
     @property
     def has_labels(self) -> bool:
@@ -221,7 +286,9 @@ class Dataset:
 
     def with_samples(self, samples: Sequence[tuple[Path, int | None]]) -> "Dataset":
         return replace(self, samples=list(samples), unlabelled_images=list(self.unlabelled_images),
-                       missing_examples=list(self.missing_examples), notes=list(self.notes))
+                       missing_examples=list(self.missing_examples), notes=list(self.notes),
+                       label_mapping=None if self.label_mapping is None else dict(self.label_mapping),
+                       skipped_files=list(self.skipped_files))
 
     def split(self, calib_size: int, seed: int = 0) -> tuple["Dataset", "Dataset"]:
         """Deterministic disjoint (calibration, held-out) split; see :func:`split_calibration_holdout`."""
@@ -295,6 +362,10 @@ def _find_file(folder: Path, name: str) -> Path | None:
     return None
 
 
+LABEL_FILE_NAMES = frozenset(n.lower() for n in (KAGGLE_CSV_NAME, DEVKIT_GT_NAME, DEVKIT_MAP_NAME, CAFFE_VAL_NAME,
+                                                 CLASSES_TXT_NAME))
+
+
 def detect_layout(root: str | os.PathLike[str], label_file: str | os.PathLike[str] | None = None) -> Dataset:
     """Inspect ``root`` and return a :class:`Dataset` (see the module docstring for the layouts).
 
@@ -302,7 +373,24 @@ def detect_layout(root: str | os.PathLike[str], label_file: str | os.PathLike[st
     ``*.csv`` -> Kaggle, ``*ground_truth*`` -> devkit, other text -> Caffe ``val.txt``); use it when
     the label file lives elsewhere (e.g. the Kaggle CSV four levels above ``CLS-LOC/val``).
     Priority when several label files sit in ``root``: Kaggle CSV > devkit > ``val.txt``.
-    """
+
+    Every file or folder not read as an image is listed in ``Dataset.skipped_files`` with its reason
+    (warned, unless all are hidden); label files are not listed."""
+    skipped: list[tuple[str, str]] = []
+    ds = _detect_layout(root, label_file, skipped)
+    used = {ds.label_file.name.lower()} if ds.label_file is not None else set()
+    ds.skipped_files = [(p, why) for p, why in skipped
+                        if not (Path(p).parent == ds.root and Path(p).name.lower() in LABEL_FILE_NAMES | used)]
+    shown = [(p, why) for p, why in ds.skipped_files if why != "hidden"]
+    if shown:
+        _warn(ds.notes, f"{ds.root}: {len(shown)} files or folders not read as images (first: {shown[0][0]}: "
+                        f"{shown[0][1]}); all are listed in skipped_files")
+    return ds
+
+
+def _detect_layout(root: str | os.PathLike[str], label_file: str | os.PathLike[str] | None,
+                   skipped: list[tuple[str, str]]) -> Dataset:
+    """detect_layout without the skipped-file bookkeeping."""
     root = Path(root).expanduser()
     if not root.exists():
         raise DatasetError(f"dataset folder not found: {root}")
@@ -316,7 +404,19 @@ def detect_layout(root: str | os.PathLike[str], label_file: str | os.PathLike[st
     if not visible:
         raise DatasetError(f"dataset folder is empty: {root}")
     flat_images = [Path(e.path) for e in visible if is_image_file(e.name) and e.is_file()]
-    subdirs = [Path(e.path) for e in visible if e.is_dir()]
+    skipped.extend((e.path, _skip_reason(e)) for e in entries
+                   if e.name.startswith(".") or not (e.is_dir() or is_image_file(e.name) and e.is_file()))
+    seen = {_dir_key(root)}
+    subdirs = []  # each folder once: a link to the root or to another class folder is not a class
+    for e in visible:
+        if e.is_dir():
+            key = _dir_key(e.path)
+            if key is None or key in seen:
+                skipped.append((e.path, "folder already read (symbolic link loop or second link to it)"
+                                if key else "cannot read folder"))
+            else:
+                seen.add(key)
+                subdirs.append(Path(e.path))
 
     if label_file is not None:
         lf = Path(label_file).expanduser()
@@ -337,7 +437,8 @@ def detect_layout(root: str | os.PathLike[str], label_file: str | os.PathLike[st
                 ds.notes.append(f"{p.name} ignored ({found[0][1].name} takes precedence)")
             return ds
 
-    class_dirs = [(d, list_images(d, recursive=True)) for d in subdirs]
+    seen.discard(None)
+    class_dirs = [(d, list_images(d, recursive=True, skipped=skipped, visited=seen)) for d in subdirs]
     class_dirs_with_images = [(d, imgs) for d, imgs in class_dirs if imgs]
     if class_dirs_with_images:
         return _class_folders(root, class_dirs, flat_images)
@@ -389,7 +490,7 @@ def _class_folders(root: Path, class_dirs: list[tuple[Path, list[Path]]], flat_i
             classes = _read_classes_txt(classes_txt)
             label_file: Path | None = classes_txt
         else:
-            classes = tuple(sorted(d.name for d, _ in with_images))
+            classes = tuple(sorted(d.name for d, _ in class_dirs))  # empty ones too: they keep their index
             label_file = None
         idx = {c: i for i, c in enumerate(classes)}
         for d, imgs in with_images:
@@ -400,8 +501,13 @@ def _class_folders(root: Path, class_dirs: list[tuple[Path, list[Path]]], flat_i
                 _warn(notes, f"{d}: folder not listed in {classes_txt}; its {len(imgs)} images are ignored")
         ds = Dataset(root=root, layout="class_folders", samples=samples, classes=classes, class_names=classes,
                      label_space="folders", label_file=label_file, notes=notes)
+    ds.label_mapping = {c: i for i, c in enumerate(ds.classes)} if not n_syn else \
+        {d.name: s2i[d.name] for d, _ in class_dirs if d.name in s2i}
     empty = [d.name for d, imgs in class_dirs if not imgs]
-    if empty:
+    if empty and not n_syn:
+        _warn(notes, f"{len(empty)} class folders hold no images and keep their label index: {', '.join(empty[:5])}"
+                     + (" ..." if len(empty) > 5 else ""))
+    elif empty:
         notes.append(f"{len(empty)} sub-folders without images ignored: {', '.join(empty[:5])}"
                      + (" ..." if len(empty) > 5 else ""))
     if flat_images:
@@ -411,6 +517,34 @@ def _class_folders(root: Path, class_dirs: list[tuple[Path, list[Path]]], flat_i
     if not samples:
         raise DatasetError(f"no labelled images in {root}: none of its image sub-folders is a known class")
     return ds
+
+
+def match_model_classes(ds: Dataset, class_names: Sequence[str] | None) -> Dataset:
+    """Labels in the model's class order when the class folders are named by class name.
+
+    Folder labels otherwise follow the sorted folder names (or classes.txt), which need not be the order
+    the model predicts in. When any folder name is one of the model's class names, every folder must be
+    one (else :class:`DatasetError` listing the others) and takes the model's index for its name."""
+    if ds.label_space != "folders" or not class_names or not ds.label_mapping:
+        return ds
+    index = {name: i for i, name in enumerate(class_names)}
+    folders = list(ds.label_mapping)
+    matched = [f for f in folders if f in index]
+    if not matched:
+        ds.notes.append("class folder names are not the model's class names: labels are the folders' positions "
+                        + ("in classes.txt" if ds.label_file is not None else "in sorted order"))
+        return ds
+    unknown = [f for f in folders if f not in index]
+    if unknown:
+        names = ", ".join(repr(n) for n in class_names[:30]) + (", ..." if len(class_names) > 30 else "")
+        raise DatasetError(f"{ds.root}: class folders {unknown[:20]} are not among the model's class names "
+                           f"({names}), while {matched[:5]} are; rename the folders to the model's class names")
+    remap = {ds.label_mapping[f]: index[f] for f in folders}
+    out = ds.with_samples([(p, None if lab is None else remap[lab]) for p, lab in ds.samples])
+    out.classes = out.class_names = tuple(class_names)
+    out.label_mapping = {f: index[f] for f in folders}
+    out.notes.append("class folders matched to the model's class names")
+    return out
 
 
 def _read_classes_txt(path: Path) -> tuple[str, ...]:
