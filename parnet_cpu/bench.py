@@ -292,29 +292,49 @@ def cores_per_stream_of(result: dict) -> float:
     return result["threads"] / 3
 
 
+def _bar_label(res: dict, row: dict, sweeping: bool) -> str:
+    label = f"{row['engine']} {row['precision']}"
+    if sweeping and row["engine"] in ("multistream", "auto"):
+        label += f" ({cores_per_stream_of(res):g}/stream)"
+    return label
+
+
 def plot(results: list[dict], path: Path) -> None:
-    """Median latency and throughput per engine against cores per stream, first batch size."""
+    """Bar chart a person can read at a glance: median latency and throughput of every engine, one
+    group of bars per batch size, values printed on the bars, the CPU and model in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    batch = results[0]["settings"]["batches"][0]
-    fig, (ax_lat, ax_thr) = plt.subplots(1, 2, figsize=(11, 4))
-    for engine in sorted({r["engine"] for res in results for r in res["rows"]}):
-        points = [(cores_per_stream_of(res), r["median_ms"], r["throughput_ips"]) for res in results
-                  for r in res["rows"] if r["engine"] == engine and r["batch"] == batch and "error" not in r]
-        if points:
-            xs, lat, thr = zip(*sorted(points))
-            ax_lat.plot(xs, lat, marker="o", label=engine)
-            ax_thr.plot(xs, thr, marker="o", label=engine)
-    ax_lat.set(title=f"median latency, batch {batch}", ylabel="ms (log)", yscale="log")
-    ax_thr.set(title=f"throughput, batch {batch}", ylabel="images/s")
-    for ax in (ax_lat, ax_thr):
-        ax.set_xlabel("cores per stream")
-        ax.grid(alpha=0.3)
+    sweeping = len(results) > 1
+    batches = results[0]["settings"]["batches"]
+    labels: list[str] = []
+    values: dict[tuple[str, int], tuple[float, float]] = {}
+    for res in results:
+        for r in res["rows"]:
+            if "error" in r:
+                continue
+            label = _bar_label(res, r, sweeping)
+            if label not in labels:
+                labels.append(label)
+            values[(label, r["batch"])] = (r["median_ms"], r["throughput_ips"])
+    fig, axes = plt.subplots(1, 2, figsize=(max(9.0, 1.4 * len(labels) * len(batches)), 4.6))
+    width = 0.8 / max(1, len(batches))
+    for ax, idx, title, unit in ((axes[0], 0, "median latency (lower is better)", "ms"),
+                                 (axes[1], 1, "throughput (higher is better)", "images/s")):
+        for j, b in enumerate(batches):
+            xs = [i + (j - (len(batches) - 1) / 2) * width for i in range(len(labels))]
+            ys = [values.get((lab, b), (float("nan"), float("nan")))[idx] for lab in labels]
+            bars = ax.bar(xs, ys, width, label=f"batch {b}")
+            ax.bar_label(bars, labels=[f"{y:.3g}" if y == y else "" for y in ys], fontsize=7, padding=1)
+        ax.set_xticks(range(len(labels)), labels, rotation=25, ha="right", fontsize=8)
+        ax.set(title=title, ylabel=unit)
+        ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{results[0]['machine']['cpu']} - {Path(results[0]['model']).name} ({results[0]['precision']})")
+    first = results[0]
+    fig.suptitle(f"{Path(first['model']).name} ({first['precision']}) on {first['machine']['cpu']} "
+                 f"({first['machine']['isa_level']}), CPUs {first['cpus']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
