@@ -1,5 +1,15 @@
 """parnet-cpu: ParNet on CPU servers.
 
+Public API (everything in `__all__`)::
+
+    model = create_model("parnet_s", checkpoint="planes_92_...pth.tar")   # timm-style builder
+    deploy = reparameterize(model)                                        # exact training -> deploy fusion
+    export(model, "parnet_s-fp32/")                                       # model folder: FP32 IR
+    report = quantize(model, "imagenet_val/", "parnet_s-int8/")           # INT8 PTQ with OpenVINO + NNCF
+    with Runtime("parnet_s-int8/") as rt:                                 # pinned multi-stream runtime
+        images, paths = load_images("photos/", "parnet_s-int8/")
+        logits = rt.infer(images)
+
 Importing this package is cheap and torch-free; the torch side (models, reparameterization, export,
 quantization) loads on first use, so a serving install without torch can still use the runtime.
 """
@@ -19,6 +29,10 @@ _LAZY = {
     "load_checkpoint": "parnet_cpu.models.checkpoint",
     "reparameterize": "parnet_cpu.reparam.fuse",
     "Runtime": "parnet_cpu.runtime.runtime",
+    "export": "parnet_cpu.api",
+    "quantize": "parnet_cpu.api",
+    "load_images": "parnet_cpu.api",
+    "QuantizeOptions": "parnet_cpu.quantization.ptq",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]
@@ -30,3 +44,7 @@ def __getattr__(name: str):
         globals()[name] = value
         return value
     raise AttributeError(f"module 'parnet_cpu' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

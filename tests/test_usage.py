@@ -84,3 +84,37 @@ def test_bench_exits_nonzero_when_every_engine_failed(workdir_with_model):
     out = _cli(["bench", "--engines", "torch-int8", "--batches", "1", "--iters", "1", "--warmup", "0",
                 "--min-seconds", "0"], workdir_with_model)
     assert out.returncode == 1 and "every engine failed" in out.stderr, (out.stdout, out.stderr)
+
+
+def test_python_api_quantize_then_runtime_on_a_folder_of_images(tmp_path):
+    import json
+
+    import numpy as np
+
+    import parnet_cpu
+    from conftest import NARROW, randomize_bn
+
+    assert {"create_model", "export", "quantize", "load_images", "Runtime", "reparameterize"} <= set(dir(parnet_cpu))
+    torch.manual_seed(0)
+    model = create_model("parnet_s", **NARROW)
+    randomize_bn(model)
+    from parnet_cpu.data import bundled_calibration_dir
+
+    calib = bundled_calibration_dir()
+    with pytest.raises(TypeError, match="subset_size"):
+        parnet_cpu.quantize(model, calib, tmp_path / "bad", subset_sise=10)
+    report = parnet_cpu.quantize(model, calib, tmp_path / "int8", subset_size=16, eval_limit=8)
+    written = json.loads((tmp_path / "int8" / "report.json").read_text())
+    assert set(report) == set(written) and report["calibration"]["images"] == written["calibration"]["images"] == 16
+    assert (tmp_path / "int8" / "model_int8.xml").is_file()
+
+    images, paths = parnet_cpu.load_images(calib, tmp_path / "int8")
+    assert images.shape == (len(paths), 3, 64, 64) and len(paths) == 24 and paths == sorted(paths)
+    single, _ = parnet_cpu.load_images(paths[3], tmp_path / "int8")
+    np.testing.assert_array_equal(single[0], images[3])
+    with parnet_cpu.Runtime(tmp_path / "int8", plan="single", max_batch=8) as rt:
+        logits = np.concatenate([rt.infer(images[i:i + 8]) for i in range(0, len(images), 8)])
+        np.testing.assert_array_equal(rt.infer(single), logits[3:4])
+    assert logits.shape == (24, 1000) and np.isfinite(logits).all()
+    with pytest.raises(FileNotFoundError, match="nope.jpg"):
+        parnet_cpu.load_images([tmp_path / "nope.jpg"], tmp_path / "int8")
