@@ -15,5 +15,5 @@ pip="$work/full-venv/bin/pip"
 "$pip" install -q --disable-pip-version-check "$wheel[full]"
 mkdir -p "$work/empty" && cd "$work/empty"
 "$work/full-venv/bin/parnet-cpu" --version
-"$work/full-venv/bin/parnet-cpu" demo --test-limit 1000
+"$work/full-venv/bin/parnet-cpu" demo --test-limit 1000 --quick
 echo "check_wheel: demo ran from the wheel; full venv $(du -sh "$work/full-venv" | cut -f1)"
