@@ -152,6 +152,36 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.view(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
 
 
+def bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BN as y = x*scale + shift."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return scale, bn.bias - bn.running_mean * scale
+
+
+def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of the single conv equal to bn(conv(x))."""
+    scale, shift = bn_scale_shift(bn)
+    return conv.weight * scale.view(-1, 1, 1, 1), shift
+
+
+def pointwise_as_3x3(weight_1x1: torch.Tensor, stride: int) -> torch.Tensor:
+    """Embed a 1x1 kernel (optionally preceded by a 2x2/stride-2 average pool) in a 3x3 kernel."""
+    out = torch.zeros(*weight_1x1.shape[:2], 3, 3, dtype=weight_1x1.dtype)
+    if stride == 1:
+        out[:, :, 1, 1] = weight_1x1[:, :, 0, 0]
+    else:  # window of a stride-2, pad-1 3x3 conv at output i covers input rows 2i-1..2i+1; the pool covers 2i..2i+1
+        out[:, :, 1:3, 1:3] = weight_1x1 / 4.0
+    return out
+
+
+def affine_from_bn(bn: nn.BatchNorm2d) -> "ChannelAffine":
+    affine = ChannelAffine(bn.num_features)
+    scale, shift = bn_scale_shift(bn)
+    affine.scale.data.copy_(scale)
+    affine.shift.data.copy_(shift)
+    return affine
+
+
 class SEGate(nn.Module):
     """sigmoid(conv1x1(global_avg_pool(t))), times 2 for blocks without an identity branch."""
 
@@ -194,10 +224,19 @@ class ParNetBlock(nn.Module):
 
     @torch.no_grad()
     def reparameterize(self) -> "ParNetBlockDeploy":
-        """Fold the branches into one 3x3 conv with bias (exact in fp32 up to rounding)."""
-        from parnet_cpu.reparam.fuse import fuse_block
-
-        return fuse_block(self)
+        """Deploy form (the block itself is not modified): every conv+BN folded, the 1x1 branch (after
+        the 2x2 pool when strided) folded into the 3x3 kernel, the identity BN reduced to scale+shift.
+        Exact in real arithmetic; fp32 rounding only."""
+        fused = ParNetBlockDeploy(self.in_ch, self.out_ch, self.stride, self.groups, self.activation,
+                                  has_identity=self.identity_bn is not None)
+        w3, b3 = fuse_conv_bn(self.dense.conv, self.dense.bn)
+        w1, b1 = fuse_conv_bn(self.pointwise.conv, self.pointwise.bn)
+        fused.conv.weight.copy_(w3 + pointwise_as_3x3(w1, self.stride))
+        fused.conv.bias.copy_(b3 + b1)
+        if self.identity_bn is not None:
+            fused.identity = affine_from_bn(self.identity_bn)
+        fused.se.conv.weight.copy_(self.se.conv.weight)
+        return fused.train(self.training)
 
 
 class ParNetBlockDeploy(nn.Module):
@@ -245,6 +284,12 @@ class DualBN(nn.Module):
 
     def forward(self, pair: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.b1(pair[0]), self.b2(pair[1])
+
+    @torch.no_grad()
+    def reparameterize(self) -> "DualAffine":
+        dual = DualAffine(self.b1.num_features)
+        dual.b1, dual.b2 = affine_from_bn(self.b1), affine_from_bn(self.b2)
+        return dual.train(self.training)
 
 
 class DualAffine(nn.Module):
