@@ -1,41 +1,233 @@
-"""Core groups for the multi-stream runtime: sizing, validation and a per-process claim registry.
+"""Core groups for the multi-stream runtime: sizing, validation and a machine-wide core lease.
 
 Groups are made of physical cores (first SMT sibling only unless `use_smt`), NUMA node by node,
 efficiency cores excluded, and never more than the cgroup CPU quota allows (all via
-`parnet_cpu.system.cpuinfo.usable_physical_cores`). Two runtimes in one process get disjoint cores or
-a clear error: models sharing cores is the most common cause of collapsed CPU latency.
+`parnet_cpu.system.cpuinfo.usable_physical_cores`). Runtimes anywhere on the machine (this process or
+another) get disjoint cores or a clear error naming the holder: models sharing cores is the most common
+cause of collapsed CPU latency. The lease is one `flock`-ed file per logical CPU (see `lease_dir`): the
+kernel drops a lock when its holder exits, however it exits, so a crashed process never leaves a stale
+claim behind.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
+import json
+import os
+import sys
+import tempfile
 import threading
-from typing import Sequence
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
 
 from parnet_cpu.system.cpuinfo import describe_machine, format_cpu_list, parse_cpu_list, usable_physical_cores
+
+LEASE_DIR_ENV = "PARNET_CPU_LEASE_DIR"  # override (tests give each session its own namespace)
+_REGISTRY = ".registry.lock"
+_REGISTRY_TIMEOUT_S = 60.0
 
 
 class CoreSpecError(ValueError):
     """A core request that cannot be satisfied; the message says what is available."""
 
 
-_claimed: set[int] = set()
-_claim_lock = threading.Lock()
+class CoreShareWarning(UserWarning):
+    """A Runtime was allowed (`share=True`) onto CPUs another Runtime holds: both will run slower."""
 
 
-def available_cores(use_smt: bool = False, info=None) -> list[list[int]]:
-    """Usable physical cores (each a list of logical CPUs) not claimed by another Runtime here."""
+def lease_dir() -> Path:
+    """Where the per-CPU lease files live: $PARNET_CPU_LEASE_DIR, else /dev/shm/parnet-cpu-leases (memory,
+    shared by every user of the machine), else $XDG_RUNTIME_DIR/parnet-cpu-leases, else the temp folder.
+    Only processes that see the same folder coordinate (containers with private /dev/shm do not)."""
+    if os.environ.get(LEASE_DIR_ENV):
+        d = Path(os.environ[LEASE_DIR_ENV])
+    elif os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        d = Path("/dev/shm/parnet-cpu-leases")
+    elif os.environ.get("XDG_RUNTIME_DIR"):
+        d = Path(os.environ["XDG_RUNTIME_DIR"]) / "parnet-cpu-leases"
+    else:
+        d = Path(tempfile.gettempdir()) / "parnet-cpu-leases"
+    if not d.is_dir():
+        d.mkdir(parents=True, exist_ok=True)
+        try:
+            os.chmod(d, 0o1777)  # every user's runtimes coordinate; sticky: nobody deletes another's file
+        except OSError:
+            pass
+    return d
+
+
+def _open_lock_file(path: Path) -> int:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:  # another user's file: locking needs no write access
+        return os.open(path, os.O_RDONLY)
+    try:
+        os.fchmod(fd, 0o666)
+    except OSError:
+        pass
+    return fd
+
+
+_registry_lock = threading.RLock()
+_registry_depth = 0
+_registry_fd: int | None = None
+
+
+@contextmanager
+def lease_transaction() -> Iterator[None]:
+    """Serialise "look for free cores, plan, claim them" machine-wide, so two runtimes starting at the
+    same moment do not both plan on the same free cores. Re-entrant within a process."""
+    global _registry_depth, _registry_fd
+    with _registry_lock:
+        if _registry_depth == 0:
+            fd = _open_lock_file(lease_dir() / _REGISTRY)
+            deadline = time.monotonic() + _REGISTRY_TIMEOUT_S
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        os.close(fd)
+                        raise CoreSpecError(f"the core lease registry {lease_dir() / _REGISTRY} stayed locked for "
+                                            f"{_REGISTRY_TIMEOUT_S:.0f} s (a stopped process?)") from None
+                    time.sleep(0.01)
+            _registry_fd = fd
+        _registry_depth += 1
+        try:
+            yield
+        finally:
+            _registry_depth -= 1
+            if _registry_depth == 0 and _registry_fd is not None:
+                fcntl.flock(_registry_fd, fcntl.LOCK_UN)
+                os.close(_registry_fd)
+                _registry_fd = None
+
+
+def _cpu_file(cpu: int) -> Path:
+    return lease_dir() / f"cpu{cpu}.lock"
+
+
+def _holder(cpu: int) -> dict:
+    """What the last holder of `cpu` wrote about itself (pid, command, since); {} if unknown."""
+    try:
+        return json.loads(_cpu_file(cpu).read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _is_held(cpu: int) -> bool:
+    """Whether any process (this one included) holds a lease on `cpu` right now."""
+    path = _cpu_file(cpu)
+    if not path.exists():
+        return False
+    fd = _open_lock_file(path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's lock
+    return False
+
+
+@dataclass(frozen=True)
+class LeaseInfo:
+    cpu: int
+    pid: int | None
+    mode: str  # "exclusive" | "shared"
+    since: str
+    command: str
+
+
+def current_leases(cpus: Sequence[int] | None = None) -> list[LeaseInfo]:
+    """Leases held right now (live locks only: a dead holder's file is just a file)."""
+    if cpus is None:
+        cpus = sorted(int(p.stem[3:]) for p in lease_dir().glob("cpu*.lock") if p.stem[3:].isdigit())
+    out = []
+    for cpu in cpus:
+        if _is_held(cpu):
+            h = _holder(cpu)
+            out.append(LeaseInfo(cpu, h.get("pid"), h.get("mode", "exclusive"), h.get("since", "?"),
+                                 h.get("command", "?")))
+    return out
+
+
+def _describe_holders(leases: Sequence[LeaseInfo]) -> str:
+    by_pid: dict = {}
+    for lease in leases:
+        by_pid.setdefault((lease.pid, lease.command), []).append(lease.cpu)
+    return "; ".join(f"CPUs {format_cpu_list(c)} by pid {pid if pid is not None else '?'} ({cmd})"
+                     for (pid, cmd), c in by_pid.items())
+
+
+def available_cores(use_smt: bool = False, info=None, share: bool = False) -> list[list[int]]:
+    """Usable physical cores (each a list of logical CPUs) that no Runtime on this machine holds
+    (with `share`: all usable cores, held or not)."""
     info = info or describe_machine(query_openvino=False)
-    with _claim_lock:
-        cores = [c for c in usable_physical_cores(info, use_smt=use_smt) if not set(c) & _claimed]
-    return cores
+    cores = usable_physical_cores(info, use_smt=use_smt)
+    if share:
+        return cores
+    with lease_transaction():
+        return [c for c in cores if not any(_is_held(x) for x in c)]
 
 
 def no_free_cores_message() -> str:
     info = describe_machine(query_openvino=False)
-    with _claim_lock:
-        claimed = sorted(_claimed)
+    held = current_leases(info.usable_cpus)
     return (f"no free core for this runtime: this process may use CPUs {format_cpu_list(info.usable_cpus)}"
-            + (f", and {format_cpu_list(claimed)} are already used by another Runtime in this process"
-               if claimed else ""))
+            + (f", and they are already used by another Runtime ({_describe_holders(held)})" if held else "")
+            + "; close that Runtime, give this one other cores, or opt in to sharing (share=True, "
+              "--share-cores: both run slower)")
+
+
+QUIET_LOAD = 0.25  # other work above a quarter of a CPU on a measured CPU makes a measurement unreliable
+
+
+def _proc_stat_cpus() -> dict[int, tuple[int, int]]:
+    """Per CPU (busy, total) jiffies from /proc/stat."""
+    out = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu") and line[3:4].isdigit():
+                name, *vals = line.split()
+                v = [int(x) for x in vals]
+                idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
+                out[int(name[3:])] = (sum(v[:8]) - idle, sum(v[:8]))
+    return out
+
+
+def other_load(cpus: Sequence[int], seconds: float = 0.2) -> dict[int, float]:
+    """Busy fraction of each CPU over `seconds` while this process sleeps: what other work costs there
+    (0 = quiet, 1 = a full CPU busy). Read from /proc/stat; an unreadable file counts as quiet."""
+    try:
+        a = _proc_stat_cpus()
+        time.sleep(seconds)
+        b = _proc_stat_cpus()
+    except OSError:
+        return {}
+    out = {}
+    for c in cpus:
+        if c in a and c in b and b[c][1] > a[c][1]:
+            out[c] = (b[c][0] - a[c][0]) / (b[c][1] - a[c][1])
+    return out
+
+
+def wait_for_quiet(cpus: Sequence[int], tries: int = 3, pause: float = 0.5) -> dict[int, float]:
+    """Load of `cpus` once it is below QUIET_LOAD, or the last reading after `tries` (the caller decides
+    not to keep a measurement taken under it)."""
+    load: dict[int, float] = {}
+    for i in range(tries):
+        load = other_load(cpus)
+        if max(load.values(), default=0.0) <= QUIET_LOAD:
+            break
+        if i + 1 < tries:
+            time.sleep(pause)
+    return load
 
 
 def parse_groups(spec: str) -> list[list[int]]:
@@ -51,12 +243,12 @@ def parse_groups(spec: str) -> list[list[int]]:
 
 
 def plan_groups(n_groups: int, cores_per_group: Sequence[int] | int, use_smt: bool = False,
-                info=None) -> list[list[int]]:
+                info=None, share: bool = False) -> list[list[int]]:
     """Consecutive physical cores (NUMA-ordered) for each group: `cores_per_group` cores each."""
     sizes = [cores_per_group] * n_groups if isinstance(cores_per_group, int) else list(cores_per_group)
     if any(s < 1 for s in sizes):
         raise CoreSpecError("each group needs at least one core")
-    cores = available_cores(use_smt, info)
+    cores = available_cores(use_smt, info, share)
     need = sum(sizes)
     if need > len(cores):
         raise CoreSpecError(f"asked for {need} physical cores ({' + '.join(map(str, sizes))}) but this process "
@@ -94,19 +286,169 @@ def validate_groups(groups: list[list[int]], info=None) -> None:
                                 f"(usable: {format_cpu_list(sorted(usable))})")
 
 
-class CoreClaim:
-    """Holds a set of CPUs for one Runtime until released."""
+class CoreLease:
+    """Holds CPUs for one Runtime, machine-wide, until `release()` or until this process ends.
 
-    def __init__(self, cpus: set[int], exclusive: bool = True) -> None:
-        self.cpus = set(cpus) if exclusive else set()
-        with _claim_lock:
-            taken = self.cpus & _claimed
-            if taken:
-                raise CoreSpecError(f"CPUs {format_cpu_list(sorted(taken))} are already used by another Runtime "
-                                    "in this process; give each model its own cores (or close the other Runtime)")
-            _claimed.update(self.cpus)
+    Exclusive by default: CPUs another Runtime holds are refused with its pid. With `share=True` the
+    Runtime takes a shared lease (others may share too, nobody may take them exclusively meanwhile) or,
+    where another holds them exclusively, runs there unleased; either way it warns."""
+
+    def __init__(self, cpus: set[int] | Sequence[int], share: bool = False) -> None:
+        self.cpus: set[int] = set()
+        self.shared = share
+        self._fds: dict[int, int] = {}
+        mode = fcntl.LOCK_SH if share else fcntl.LOCK_EX
+        busy: list[int] = []
+        with lease_transaction():
+            for cpu in sorted(set(cpus)):
+                fd = _open_lock_file(_cpu_file(cpu))
+                try:
+                    fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    busy.append(cpu)
+                    continue
+                self._fds[cpu] = fd
+            if busy and not share:
+                held = current_leases(busy)
+                self.release()
+                raise CoreSpecError(f"CPUs {format_cpu_list(busy)} are already used by another Runtime "
+                                    f"({_describe_holders(held) or 'holder unknown'}); give each model its own "
+                                    "cores, close the other Runtime, or opt in to sharing (share=True, --share-cores)")
+            others = current_leases(busy) if busy else []
+            for cpu, fd in self._fds.items():
+                _write_holder(fd, "shared" if share else "exclusive")
+            self.cpus = set(self._fds)
+        if share:
+            also = busy or [c for c in self.cpus if _shared_by_others(c)]
+            if also:
+                warnings.warn(f"sharing CPUs {format_cpu_list(sorted(set(busy) | set(self.cpus)))} with other "
+                              f"Runtimes ({_describe_holders(others) or 'shared leases'}): expect each to run slower",
+                              CoreShareWarning, stacklevel=3)
 
     def release(self) -> None:
-        with _claim_lock:
-            _claimed.difference_update(self.cpus)
+        for fd in self._fds.values():
+            try:
+                os.close(fd)  # closing the file drops its lock
+            except OSError:
+                pass
+        self._fds = {}
         self.cpus = set()
+
+
+def _write_holder(fd: int, mode: str) -> None:
+    """Record who holds the lease (read by refusals and `parnet-cpu info`); the lock is what counts."""
+    record = {"pid": os.getpid(), "mode": mode, "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "command": " ".join(sys.argv)[:200] or sys.executable}
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+    except OSError as exc:
+        if exc.errno not in (errno.EBADF, errno.EACCES, errno.EPERM):  # read-only fd of another user's file
+            raise
+
+
+def _shared_by_others(cpu: int) -> bool:
+    """With our shared lock held: does anybody else hold one too? (a second exclusive probe fails either
+    way, so ask /proc/locks whether another pid locks this inode)."""
+    try:
+        ino = os.stat(_cpu_file(cpu)).st_ino
+        with open("/proc/locks") as f:
+            pids = {int(p[4]) for p in (line.split() for line in f)
+                    if len(p) > 5 and p[1] == "FLOCK" and p[5].rsplit(":", 1)[-1] == str(ino)}
+    except (OSError, ValueError, IndexError):
+        return False
+    return bool(pids - {os.getpid()})
+
+
+# --------------------------------------------------------------------------- topology planning (pure)
+# For `parnet-cpu plan`: where the stream groups would go on a machine described by a MachineInfo (this
+# one, a captured tree, or `simulated_machine`). No lease and no I/O: nothing here claims a core.
+
+
+def simulated_machine(cores: int, sockets: int = 1, threads_per_core: int = 1, isa: dict[str, bool] | None = None,
+                      model_name: str | None = None):
+    """A machine this one may not be: `cores` physical cores split evenly over `sockets` sockets (one NUMA
+    node each), logical CPUs numbered the way Linux numbers servers (first threads 0..cores-1, then the
+    SMT siblings), every CPU usable, no cgroup quota."""
+    from parnet_cpu.system.cpuinfo import Core, MachineInfo, NumaNode, int8_kernels, isa_level
+
+    if cores < 1 or sockets < 1 or threads_per_core < 1:
+        raise CoreSpecError("cores, sockets and threads per core must be positive")
+    if cores % sockets:
+        raise CoreSpecError(f"{cores} cores do not split evenly over {sockets} sockets")
+    per_socket = cores // sockets
+    core_list = [Core(socket=i // per_socket, core_id=i % per_socket, numa_node=i // per_socket,
+                      cpus=[i + t * cores for t in range(threads_per_core)]) for i in range(cores)]
+    online = list(range(cores * threads_per_core))
+    nodes = [NumaNode(s, sorted(c for core in core_list if core.socket == s for c in core.cpus)) for s in range(sockets)]
+    isa = dict(isa or {})
+    kernels, note = int8_kernels(isa)
+    return MachineInfo(root="<simulated>", live=False, model_name=model_name or f"simulated {cores}-core",
+                       vendor=None, cpu_family=None, cpu_model=None, stepping=None, online_cpus=online,
+                       sockets=sockets, numa_nodes=nodes, cores=core_list, hybrid=False, affinity=online,
+                       cgroup_cpuset=None, usable_cpus=online, cpu_quota=None, cpu_budget=None, isa=isa,
+                       isa_level=isa_level(isa), int8_kernels=kernels, int8_kernels_note=note,
+                       topology_source="simulated")
+
+
+def socket_domains(info, use_smt: bool = False, include_efficiency: bool = False) -> list[list[list[int]]]:
+    """Usable physical cores (each a list of logical CPUs) grouped by socket, NUMA order inside each."""
+    socket_of = {c: core.socket for core in info.cores for c in core.cpus}
+    by_socket: dict[int, list[list[int]]] = {}
+    for cpus in usable_physical_cores(info, use_smt=use_smt, include_efficiency=include_efficiency):
+        by_socket.setdefault(socket_of[cpus[0]], []).append(cpus)
+    return [by_socket[s] for s in sorted(by_socket)]
+
+
+def place_stream_groups(info, costs: Sequence[float], use_smt: bool = False, include_efficiency: bool = False,
+                        group_time=None) -> list[list[int]]:
+    """Logical CPUs for each stream group (in the order of `costs`), never crossing a socket: every way of
+    putting the groups on sockets is tried, each socket's cores are split between its groups in proportion
+    to their costs, and among the placements that never give a costlier group fewer cores, the one with the
+    smallest slowest group wins (`group_time(i, cores)`, default cost / cores; ties: fewer sockets, then
+    lower socket numbers). SMT siblings only with `use_smt`,
+    efficiency cores only with `include_efficiency` (or when nothing else is usable)."""
+    from itertools import product
+
+    domains = socket_domains(info, use_smt, include_efficiency)
+    total = sum(len(d) for d in domains)
+    if total < len(costs):
+        raise CoreSpecError(f"{len(costs)} groups need at least {len(costs)} physical cores, {total} usable")
+    group_time = group_time or (lambda i, n: costs[i] / n)
+    best = None
+    for assign in product(range(len(domains)), repeat=len(costs)):
+        sizes = [0] * len(costs)
+        ok = True
+        for d, cores in enumerate(domains):
+            members = [i for i, a in enumerate(assign) if a == d]
+            if not members:
+                continue
+            if len(members) > len(cores):
+                ok = False
+                break
+            for i, n in zip(members, proportional_sizes([costs[i] for i in members], len(cores))):
+                sizes[i] = n
+        if not ok or any(costs[i] < costs[j] and sizes[i] > sizes[j] for i in range(len(costs)) for j in range(len(costs))):
+            continue  # more work never gets fewer cores (a cheap stream alone on a socket would)
+        key = (max(group_time(i, n) for i, n in enumerate(sizes)), len(set(assign)), assign)
+        if best is None or key < best[0]:
+            best = (key, assign, sizes)
+    if best is None:
+        raise CoreSpecError(f"no placement of {len(costs)} groups on sockets of {[len(d) for d in domains]} cores "
+                            "keeps every group inside one socket")
+    _, assign, sizes = best
+    groups: list[list[int]] = [[] for _ in costs]
+    for d, cores in enumerate(domains):
+        start = 0
+        for i in (i for i, a in enumerate(assign) if a == d):  # consecutive cores, in stream order
+            groups[i] = sorted(c for core in cores[start:start + sizes[i]] for c in core)
+            start += sizes[i]
+    return groups
+
+
+def single_graph_cores(info, use_smt: bool = False, include_efficiency: bool = False) -> list[int]:
+    """Where the single graph runs: the largest socket's usable cores (OpenVINO's LATENCY hint keeps one
+    stream on one socket / NUMA node: crossing sockets costs more than it gains at batch 1)."""
+    domains = socket_domains(info, use_smt, include_efficiency)
+    return sorted(c for core in max(domains, key=len) for c in core) if domains else []
