@@ -76,9 +76,13 @@ def test_quantize_report_matches_independent_computation(tmp_path, checkpoint, l
     assert report["calibration"]["decoded"] == SUBSET and report["calibration"]["skipped"] == []
     assert set(report["seconds"]) >= {"read_data", "reparameterize", "export_fp32", "quantize", "evaluate"}
     # precisions read back from the compiled INT8 model: with the default ignored scope (se, stem) the SE
-    # gate convs and the first conv stay f32, every other conv runs an int8 (u8/i8) kernel
+    # gate convs and the first conv stay float (f32, or bf16 where the CPU has it: the leftovers
+    # default), every other conv runs an int8 (u8/i8) kernel
+    from parnet_cpu.runtime.engine import float_leftovers
+
+    leftover = float_leftovers("int8")
     convs = [l for l in report["runtime_precision"]["int8"]["layers"] if l["type"] == "Convolution"]
-    floats = {l["name"] for l in convs if l["precision"] == "f32"}
+    floats = {l["name"] for l in convs if l["precision"] == leftover}
     ints = {l["name"] for l in convs if l["precision"] in ("u8", "i8")}
     assert floats | ints == {l["name"] for l in convs} and len(ints) >= 20
     assert all(".se.conv" in n or ".inits.0.0.conv" in n for n in floats)

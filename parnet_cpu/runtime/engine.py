@@ -7,20 +7,18 @@ FP32 here always means f32 kernels.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8 IR: non-quantized ops stay f32
+from parnet_cpu.system.openvino_core import core  # noqa: F401  (re-exported: the runtime's callers use engine.core)
+
+PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}  # int8: see float_leftovers
+LEFTOVERS_ENV = "PARNET_CPU_INT8_LEFTOVERS"  # auto | bf16 | f32: reaches worker processes and every compile
+LEFTOVER_CHOICES = ("auto", "bf16", "f32")
 
 
-@lru_cache(maxsize=1)
-def core():
-    """One `ov.Core` per process: it caches plugin state and is safe to share between threads."""
-    import openvino as ov
-
-    return ov.Core()
 
 
 @dataclass(frozen=True)
@@ -30,10 +28,14 @@ class CompileOptions:
     num_threads: int | None = None  # None: OpenVINO decides
     num_streams: int | None = None
     pinning: bool | None = None
+    leftovers: str | None = None  # int8 IR only: precision of the ops NNCF left in float (see float_leftovers)
+    perf_count: bool = False  # OpenVINO per-node counters (`profile`); off on the hot path
 
     def properties(self) -> dict[str, Any]:
         props: dict[str, Any] = {"PERFORMANCE_HINT": self.hint,
-                                 "INFERENCE_PRECISION_HINT": PRECISION_HINTS[self.precision]}
+                                 "INFERENCE_PRECISION_HINT": float_leftovers(self.precision, self.leftovers)}
+        if self.perf_count:
+            props["PERF_COUNT"] = True
         if self.num_threads is not None:
             props["INFERENCE_NUM_THREADS"] = int(self.num_threads)
         if self.num_streams is not None:
@@ -41,6 +43,37 @@ class CompileOptions:
         if self.pinning is not None:
             props["ENABLE_CPU_PINNING"] = bool(self.pinning)
         return props
+
+
+def float_leftovers(precision: str, leftovers: str | None = None) -> str:
+    """INFERENCE_PRECISION_HINT for a compile: f32 for "fp32", bf16 for "bf16"; for an INT8 IR it sets
+    the precision of the ops left in float (stem, SE gates, pooling, elementwise). `leftovers` (else the
+    PARNET_CPU_INT8_LEFTOVERS environment variable, else "auto"): "auto" = bf16 where the CPU runs bf16
+    natively (AMX-BF16 / AVX512_BF16), f32 elsewhere; "f32" is the pre-2026-11 default (opt-out)."""
+    if precision != "int8":
+        return PRECISION_HINTS[precision]
+    choice = leftovers or os.environ.get(LEFTOVERS_ENV) or "auto"
+    if choice not in LEFTOVER_CHOICES:
+        raise ValueError(f"int8 float leftovers must be one of {', '.join(LEFTOVER_CHOICES)}, got {choice!r}")
+    if choice == "auto":
+        return "bf16" if precision_supported("bf16") and isa_cap_allows_bf16(os.environ.get("ONEDNN_MAX_CPU_ISA")) \
+            else "f32"
+    return choice
+
+
+def isa_cap_allows_bf16(cap: str | None) -> bool:
+    """Whether an ONEDNN_MAX_CPU_ISA cap leaves native bf16 kernels (OpenVINO's capability list ignores the
+    cap, so a capped AVX2 run would otherwise get bf16 emulated in f32 code)."""
+    if not cap or cap.upper() in ("ALL", "DEFAULT"):
+        return True
+    cap = cap.upper()
+    return "BF16" in cap or "AMX" in cap or "FP16" in cap or cap.startswith("AVX10")
+
+
+def default_leftovers(isa: dict[str, bool], cap: str | None = None) -> str:
+    """What "auto" picks on a CPU with these ISA flags (`parnet-cpu info`, also for captured trees)."""
+    has_bf16 = bool(isa.get("avx512_bf16") or (isa.get("amx_tile") and isa.get("amx_bf16")))
+    return "bf16" if has_bf16 and isa_cap_allows_bf16(cap) else "f32"
 
 
 def precision_supported(precision: str) -> bool:

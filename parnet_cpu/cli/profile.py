@@ -1,0 +1,46 @@
+"""`parnet-cpu profile`: per-layer and per-kernel time of a model folder from OpenVINO's own counters."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("profile", help="per-layer time, kernels (AMX/VNNI/AVX2), matrix-unit share, GMAC/s vs peak",
+                       description="Compile a model folder's IR as the Runtime does, with OpenVINO's per-node "
+                       "performance counters on, and report where the time goes: per layer, per op class and per "
+                       "kernel, the share on the matrix unit (AMX) and on VNNI/int8 kernels, reorders and precision "
+                       "conversions, and achieved GMAC/s against the CPU's peak.")
+    p.add_argument("--model", required=True, metavar="DIR", help="model folder (from export or quantize)")
+    p.add_argument("--precision", choices=("int8", "bf16", "fp32"), help="default: int8 if present, else fp32")
+    p.add_argument("--batch", type=int, default=8, help="images per inference (default 8)")
+    p.add_argument("--plan", choices=("single", "multistream"), default="single",
+                   help="single: the whole graph; multistream: each stage of the multi-stream plan in turn")
+    p.add_argument("--iters", type=int, default=10, help="profiled inferences (counters summed; default 10)")
+    p.add_argument("--threads", type=int, help="inference threads (default: every usable physical core)")
+    p.add_argument("--int8-leftovers", choices=("auto", "bf16", "f32"),
+                   help="precision of the ops an INT8 IR keeps in float (default auto: bf16 where the CPU has it)")
+    p.add_argument("--top", type=int, default=25, help="slowest layers listed in the table (default 25)")
+    p.add_argument("--json", metavar="FILE", help="also write the full profile (every layer) as JSON")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from parnet_cpu.artifacts import ModelDirError
+    from parnet_cpu.cli import CliError
+    from parnet_cpu.runtime.profile import format_table, profile_model
+
+    if args.batch < 1 or args.iters < 1 or (args.threads is not None and args.threads < 1):
+        raise CliError("--batch, --iters and --threads must be at least 1")
+    try:
+        report = profile_model(args.model, args.precision, args.batch, args.plan, args.iters, args.threads,
+                               args.int8_leftovers)
+    except (ModelDirError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    print(format_table(report, args.top))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0
