@@ -21,8 +21,11 @@ ranges and hurt PTQ):
 2. per-block SQNR of FP32 IR vs INT8 IR (default options) on --sqnr-images test images: every block's
    activation output is added as an extra model output (matched by friendly name between the two IRs).
 3. settings grid: one factor at a time around the `QuantizeOptions` defaults (preset, bias correction,
-   ignored scope, SmoothQuant / model_type, calibration size), plus the combinations of the changes that
+   ignored scope (stem and SE gates quantized or not), precision of the float leftovers at compile time
+   (f32 / bf16), SmoothQuant / model_type, calibration size), plus the combinations of the changes that
    raised the logit SQNR; each row: FP32 / INT8 top-1, agreement, logit SQNR, flips, PTQ wall time, INT8 batch-1 latency.
+
+The three parts are `quantization_study`, which benchmarks/width_fidelity.py runs on the full-width model too.
 
 Quantization goes through `parnet_cpu.quantization.ptq.quantize_ir`; the NNCF arguments that
 `QuantizeOptions` cannot express (model_type, advanced SmoothQuant parameters) are added to that same
@@ -53,7 +56,7 @@ from parnet_cpu.models.checkpoint import load_checkpoint, read_checkpoint  # noq
 from parnet_cpu.models.parnet import DualBN, ParNet, ParNetBlock, ParNetConfig, build_model, resolve_config  # noqa: E402
 from parnet_cpu.quantization.ptq import ImageStream, QuantizeOptions, ignored_scope_patterns, quantize_ir  # noqa: E402
 from parnet_cpu.reparam.fuse import bn_scale_shift, fuse_block, fuse_conv_bn  # noqa: E402
-from parnet_cpu.runtime.engine import CompileOptions, compile_model, core  # noqa: E402
+from parnet_cpu.runtime.engine import CompileOptions, compile_model, core, float_leftovers  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = REPO / "parnet_cpu" / "assets" / "parnet_fmnist.pt"
@@ -192,14 +195,19 @@ def with_extra_outputs(ov_model, names: Sequence[str]):
     return ov.Model(list(ov_model.get_results()) + extra, ov_model.get_parameters(), ov_model.get_friendly_name())
 
 
-def per_block_sqnr(fp32_ir: Path, int8_model, samples: Sequence, pcfg, threads: int) -> dict:
+def per_block_sqnr(fp32_ir: Path, int8_model, samples: Sequence, pcfg, threads: int,
+                   leftovers: str | None = None) -> dict:
     """Part 2: SQNR (dB) of every block output and of the logits, INT8 vs FP32, on `samples`; plus the
-    logit SQNR of the unmodified INT8 graph on the same images (the extra outputs may change fusions)."""
+    logit SQNR of the unmodified INT8 graph on the same images (the extra outputs may change fusions).
+    `leftovers`: precision of the ops the INT8 IR keeps in float (None: the project default)."""
     fp32_model = core().read_model(str(fp32_ir))
     names = block_output_names(fp32_model)
-    compiled = {p: compile_model(with_extra_outputs(m, names), CompileOptions(precision=p, num_threads=threads))
+    compiled = {p: compile_model(with_extra_outputs(m, names),
+                                 CompileOptions(precision=p, num_threads=threads,
+                                                leftovers=leftovers if p == "int8" else None))
                 for p, m in (("fp32", fp32_model), ("int8", int8_model))}
-    compiled["int8_plain"] = compile_model(int8_model, CompileOptions(precision="int8", num_threads=threads))
+    compiled["int8_plain"] = compile_model(int8_model, CompileOptions(precision="int8", num_threads=threads,
+                                                                      leftovers=leftovers))
     outs: dict[str, list[list[np.ndarray]]] = {p: [[] for _ in range(len(names) + 1)] for p in compiled}
     for batch in iter_batches(samples, pcfg, 50):
         for p, c in compiled.items():
@@ -230,22 +238,38 @@ class Setting:
     model_type: str | None = None  # None (NNCF default, CNN patterns) | "transformer"
     smooth_quant: float | None = None  # SmoothQuant alpha for convolutions and matmuls (-1: off); None: not passed
     varies: str = "baseline"
+    leftovers: str | None = None  # compile: precision of the ops left in float (None: project default, "auto")
 
     def describe(self) -> dict:
         o = self.opts
         return {"preset": o.preset, "fast_bias_correction": o.fast_bias_correction,
                 "ignored_scope": list(o.ignored_scope), "ignored_scope_patterns": ignored_scope_patterns(o.ignored_scope),
                 "subset_size": o.subset_size, "model_type": self.model_type, "smooth_quant_alpha": self.smooth_quant,
-                "target_device": "CPU", "varies": self.varies}
+                "float_leftovers": float_leftovers("int8", self.leftovers), "target_device": "CPU",
+                "varies": self.varies}
 
 
-def settings_grid(default: QuantizeOptions) -> list[Setting]:
-    """One factor at a time around `default` (the combination row is added after these ran)."""
+SCOPES = ((), ("se",), ("stem",), ("se", "stem"), ("se", "stem", "head"))
+LEFTOVERS = ("f32", "bf16")
+
+
+def settings_grid(default: QuantizeOptions, extended: bool = True) -> list[Setting]:
+    """One factor at a time around `default` (the combination rows are added after these ran). Without
+    `extended`, the NNCF-only rows (SmoothQuant, model_type) are left out: they never helped a CNN here."""
+    other = "performance" if default.preset == "mixed" else "mixed"
     rows = [Setting("default", default),
-            Setting("preset=performance", replace(default, preset="performance"), varies="preset"),
-            Setting("bias_correction=full", replace(default, fast_bias_correction=False), varies="bias_correction")]
-    for scope in (("se",), ("stem",), ("se", "stem"), ("head",)):
-        rows.append(Setting(f"ignore={'+'.join(scope)}", replace(default, ignored_scope=scope), varies="ignored_scope"))
+            Setting(f"preset={other}", replace(default, preset=other), varies="preset"),
+            Setting(f"bias_correction={'full' if default.fast_bias_correction else 'fast'}",
+                    replace(default, fast_bias_correction=not default.fast_bias_correction), varies="bias_correction")]
+    for scope in SCOPES:
+        if set(scope) != set(default.ignored_scope):
+            rows.append(Setting(f"ignore={'+'.join(scope) or 'none'}", replace(default, ignored_scope=scope),
+                                varies="ignored_scope"))
+    rows += [Setting(f"leftovers={p}", default, varies="leftovers", leftovers=p)
+             for p in LEFTOVERS if p != float_leftovers("int8")]
+    if not extended:
+        return rows + [Setting(f"calib={n}", replace(default, subset_size=n), varies="subset_size")
+                       for n in CALIB_SIZES if n != default.subset_size]
     # SmoothQuant: NNCF runs it only for model_type=transformer, so that is tried with SmoothQuant off
     # (alpha -1) as the control, then on; with the default model_type the alpha is expected to be ignored.
     rows += [Setting("smooth_quant=0.5", default, smooth_quant=0.5, varies="smooth_quant"),
@@ -303,7 +327,7 @@ class Context:
     fp32_logits: np.ndarray
     labels: np.ndarray
     class_names: Sequence[str] | None
-    latency_input: np.ndarray
+    latency_input: np.ndarray | None  # None: no latency measurement (accuracy-only runs)
     int8_models: dict[str, Any] = field(default_factory=dict)
 
 
@@ -315,13 +339,16 @@ def run_setting(s: Setting, ctx: Context) -> dict:
     with nncf_extra_arguments(s):
         int8_model = quantize_ir(fp32_model, calibration, s.opts)
     quant_s = time.perf_counter() - t0
-    ctx.int8_models[s.name] = int8_model
-    compiled = compile_model(int8_model, CompileOptions(precision="int8", num_threads=ctx.threads))
+    if s.name == "default":  # part 2 needs it; full-width INT8 models are large, so keep no others
+        ctx.int8_models[s.name] = int8_model
+    compiled = compile_model(int8_model, CompileOptions(precision="int8", num_threads=ctx.threads,
+                                                        leftovers=s.leftovers))
     outs = run_models({"int8": compiled}, ctx.test, ctx.pcfg, 100)
     int8 = accuracy_summary(outs.logits["int8"], outs.labels, ctx.class_names)
     fid = fidelity_summary(ctx.fp32_logits, outs.logits["int8"], outs.labels)
     fp32_top1 = accuracy_summary(ctx.fp32_logits, ctx.labels)["top1"]
-    lat = time_callable(lambda: compiled(ctx.latency_input), **LATENCY)
+    lat = (time_callable(lambda: compiled(ctx.latency_input), **LATENCY) if ctx.latency_input is not None
+           else {"p50": None, "mean": None, "iters": 0})
     return {"name": s.name, "settings": s.describe(), "calibration_images": calibration.decoded,
             "fp32_top1": fp32_top1, "int8_top1": int8["top1"], "top1_drop": fp32_top1 - int8["top1"],
             "top1_agreement": fid["top1_agreement"], "logit_sqnr_db": fid["sqnr_db"],
@@ -332,18 +359,23 @@ def run_setting(s: Setting, ctx: Context) -> dict:
             "int8_per_class_top1": {r["name"]: r["top1"] for r in int8["per_class"]}}
 
 
-PROJECT_FACTORS = ("preset", "bias_correction", "ignored_scope", "subset_size")
+PROJECT_FACTORS = ("preset", "bias_correction", "ignored_scope", "subset_size", "leftovers")
 
 
-def _apply(opts: QuantizeOptions, s: Setting) -> QuantizeOptions:
-    """`opts` with the one project option that `s` varies taken from `s`."""
+def _apply(base: Setting, s: Setting) -> Setting:
+    """`base` with the one project option that `s` varies taken from `s`."""
+    if s.varies == "leftovers":
+        return replace(base, leftovers=s.leftovers)
+    o = base.opts
     if s.varies == "preset":
-        return replace(opts, preset=s.opts.preset)
-    if s.varies == "bias_correction":
-        return replace(opts, fast_bias_correction=s.opts.fast_bias_correction)
-    if s.varies == "ignored_scope":
-        return replace(opts, ignored_scope=s.opts.ignored_scope)
-    return replace(opts, subset_size=s.opts.subset_size)
+        o = replace(o, preset=s.opts.preset)
+    elif s.varies == "bias_correction":
+        o = replace(o, fast_bias_correction=s.opts.fast_bias_correction)
+    elif s.varies == "ignored_scope":
+        o = replace(o, ignored_scope=s.opts.ignored_scope)
+    else:
+        o = replace(o, subset_size=s.opts.subset_size)
+    return replace(base, opts=o)
 
 
 def combination_settings(rows: list[dict], grid: list[Setting], default: QuantizeOptions,
@@ -362,10 +394,10 @@ def combination_settings(rows: list[dict], grid: list[Setting], default: Quantiz
     out = []
     for k in range(2, len(picks) + 1):
         for combo in combinations(picks, k):
-            opts = default
+            setting = Setting(" & ".join(s.name for s in combo), default, varies="combination")
             for s in combo:
-                opts = _apply(opts, s)
-            out.append(Setting(" & ".join(s.name for s in combo), opts, varies="combination"))
+                setting = _apply(setting, s)
+            out.append(setting)
     return out
 
 
@@ -386,6 +418,83 @@ def _finite(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_finite(v) for v in obj]
     return obj
+
+
+def quantization_study(model: ParNet, ckpt: dict, calib: list[Path], test: list, threads: int,
+                       default: QuantizeOptions, sqnr_images: int = 200, extended: bool = True,
+                       latency: bool = True, grid: list[Setting] | None = None) -> dict:
+    """Parts 1-3 on one model: weight ranges, settings grid (with combinations), per-block SQNR.
+
+    Returns the JSON-ready pieces (`fp32`, `weight_ranges`, `per_block_sqnr`, `grid`, `params`). `latency`
+    off skips every timing (accuracy-only runs need no quiet machine)."""
+    from parnet_cpu.artifacts import IR_FILES, ModelDir
+    from parnet_cpu.export import write_fp32_artifacts
+    from parnet_cpu.models.parnet import count_parameters
+    from parnet_cpu.reparam.fuse import reparameterize
+
+    grid = list(grid) if grid is not None else settings_grid(default, extended)
+    print(f"model: {ckpt.get('path')} (epoch {ckpt.get('epoch')}), config {model.cfg.planes}/{model.cfg.num_blocks} "
+          f"{model.cfg.activation}; {len(calib)} calibration images, {len(test)} test images; {threads} threads")
+    print("\n== 1. weight ranges before/after fusion (per output channel) ==")
+    ranges = weight_ranges(model)
+    print_table([{"block": b["block"], "dense max": b["dense"]["max_abs"], "1x1 max": b["pointwise"]["max_abs"],
+                  "fused max": b["fused"]["max_abs"], "growth": b["max_abs_growth"],
+                  "dense max/med": b["dense"]["max_over_median"], "fused max/med": b["fused"]["max_over_median"],
+                  "w8 SQNR dense": b["dense"]["int8_sqnr_per_channel_db"],
+                  "w8 SQNR fused": b["fused"]["int8_sqnr_per_channel_db"],
+                  "w8/tensor fused": b["fused"]["int8_sqnr_per_tensor_db"]} for b in ranges["blocks"]],
+                ["block", "dense max", "1x1 max", "fused max", "growth", "dense max/med", "fused max/med",
+                 "w8 SQNR dense", "w8 SQNR fused", "w8/tensor fused"])
+    print()
+    print_table(ranges["affines"], ["affine", "scale_min", "scale_max", "abs_scale_max_over_median",
+                                     "shift_min", "shift_max"])
+
+    with tempfile.TemporaryDirectory(prefix="quant_study_") as tmp:
+        tmp = Path(tmp)
+        deploy = reparameterize(model)
+        params = {"training_form": count_parameters(model), "deployed": count_parameters(deploy)}
+        write_fp32_artifacts(deploy, tmp, {"model": "quant_quality", "checkpoint": ckpt})
+        md = ModelDir.open(tmp)
+        fp32_ir, pcfg = tmp / IR_FILES["fp32"], md.preprocess_config()
+        fp32_c = compile_model(fp32_ir, CompileOptions(precision="fp32", num_threads=threads))
+        base = run_models({"fp32": fp32_c}, test, pcfg, 100)
+        latency_input = next(iter(iter_batches(test[:1], pcfg, 1))).images if latency else None
+        fp32_lat = (time_callable(lambda: fp32_c(latency_input), **LATENCY) if latency
+                    else {"p50": None, "mean": None})
+        ctx = Context(fp32_ir, calib, test, pcfg, threads, base.logits["fp32"], base.labels, md.class_names,
+                      latency_input)
+        fp32_top1 = accuracy_summary(base.logits["fp32"], base.labels)["top1"]
+        print(f"\nFP32 IR: top-1 {fp32_top1:.2f} % on {len(base.paths)} test images"
+              + (f", batch-1 p50 {fp32_lat['p50']:.3f} ms" if latency else ""))
+
+        print("\nrunning the settings grid (part 3; tables below)")
+        rows: list[dict] = []
+        for s in grid:
+            rows.append(run_setting(s, ctx))
+            _progress_line(rows[-1])
+        for combo in combination_settings(rows, grid, default):
+            grid.append(combo)
+            rows.append(run_setting(combo, ctx))
+            _progress_line(rows[-1])
+
+        print("\n== 2. per-block SQNR, INT8 (default options) vs FP32 ==")
+        block_sqnr = per_block_sqnr(fp32_ir, ctx.int8_models["default"], test[:sqnr_images], pcfg, threads,
+                                    grid[0].leftovers)
+        print_table(block_sqnr["rows"], ["block", "sqnr_db", "fp32_abs_max"])
+        print(f"(logits of the unmodified INT8 graph on the same {block_sqnr['images']} images: "
+              f"{block_sqnr['logits_sqnr_db_plain_int8_graph']:.2f} dB)")
+
+    print("\n== 3. settings grid (test set: %d images; FP32 top-1 %.2f %%) ==" % (len(base.paths), fp32_top1))
+    print_table([{"setting": r["name"], "int8 top1": r["int8_top1"], "drop": r["top1_drop"],
+                  "agree %": r["top1_agreement"], "SQNR dB": r["logit_sqnr_db"], "flips": r["prediction_flips"],
+                  "PTQ s": r["quantize_seconds"], "p50 ms": r["int8_latency_ms_p50"],
+                  "act FQ": r["graph"]["activation_fake_quantize"], "SQ scales": r["graph"]["smooth_quant_scales"],
+                  "f32 convs": sum(v for k, v in r["kernels"].items() if ":f32:" in k)} for r in rows],
+                ["setting", "int8 top1", "drop", "agree %", "SQNR dB", "flips", "PTQ s", "p50 ms", "act FQ",
+                 "SQ scales", "f32 convs"])
+    return {"params": params, "test_images": len(base.paths),
+            "fp32": {"top1": fp32_top1, "latency_ms_p50": fp32_lat["p50"], "latency_ms_mean": fp32_lat["mean"]},
+            "weight_ranges": ranges, "per_block_sqnr": block_sqnr, "grid": rows}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -409,73 +518,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("WARNING: other busy processes (latencies and PTQ times are suspect): " + ", ".join(busy))
     model, ckpt = load_reference_model(args.checkpoint, args.config_json)
     default = QuantizeOptions(subset_size=args.calib_size, progress=False)
-    grid = settings_grid(default)
-    calib_max = max(s.opts.subset_size for s in grid)
-
-    from parnet_cpu.artifacts import IR_FILES, ModelDir
-    from parnet_cpu.export import write_fp32_artifacts
-    from parnet_cpu.reparam.fuse import reparameterize
+    calib_max = max(CALIB_SIZES + (args.calib_size,))
 
     with tempfile.TemporaryDirectory(prefix="quant_quality_") as tmp, OtherLoad() as load:
-        tmp = Path(tmp)
-        calib, test = prepare_fmnist(args.data_dir or tmp / "data", calib_max, args.test_limit)
-        print(f"model: {ckpt['path']} (epoch {ckpt.get('epoch')}), config {model.cfg.planes}/{model.cfg.num_blocks} "
-              f"{model.cfg.activation}; {len(calib)} calibration images, {len(test)} test images; {threads} threads")
-
-        print("\n== 1. weight ranges before/after fusion (per output channel) ==")
-        ranges = weight_ranges(model)
-        print_table([{"block": b["block"], "dense max": b["dense"]["max_abs"], "1x1 max": b["pointwise"]["max_abs"],
-                      "fused max": b["fused"]["max_abs"], "growth": b["max_abs_growth"],
-                      "dense max/med": b["dense"]["max_over_median"], "fused max/med": b["fused"]["max_over_median"],
-                      "w8 SQNR dense": b["dense"]["int8_sqnr_per_channel_db"],
-                      "w8 SQNR fused": b["fused"]["int8_sqnr_per_channel_db"],
-                      "w8/tensor fused": b["fused"]["int8_sqnr_per_tensor_db"]} for b in ranges["blocks"]],
-                    ["block", "dense max", "1x1 max", "fused max", "growth", "dense max/med", "fused max/med",
-                     "w8 SQNR dense", "w8 SQNR fused", "w8/tensor fused"])
-        print()
-        print_table(ranges["affines"], ["affine", "scale_min", "scale_max", "abs_scale_max_over_median",
-                                         "shift_min", "shift_max"])
-
-        deploy = reparameterize(model)
-        write_fp32_artifacts(deploy, tmp, {"model": "quant_quality", "checkpoint": ckpt})
-        md = ModelDir.open(tmp)
-        fp32_ir, pcfg = tmp / IR_FILES["fp32"], md.preprocess_config()
-        fp32_c = compile_model(fp32_ir, CompileOptions(precision="fp32", num_threads=threads))
-        base = run_models({"fp32": fp32_c}, test, pcfg, 100)
-        latency_input = next(iter(iter_batches(test[:1], pcfg, 1))).images
-        fp32_lat = time_callable(lambda: fp32_c(latency_input), **LATENCY)
-        ctx = Context(fp32_ir, calib, test, pcfg, threads, base.logits["fp32"], base.labels, md.class_names,
-                      latency_input)
-        fp32_top1 = accuracy_summary(base.logits["fp32"], base.labels)["top1"]
-        print(f"\nFP32 IR: top-1 {fp32_top1:.2f} % on {len(base.paths)} test images, batch-1 p50 {fp32_lat['p50']:.3f} ms")
-
-        print("\nrunning the settings grid (part 3; tables below)")
-        rows: list[dict] = []
-        for s in grid:
-            rows.append(run_setting(s, ctx))
-            _progress_line(rows[-1])
-        for combo in combination_settings(rows, grid, default):
-            grid.append(combo)
-            rows.append(run_setting(combo, ctx))
-            _progress_line(rows[-1])
-
-        print("\n== 2. per-block SQNR, INT8 (default options) vs FP32 ==")
-        block_sqnr = per_block_sqnr(fp32_ir, ctx.int8_models["default"], test[: args.sqnr_images], pcfg, threads)
-        print_table(block_sqnr["rows"], ["block", "sqnr_db", "fp32_abs_max"])
-        print(f"(logits of the unmodified INT8 graph on the same {block_sqnr['images']} images: "
-              f"{block_sqnr['logits_sqnr_db_plain_int8_graph']:.2f} dB)")
-
-        print("\n== 3. settings grid (test set: %d images; FP32 top-1 %.2f %%) ==" % (len(base.paths), fp32_top1))
-        print_table([{"setting": r["name"], "int8 top1": r["int8_top1"], "drop": r["top1_drop"],
-                      "agree %": r["top1_agreement"], "SQNR dB": r["logit_sqnr_db"], "flips": r["prediction_flips"],
-                      "PTQ s": r["quantize_seconds"], "p50 ms": r["int8_latency_ms_p50"],
-                      "act FQ": r["graph"]["activation_fake_quantize"], "SQ scales": r["graph"]["smooth_quant_scales"],
-                      "f32 convs": sum(v for k, v in r["kernels"].items() if ":f32:" in k)} for r in rows],
-                    ["setting", "int8 top1", "drop", "agree %", "SQNR dB", "flips", "PTQ s", "p50 ms", "act FQ",
-                     "SQ scales", "f32 convs"])
+        calib, test = prepare_fmnist(args.data_dir or Path(tmp) / "data", calib_max, args.test_limit)
+        study = quantization_study(model, ckpt, calib, test, threads, default, args.sqnr_images)
 
     import nncf
 
+    rows = study["grid"]
     sq_row = next(r for r in rows if r["name"] == "smooth_quant=0.5")
     sq_note = ("NNCF 3.4 runs SmoothQuant only for model_type=TRANSFORMER (post_training/pipeline.py); with the "
                "default model_type the alpha is ignored" + (" (the INT8 IR has no SmoothQuant nodes)."
@@ -488,22 +539,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "other_load_during_run": load.summary(),
         "model": {"checkpoint": ckpt, "config": model.cfg.to_dict()},
         "data": {"calibration": f"first {calib_max} Fashion-MNIST training images (rows use the first subset_size)",
-                 "test_images": len(base.paths), "sqnr_images": min(args.sqnr_images, len(test))},
+                 "test_images": study["test_images"], "sqnr_images": min(args.sqnr_images, len(test))},
         "quantize_options_default": asdict(default),
-        "fp32": {"top1": fp32_top1, "latency_ms_p50": fp32_lat["p50"], "latency_ms_mean": fp32_lat["mean"]},
-        "notes": {"smooth_quant": sq_note,
-                  "latency": f"OpenVINO batch 1, {threads} threads, LATENCY hint, 5 warm-up calls, then >= 20 timed calls "
-                             "and >= 0.5 s",
-                  "quantize_seconds": "quantize_ir wall time, calibration decoding included",
-                  "per_block_sqnr": "extra Results on each block's activation output; they keep that tensor "
-                                    "materialized, so OpenVINO's fusions around it may differ from the deployed graph",
-                  "weight_int8_sqnr": "symmetric int8 round trip of the weights alone (levels -127..127)",
-                  "top1_noise": "paired comparison on the same images: INT8 and FP32 top-1 can only differ through "
-                                "prediction_flips (fixed_by_int8 - broken_by_int8), so top-1 differences of a few "
-                                "0.01-0.1 pp between rows are noise; agreement, flips and logit SQNR are the "
-                                "sharper fidelity measures"},
-        "weight_ranges": ranges,
-        "per_block_sqnr": block_sqnr,
+        "fp32": study["fp32"],
+        "notes": STUDY_NOTES | {"smooth_quant": sq_note,
+                                "latency": f"OpenVINO batch 1, {threads} threads, LATENCY hint, 5 warm-up calls, "
+                                           "then >= 20 timed calls and >= 0.5 s"},
+        "weight_ranges": study["weight_ranges"],
+        "per_block_sqnr": study["per_block_sqnr"],
         "grid": rows,
         "seconds_total": time.perf_counter() - t_start,
     }
@@ -511,6 +554,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.write_text(json.dumps(_finite(result), indent=2, default=str) + "\n")
     print(f"\nwrote {args.out} ({result['seconds_total']:.0f} s)")
     return 0
+
+
+STUDY_NOTES = {
+    "quantize_seconds": "quantize_ir wall time, calibration decoding included",
+    "float_leftovers": "precision OpenVINO gives the ops the INT8 IR keeps in float (SE gates, stem when ignored, "
+                       "pooling, elementwise): the compile's INFERENCE_PRECISION_HINT, see engine.float_leftovers",
+    "per_block_sqnr": "extra Results on each block's activation output; they keep that tensor "
+                      "materialized, so OpenVINO's fusions around it may differ from the deployed graph",
+    "weight_int8_sqnr": "symmetric int8 round trip of the weights alone (levels -127..127)",
+    "top1_noise": "paired comparison on the same images: INT8 and FP32 top-1 can only differ through "
+                  "prediction_flips (fixed_by_int8 - broken_by_int8), so top-1 differences of a few "
+                  "0.01-0.1 pp between rows are noise; agreement, flips and logit SQNR are the "
+                  "sharper fidelity measures"}
 
 
 if __name__ == "__main__":

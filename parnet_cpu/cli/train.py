@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--crop-padding", type=int, default=2, help="random-crop padding in pixels (0: no crop)")
     p.add_argument("--no-hflip", action="store_true", help="no random horizontal flips")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast for the forward/backward pass (fast on CPUs with AVX512-BF16/AMX; "
+                        "weights, optimizer and EMA stay fp32); default: fp32 throughout")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch threads (default: all logical CPUs)")
     p.add_argument("--limit-train", type=int, metavar="N", help="train on the first N training images only")
@@ -129,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
             warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing, ema_decay=args.ema_decay,
             crop_padding=args.crop_padding, hflip=not args.no_hflip, seed=args.seed, num_threads=args.threads,
             checkpoint=args.out, resume=args.resume, max_steps_per_epoch=args.max_steps, progress=not args.quiet,
+            bf16=args.bf16,
             extra=source)
     except TrainingError as exc:
         raise CliError(str(exc)) from None

@@ -70,6 +70,7 @@ class TrainConfig:
     checkpoint: str | None = None     # written after every epoch (and used by resume)
     resume: bool = False
     max_steps_per_epoch: int | None = None  # for quick tests
+    bf16: bool = False                # bf16 autocast for forward/backward (weights, optimizer, EMA stay fp32)
     progress: bool = True
     extra: dict = field(default_factory=dict)  # stored with the checkpoint (e.g. the data source)
 
@@ -88,7 +89,7 @@ class TrainConfig:
     def resume_relevant(self) -> dict:
         """Settings that must not change when resuming (they define the optimisation trajectory)."""
         keep = ("batch_size", "optimizer", "lr", "momentum", "weight_decay", "warmup_epochs", "min_lr_ratio",
-                "label_smoothing", "ema_decay", "crop_padding", "hflip", "seed")
+                "label_smoothing", "ema_decay", "crop_padding", "hflip", "seed", "bf16")
         return {k: getattr(self, k) for k in keep}
 
 
@@ -429,8 +430,9 @@ def _train(model: nn.Module, train_arrays, val_arrays, cfg: TrainConfig, log: Ca
             lr = lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr_ratio)
             for group in opt.param_groups:
                 group["lr"] = lr
-            logits = model(xb)
-            loss = criterion(logits, yb)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                logits = model(xb)
+            loss = criterion(logits.float(), yb)
             if not torch.isfinite(loss):
                 raise TrainingError(f"loss became {loss.item()} at epoch {epoch + 1}, step {i}: lower --lr")
             opt.zero_grad(set_to_none=True)
@@ -483,7 +485,8 @@ def _resume(path: Path, model: nn.Module, ema: ModelEma, opt: torch.optim.Optimi
         raise TrainingError(f"{path} was trained with another model configuration: {obj.get('config')}")
     saved = ts.get("train_config", {})
     now = cfg.resume_relevant()
-    diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+    defaults = TrainConfig().resume_relevant()  # settings added later: older checkpoints used the default
+    diff = {k: (saved.get(k, defaults[k]), v) for k, v in now.items() if saved.get(k, defaults[k]) != v}
     if diff:
         raise TrainingError(f"cannot resume {path} with different settings (saved, now): {diff}")
     sched = ts["scheduler"]
