@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from parnet_cpu.artifacts import (DEPLOY_WEIGHTS, FORMAT, INPUT_NAME, IR_FILES, MANIFEST, ONNX_FILE, OUTPUT_NAME,
-                                  STAGE_TENSORS, atomic_output_dir, write_json)
+                                  STAGE_TENSORS, atomic_output_dir, stamp_manifest, write_json)
 from parnet_cpu.models.parnet import ParNet
 from parnet_cpu.reparam.fuse import reparameterize
 
@@ -101,6 +101,7 @@ def write_fp32_artifacts(deploy: ParNet, folder: Path, source: dict) -> None:
     manifest = manifest_for(deploy, source)
     manifest["exported_with"]["openvino"] = ov.get_version()
     write_json(folder / MANIFEST, manifest)
+    stamp_manifest(folder)  # schema version, sha256 and size of every model file written so far
 
 
 def load_deploy_model(folder: str | Path) -> ParNet:
@@ -122,4 +123,5 @@ def export_model_dir(model: ParNet, out: str | Path, source: dict | None = None,
         write_fp32_artifacts(deploy, tmp, source or {})
         if onnx:
             to_onnx(deploy, tmp / ONNX_FILE)
+            stamp_manifest(tmp)
     return Path(out)

@@ -2,8 +2,14 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import tempfile
 
 import pytest
+
+# Core leases are machine-wide: give this test session (and the servers and workers it starts) its own
+# lease namespace, so several pytest runs on one machine do not refuse each other's runtimes.
+os.environ.setdefault("PARNET_CPU_LEASE_DIR", tempfile.mkdtemp(prefix="parnet-test-leases-"))
 
 # IPEX needs torch 2.8 and lives in its own environment (scripts/ipex_env.sh runs tests/ipex there)
 collect_ignore = [] if importlib.util.find_spec("intel_extension_for_pytorch") else ["ipex"]

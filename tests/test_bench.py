@@ -43,9 +43,10 @@ def test_bench_all_engines_json_and_plot(model_dir, tmp_path, capsys):
     assert rows[("torch-eager", 1)]["precision"] == "fp32" and rows[("ov-latency", 1)]["precision"] == "fp32"
     assert res["plan"]["kind"] == "multistream" and res["machine"]["cpu"]
     assert set(rows[("multistream", 1)]["stage_median_ms"]) == {"stem", "stream1", "stream2", "stream3", "tail"}
-    # auto measured both plans at load, kept one, and cached the decision in the model folder
+    # auto measured both plans at load, kept one, and cached the decision in the model folder, unless other
+    # work kept those CPUs busy while it measured (then it says so and caches nothing)
     assert rows[("auto", 1)]["plan"] in ("single", "multistream") and "auto" in rows[("auto", 1)]["plan_reason"]
-    assert (model_dir / "plan_cache.json").is_file()
+    assert (model_dir / "plan_cache.json").is_file() or "not cached: CPUs busy" in rows[("auto", 1)]["plan_reason"]
     preds = res["cost_model"]["predictions"]
     assert [p["cores"] for p in preds] == [16, 32, 56] and all(p["multistream_ms"] > 0 for p in preds)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

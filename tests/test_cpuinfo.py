@@ -202,15 +202,16 @@ def test_epyc_container_quota() -> None:
     assert info.cpu_quota is not None
     assert (info.cpu_quota.quota_us, info.cpu_quota.period_us) == (150000, 100000)
     assert info.cpu_quota.cpus == 1.5
-    assert info.cpu_budget == 2  # ceil(1.5)
-    assert usable_physical_cores(info) == [[0], [1]]
+    assert info.cpu_budget == 1  # floor(1.5): never more threads than the quota can run
+    assert usable_physical_cores(info) == [[0]]
 
 
 @pytest.mark.parametrize(
     "cpu_max, no_smt, smt",
     [
         ("400000 100000", [[0], [2], [4], [6]], [[0, 1], [2, 3]]),
-        ("250000 100000", [[0], [2], [4]], [[0, 1], [2]]),  # budget 3: the last core keeps one sibling
+        ("250000 100000", [[0], [2]], [[0, 1]]),  # budget floor(2.5) = 2
+        ("300000 100000", [[0], [2], [4]], [[0, 1], [2]]),  # budget 3: the last core keeps one sibling
         ("50000 100000", [[0]], [[0]]),  # half a CPU still runs one thread
         ("max 100000", [[2 * i] for i in range(8)], [[2 * i, 2 * i + 1] for i in range(8)]),
     ],
@@ -339,7 +340,7 @@ def test_cli_info_human(info_cli, capsys: pytest.CaptureFixture) -> None:
 
     assert info_cli(["info", "--root", str(EPYC)]) == 0
     out = capsys.readouterr().out
-    assert "1.5 CPUs" in out and "budget 2" in out
+    assert "1.5 CPUs" in out and "budget 1" in out
 
 
 def test_cli_info_bad_root(info_cli, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:

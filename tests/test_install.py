@@ -4,7 +4,6 @@ folder that the full install exported."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess

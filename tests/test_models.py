@@ -6,8 +6,7 @@ import torch
 
 import parnet_cpu
 from conftest import randomize_bn, rel_l2
-from parnet_cpu.models.parnet import (ChannelAffine, ParNetBlock, ParNetBlockDeploy, ParNetConfig, build_model,
-                                      count_parameters, create_model)
+from parnet_cpu.models.parnet import (ChannelAffine, ParNetBlock, ParNetBlockDeploy, ParNetConfig, count_parameters, create_model)
 
 # exact counts from the facts file (authors' code, training form; the paper's counts are the fused ones)
 PARAMS = {

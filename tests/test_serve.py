@@ -151,7 +151,7 @@ class ServerProcess:
             wait_until(self._ready, START_TIMEOUT, "server ready")
         except BaseException:
             self.stop()
-            raise AssertionError(f"server did not start:\n{self.stderr.read_text()[-3000:]}")
+            raise AssertionError(f"server did not start:\n{self.stderr.read_text()[-3000:]}") from None
 
     def _ready(self) -> bool:
         if self.proc.poll() is not None:
@@ -237,7 +237,9 @@ def test_v2_json_follows_the_spec(client, reference):
         assert (r.status_code, r.content) == (200, b""), path
     assert client.get("/v2/models/other/ready").status_code == 404
     meta = client.get("/v2/models/parnet").json()
-    assert set(meta) == {"name", "versions", "platform", "inputs", "outputs"}
+    # the spec's fields, plus "parameters" (the protocol's extension slot) carrying the preprocessing
+    assert set(meta) == {"name", "versions", "platform", "inputs", "outputs", "parameters"}
+    assert meta["parameters"]["preprocessing"]["center_crop"] == SHAPE[1]
     assert client.get("/v2").json()["name"] == "parnet-cpu"
 
     x, ref = reference["x"][:2], reference["logits"][:2]
@@ -551,8 +553,9 @@ def test_sigterm_drains_in_flight_requests(model_dir, reference, tmp_path):
 
     cpus = sorted(os.sched_getaffinity(0))
     groups = f"{cpus[0]}:{cpus[-1]}:{cpus[0]}"  # multi-stream: worker processes that must stop too
+    # the module's shared server leases every core: this second server shares them, as it must ask to
     srv = ServerProcess(model_dir, tmp_path, "--max-wait-ms", "1500", "--plan", "multistream", "--cores", groups,
-                        "--precision", "fp32")
+                        "--precision", "fp32", "--share-cores")
     try:
         workers = psutil.Process(srv.proc.pid).children(recursive=True)
         assert workers

@@ -18,11 +18,18 @@ COMMANDS: tuple[str, ...] = (
     "parnet_cpu.cli.export",
     "parnet_cpu.cli.quantize",
     "parnet_cpu.cli.eval",
+    "parnet_cpu.cli.verify",
     "parnet_cpu.cli.bench",
+    "parnet_cpu.cli.profile",
+    "parnet_cpu.cli.plan",
     "parnet_cpu.cli.serve",
     "parnet_cpu.cli.train",
     "parnet_cpu.cli.dataset",
 )
+
+
+# what the `full` extra adds to the torch-free base install (pyproject.toml)
+FULL_INSTALL_MODULES = frozenset({"torch", "nncf", "onnx", "onnxruntime", "torchao", "matplotlib"})
 
 
 class CliError(Exception):
@@ -56,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return _reader_went_away()
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] in FULL_INSTALL_MODULES:
+            print(f"parnet-cpu {args.command}: error: this command needs the full install ({exc.name} is not "
+                  "installed): pip install 'parnet-cpu[full]' (torch: a CPU wheel, see scripts/install.sh)",
+                  file=sys.stderr)
+            return 2
+        raise
 
 
 def _reader_went_away() -> int:

@@ -2,7 +2,61 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts that must be >= 1 (batch size, workers, limits): a usage error, not a traceback."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    return value
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (kill, `docker stop`, systemd) acts like Ctrl-C, so the same cleanup runs (the temporary
+    output folder is removed) and the command exits with status 130 instead of dying mid-write."""
+    received: list[int] = []
+
+    def interrupt(signum, frame):
+        received.append(signum)
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    except Exception:
+        if received:  # the interrupt surfaced wrapped (e.g. an ImportError while a C extension loaded)
+            raise KeyboardInterrupt(f"signal {received[0]}") from None
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def check_out_arg(out: str, overwrite: bool, **inputs: str | None) -> None:
+    """Refuse a bad --out before any work (see `artifacts.check_output_dir`); inputs: flag name -> path."""
+    from parnet_cpu.artifacts import ModelDirError, check_output_dir
+    from parnet_cpu.cli import CliError
+
+    try:
+        check_output_dir(out, overwrite, {f"--{k}": v for k, v in inputs.items()})
+    except ModelDirError as exc:
+        raise CliError(str(exc)) from None
 
 
 def int_tuple(text: str) -> tuple[int, ...]:

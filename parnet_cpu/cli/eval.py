@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import json
+import os
+from pathlib import Path
+
+from parnet_cpu.cli.common import positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,9 +16,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="default: int8 if the folder has it, else fp32 (bf16 runs the FP32 IR with bf16 kernels)")
     p.add_argument("--backend", choices=("openvino", "torch", "ipex"), default="openvino",
                    help="engine that runs the model (torch/ipex: their INT8 artifact from `quantize --backend`)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N images")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int)
+    p.add_argument("--limit", type=positive_int, help="evaluate only the first N images")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--workers", type=positive_int)
     p.add_argument("--json", metavar="FILE", help="write the full result (with per-class counts) as JSON")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=run)
@@ -24,15 +27,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from parnet_cpu.artifacts import ModelDir, ModelDirError, write_json
     from parnet_cpu.cli import CliError
-    from parnet_cpu.data import DatasetError, detect_layout
+    from parnet_cpu.data import DatasetError, detect_layout, match_model_classes
     from parnet_cpu.evaluation import accuracy_summary, run_models
     from parnet_cpu.runtime.engine import CompileOptions, compile_model, precision_supported
 
+    if args.json:
+        check_json_target(Path(args.json))
     try:
         md = ModelDir.open(args.model)
         precision = args.precision or ("int8" if "int8" in md.precisions or args.backend != "openvino" else "fp32")
         ir = md.ir_path("fp32" if precision == "bf16" else precision) if args.backend == "openvino" else None
-        ds = detect_layout(args.data)
+        ds = match_model_classes(detect_layout(args.data), md.class_names)
     except (ModelDirError, DatasetError) as exc:
         raise CliError(str(exc)) from None
     if not ds.has_labels:
@@ -57,14 +62,26 @@ def run(args: argparse.Namespace) -> int:
     outs = run_models({precision: compiled}, samples, md.preprocess_config(), args.batch_size, args.workers,
                       progress=not args.quiet, desc=f"eval {precision}")
     result = {"model": str(md.path), "precision": precision, "backend": args.backend, "ir": ir.name if ir else None, "data": str(ds.root), "layout": ds.layout,
+              "label_mapping": ds.label_mapping,
               **accuracy_summary(outs.logits[precision], outs.labels, md.class_names),
-              "skipped": outs.report.failures}
+              "skipped": outs.report.failures, "skipped_files": ds.skipped_files}
     if "top1" not in result:
         raise CliError("no image could be decoded and evaluated")
     print(f"{precision}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  on {result['labelled']} images"
           + (f" ({len(result['skipped'])} undecodable skipped)" if result["skipped"] else ""))
     if args.json:
-        from pathlib import Path
-
         write_json(Path(args.json), result)
     return 0
+
+
+def check_json_target(path: Path) -> None:
+    """--json must be writable before the evaluation runs, not found unwritable after it."""
+    from parnet_cpu.cli import CliError
+
+    folder = path.parent
+    if path.is_dir():
+        raise CliError(f"--json {path} is a folder; name a file")
+    if not folder.is_dir():
+        raise CliError(f"--json {path}: folder {folder} is missing (create it first)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CliError(f"--json {path}: folder {folder} is not writable")

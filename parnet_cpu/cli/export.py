@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from parnet_cpu.cli.common import add_model_args, model_from_args
+from parnet_cpu.cli.common import add_model_args, check_out_arg, model_from_args, sigterm_as_interrupt
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -12,23 +12,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--out", required=True, help="output model folder")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an output folder written by parnet-cpu (never anything else)")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from parnet_cpu.artifacts import ModelDirError
-    from parnet_cpu.cli import CliError
-    from parnet_cpu.export import export_model_dir
-    from parnet_cpu.models.parnet import count_parameters
-    from parnet_cpu.reparam.fuse import reparameterize
+    with sigterm_as_interrupt():
+        check_out_arg(args.out, args.overwrite, checkpoint=args.checkpoint)  # before any work (and before torch is even imported)
+        from parnet_cpu.artifacts import ModelDirError
+        from parnet_cpu.cli import CliError
+        from parnet_cpu.export import export_model_dir
+        from parnet_cpu.models.parnet import count_parameters
+        from parnet_cpu.reparam.fuse import reparameterize
 
-    model, source = model_from_args(args)
-    deploy = reparameterize(model)
-    try:
-        out = export_model_dir(deploy, args.out, source=source, onnx=args.onnx, overwrite=args.overwrite)
-    except ModelDirError as exc:
-        raise CliError(str(exc)) from None
+        model, source = model_from_args(args)
+        deploy = reparameterize(model)
+        try:
+            out = export_model_dir(deploy, args.out, source=source, onnx=args.onnx, overwrite=args.overwrite)
+        except ModelDirError as exc:
+            raise CliError(str(exc)) from None
     print(f"exported {args.model}: {count_parameters(model):,} params (training form) -> "
           f"{count_parameters(deploy):,} (deploy form) to {out}/")
     return 0

@@ -34,11 +34,54 @@ def run(args: argparse.Namespace) -> int:
         info = describe_machine(root)
     except ValueError as exc:
         raise CliError(str(exc)) from None
+    leases = live_leases() if info.live else None
     if args.json:
-        print(json.dumps(info.to_dict(), sort_keys=True, indent=2))
+        print(json.dumps(info.to_dict() | ({"leases": leases} if leases is not None else {})
+                         | ({"int8_float_leftovers": _leftovers(info)} if info.live else {}), sort_keys=True, indent=2))
     else:
         print(format_report(info))
+        if leases is not None:
+            print(format_leases(leases))
     return 0
+
+
+def live_leases() -> list[dict]:
+    """Cores leased right now by runtimes on this machine (see `parnet_cpu.runtime.cores`)."""
+    from dataclasses import asdict
+
+    from parnet_cpu.runtime.cores import current_leases
+
+    return [asdict(lease) for lease in current_leases()]
+
+
+def format_leases(leases: list[dict]) -> str:
+    from parnet_cpu.runtime.cores import lease_dir
+
+    if not leases:
+        return f"Core leases        none ({lease_dir()})"
+    return "\n".join([f"Core leases        {len(leases)} ({lease_dir()})"]
+                     + [f"  CPU {l['cpu']:<4} {l['mode']:<9} pid {l['pid']}  since {l['since']}  {l['command']}"
+                        for l in leases])
+
+
+def _leftovers(info) -> str:
+    """Precision INT8 models will run their float leftovers (stem, SE gates, pooling) in on this CPU."""
+    import os
+
+    from parnet_cpu.runtime.engine import LEFTOVERS_ENV, default_leftovers
+
+    chosen = os.environ.get(LEFTOVERS_ENV, "auto")
+    return default_leftovers(info.isa, os.environ.get("ONEDNN_MAX_CPU_ISA")) if chosen == "auto" else chosen
+
+
+def _leftovers_note(info) -> str:
+    import os
+
+    from parnet_cpu.runtime.engine import LEFTOVERS_ENV
+
+    why = (f"{LEFTOVERS_ENV}={os.environ[LEFTOVERS_ENV]}" if os.environ.get(LEFTOVERS_ENV, "auto") != "auto"
+           else "auto: bf16 where the CPU has AVX512_BF16 or AMX-BF16")
+    return f"{_leftovers(info)} ({why}; opt out with {LEFTOVERS_ENV}=f32 or --int8-leftovers f32)"
 
 
 def _yes(flag: bool) -> str:
@@ -90,6 +133,7 @@ def format_report(info) -> str:  # info: MachineInfo (import kept lazy)
     rows.append(("", "  ".join(flags[5:])))
     rows.append(("ISA level", info.isa_level))
     rows.append(("int8 kernels", f"{info.int8_kernels} ({info.int8_kernels_note})"))
+    rows.append(("INT8 float ops", _leftovers_note(info)))
     if info.openvino is not None:
         ov = info.openvino
         rows.append(("OpenVINO", f"{ov.version}: {ov.full_device_name}"))

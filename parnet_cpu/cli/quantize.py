@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
-from parnet_cpu.cli.common import add_model_args, model_from_args
+from parnet_cpu.cli.common import (add_model_args, check_out_arg, model_from_args, non_negative_int, positive_int,
+                                   sigterm_as_interrupt)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,27 +29,51 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ignored-scope", action="append", metavar="PATTERN",
                    help="keep matching layers in float: a regex on node names, or se | stem | head | fusion; "
                         "repeatable; default: se and stem; 'none' quantizes everything")
+    p.add_argument("--int8-leftovers", choices=("auto", "bf16", "f32"),
+                   help="precision of the ops the INT8 model keeps in float, for the evaluation and the profile in "
+                        "report.json (and, through PARNET_CPU_INT8_LEFTOVERS, every later compile); default auto: "
+                        "bf16 where the CPU has it, else f32")
+    p.add_argument("--legacy-defaults", action="store_true",
+                   help="the defaults before issue 14 (ignored scope se + stem, float leftovers f32), to rerun "
+                        "the before/after comparison; explicit --ignored-scope / --int8-leftovers still win")
     p.add_argument("--max-drop", type=float, help="accuracy-controlled PTQ: max top-1 drop in points (needs labels)")
-    p.add_argument("--eval-limit", type=int, default=5000, help="held-out images to evaluate (0: all; default 5000)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, help="image decoding threads")
+    p.add_argument("--eval-limit", type=non_negative_int, default=5000,
+                   help="held-out images to evaluate (0: all; default 5000)")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--workers", type=positive_int, help="image decoding threads")
     p.add_argument("--seed", type=int, default=0, help="calibration/held-out split seed")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an output folder written by parnet-cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from parnet_cpu.cli import CliError
+
+    with sigterm_as_interrupt():
+        if args.subset_size < 1:
+            raise CliError("--subset-size must be at least 1")
+        check_out_arg(args.out, args.overwrite, calib=args.calib, checkpoint=args.checkpoint)
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The job itself (the output folder was checked already)."""
     from parnet_cpu.artifacts import ModelDirError
     from parnet_cpu.cli import CliError
     from parnet_cpu.data import DatasetError
     from parnet_cpu.quantization.ptq import QuantizationError, QuantizeOptions, quantize_to_dir
 
-    if args.subset_size < 1:
-        raise CliError("--subset-size must be at least 1")
+    from parnet_cpu.quantization.ptq import LEGACY_IGNORED_SCOPE
+    from parnet_cpu.runtime.engine import LEFTOVERS_ENV
+
     model, source = model_from_args(args)
+    leftovers = args.int8_leftovers or ("f32" if args.legacy_defaults else None)
+    if leftovers:
+        os.environ[LEFTOVERS_ENV] = leftovers  # this process's compiles: evaluation and the profile
     if args.ignored_scope is None:
-        ignored = QuantizeOptions.ignored_scope if args.backend == "openvino" else ()
+        default_scope = LEGACY_IGNORED_SCOPE if args.legacy_defaults else QuantizeOptions.ignored_scope
+        ignored = default_scope if args.backend == "openvino" else ()
     else:
         ignored = tuple(p for p in args.ignored_scope if p != "none")
     opts = QuantizeOptions(subset_size=args.subset_size, preset=args.preset,

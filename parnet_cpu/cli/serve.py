@@ -27,6 +27,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--cores", help="explicit groups, one per stream, separated by ':' e.g. 0-3:4-7:8-11")
     r.add_argument("--precision", choices=("fp32", "bf16", "int8"), help="default: int8 if present, else fp32")
     r.add_argument("--plan", choices=("auto", "single", "multistream"), default="auto")
+    r.add_argument("--share-cores", action="store_true",
+                   help="run on cores another Runtime on this machine holds (warns; both run slower). "
+                   "Default: only free cores, and a clear error naming the holder when none are")
+    r.add_argument("--replicas", type=replicas_arg, default=1, metavar="N|auto",
+                   help="N single-graph runtimes on disjoint free core groups behind one batcher, for "
+                   "throughput (default: 1); auto: the most throughput whose p99 meets --p99-ms, measured at start")
+    r.add_argument("--p99-ms", type=float, metavar="MS",
+                   help="latency target for --replicas auto (default: 1.5x one replica's p50 at batch 1)")
     r.add_argument("--inflight", type=int, default=2, help="batches inside the runtime at once (default: 2)")
     b = p.add_argument_group("batching and limits")
     b.add_argument("--max-batch", type=int, default=8, help="images per batch (default: 8; 1 = no batching)")
@@ -36,7 +44,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--max-body-mb", type=float, default=32.0, help="request body limit, 413 above (default: 32)")
     b.add_argument("--max-image-pixels", type=int, default=40_000_000, help="decoded image limit (default: 40M)")
     b.add_argument("--cpu-threads", type=int, help="threads for decoding/parsing (default: min(4, CPUs))")
+    b.add_argument("--max-connections", type=int, default=256, help="open connections; requests beyond answer "
+                   "503 (default: 256)")
+    b.add_argument("--header-timeout", type=float, default=10.0, help="seconds for a request's line and headers "
+                   "to arrive, else the connection is closed (default: 10)")
+    b.add_argument("--body-timeout", type=float, default=60.0, help="seconds for a request's whole body to "
+                   "arrive, else 408 (default: 60)")
+    b.add_argument("--infer-timeout", type=float, default=60.0, help="seconds one batch may take in the runtime, "
+                   "else 504 (a stopped or stuck worker; default: 60)")
     o = p.add_argument_group("operations")
+    o.add_argument("--runtime-restarts", type=int, default=3, help="times the server replaces its runtime when a "
+                   "worker process dies (then /v2/health/live turns 503; 0: at once; default: 3)")
     o.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="seconds to drain in-flight requests after SIGTERM (default: 30)")
     o.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
@@ -49,6 +67,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
+def replicas_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
+    return n
+
+
 def _validate(args: argparse.Namespace) -> None:
     from parnet_cpu.cli import CliError
 
@@ -57,10 +87,20 @@ def _validate(args: argparse.Namespace) -> None:
             raise CliError(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_wait_ms < 0 or args.max_body_mb <= 0 or args.max_image_pixels < 1:
         raise CliError("--max-wait-ms must be >= 0, --max-body-mb and --max-image-pixels > 0")
+    for name in ("max_connections", "header_timeout", "body_timeout", "infer_timeout"):
+        if getattr(args, name) <= 0:
+            raise CliError(f"--{name.replace('_', '-')} must be > 0")
+    if args.runtime_restarts < 0:
+        raise CliError("--runtime-restarts must be >= 0")
     if args.max_queue < args.max_batch:
         raise CliError("--max-queue must be at least --max-batch")
     if not 0 <= args.port <= 65535:
         raise CliError(f"--port must be 0..65535, got {args.port}")
+    if args.replicas != 1 and (args.cores or args.plan != "auto" or args.cores_per_stream != "auto"):
+        raise CliError("--replicas runs single-graph runtimes on free cores it splits itself: drop --cores, "
+                       "--plan and --cores-per-stream")
+    if args.p99_ms is not None and (args.replicas != "auto" or args.p99_ms <= 0):
+        raise CliError("--p99-ms needs --replicas auto and a positive value")
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -120,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
 
         from parnet_cpu.serve.app import ServeConfig, create_app
         from parnet_cpu.serve.metrics import configure_logging
+        from parnet_cpu.serve.protocol import header_timeout_protocol
     except ImportError as exc:
         raise CliError(f"serving needs the web stack ({exc.name} is missing): "
                        "pip install starlette uvicorn prometheus-client python-multipart") from None
@@ -128,10 +169,15 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     log = logging.getLogger("parnet_cpu.serve")
     config = ServeConfig(model=args.model, name=args.name, cores_per_stream=args.cores_per_stream, cores=args.cores,
-                         precision=args.precision, plan=args.plan, max_batch=args.max_batch,
+                         precision=args.precision, plan=args.plan, share_cores=args.share_cores,
+                         replicas=args.replicas, p99_ms=args.p99_ms,
+                         max_batch=args.max_batch,
                          max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, inflight=args.inflight,
                          max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_image_pixels=args.max_image_pixels,
-                         cpu_threads=args.cpu_threads, access_log=args.access_log)
+                         cpu_threads=args.cpu_threads, access_log=args.access_log,
+                         infer_timeout_s=args.infer_timeout, body_timeout_s=args.body_timeout,
+                         header_timeout_s=args.header_timeout, max_connections=args.max_connections,
+                         max_restarts=args.runtime_restarts)
     sock = _bind(args.host, args.port)
     if not _is_loopback(args.host):
         log.warning("binding a non-loopback address: the API has no authentication; put it behind a proxy "
@@ -141,7 +187,9 @@ def run(args: argparse.Namespace) -> int:
         app = create_app(config, runtime=runtime)
         server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
                                                server_header=False, log_level=args.log_level,
-                                               timeout_graceful_shutdown=args.graceful_timeout))
+                                               timeout_graceful_shutdown=args.graceful_timeout,
+                                               http=header_timeout_protocol(args.header_timeout),
+                                               limit_concurrency=args.max_connections))
         host, port = sock.getsockname()[:2]
         log.info("listening", extra={"host": host, "port": port, "url": f"http://{args.host}:{port}"})
         try:

@@ -28,6 +28,7 @@ from .layouts import (
     is_image_file,
     list_images,
     load_devkit_mapping,
+    match_model_classes,
     split_calibration_holdout,
     synset_to_index,
 )
@@ -35,6 +36,7 @@ from .loader import Batch, BatchLoader, DecodeReport, default_num_workers, iter_
 from .preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    IMAGE_FORMATS,
     INTERPOLATIONS,
     ImageDecodeError,
     PreprocessConfig,
@@ -48,8 +50,8 @@ from .preprocess import (
 __all__ = [
     "IMAGE_EXTENSIONS", "LAYOUTS", "Dataset", "DatasetError", "DatasetWarning", "bundled_calibration_dir",
     "count_images", "detect_layout", "imagenet_class_names", "imagenet_synsets", "imagenet_val_labels",
-    "is_image_file", "list_images", "load_devkit_mapping", "split_calibration_holdout", "synset_to_index",
+    "is_image_file", "list_images", "load_devkit_mapping", "match_model_classes", "split_calibration_holdout", "synset_to_index",
     "Batch", "BatchLoader", "DecodeReport", "default_num_workers", "iter_batches", "load_paths", "take",
-    "IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "ImageDecodeError", "PreprocessConfig", "center_crop",
+    "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_FORMATS", "INTERPOLATIONS", "ImageDecodeError", "PreprocessConfig", "center_crop",
     "load_and_preprocess", "load_image", "preprocess", "resize_shorter_side",
 ]

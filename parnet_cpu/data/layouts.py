@@ -305,6 +305,8 @@ class Dataset:
             s += f", {len(self.unlabelled_images)} images without label skipped"
         if self.missing_images:
             s += f", {self.missing_images} labelled images absent"
+        if self.skipped_files:
+            s += f", {len(self.skipped_files)} other files skipped (skipped_files)"
         return s
 
 

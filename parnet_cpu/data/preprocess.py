@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 __all__ = [
+    "IMAGE_FORMATS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "INTERPOLATIONS",
@@ -35,6 +36,12 @@ __all__ = [
     "resize_shorter_side",
     "center_crop",
 ]
+
+# The one allow-list of image formats, for calibration, evaluation and the server alike, checked on the
+# decoded content (never the file name): Pillow tries only these decoders, so e.g. EPS/PostScript content
+# in a ".png" never reaches Ghostscript. JPEG includes camera MPO files; GIF and multi-frame TIFF/WebP
+# give their first frame.
+IMAGE_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "BMP", "WEBP", "TIFF", "GIF")
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -200,7 +207,9 @@ def load_image(
     * Palette images -> RGB (via RGBA when the palette has transparency).
     * Alpha (``RGBA``/``LA``/``PA``/palette transparency) is composited onto ``alpha_background``
       (white); ``alpha_background=None`` drops alpha instead (torchvision behaviour).
-    * Multi-frame files (TIFF, WebP, ...): first frame.
+    * Only the formats of :data:`IMAGE_FORMATS`, recognised by content; any other file (PPM, ICO, EPS,
+      ... whatever its extension) is refused with the list of accepted formats.
+    * Multi-frame files (GIF, TIFF, WebP, ...): first frame.
     * Truncated or corrupt files raise :class:`ImageDecodeError`. ``PIL.ImageFile.
       LOAD_TRUNCATED_IMAGES`` is never set by this package; if some other code set it to True,
       truncated JPEGs would decode with a grey lower part, so this function refuses to run then.
@@ -221,7 +230,7 @@ def load_image(
         raise ImageDecodeError(p, "empty file (0 bytes)")
     try:
         with open(p, "rb") as fh:
-            img = Image.open(fh)
+            img = Image.open(fh, formats=IMAGE_FORMATS)
             img.load()
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(p, f"image too large: {exc}") from None
@@ -244,7 +253,7 @@ def _reason(exc: BaseException) -> str:
     msg = str(exc).strip()
     name = type(exc).__name__
     if name == "UnidentifiedImageError":
-        return "not a recognised image file"
+        return f"not a recognised image file (accepted formats: {', '.join(IMAGE_FORMATS)})"
     text = f"{name}: {msg}" if msg else name
     if "truncated" in msg or "broken data stream" in msg or "premature end" in msg.lower():
         return f"truncated or corrupt image data ({text})"

@@ -78,6 +78,10 @@ def extract_state_dict(obj: Mapping, use_ema: bool = False) -> dict[str, torch.T
         sd = obj["state_dict_ema"]
     else:
         sd = obj
+    if not isinstance(sd, Mapping):
+        where = next((f"'{k}'" for k in ("state_dict_ema", "state_dict") if k in obj and obj[k] is sd), "the file")
+        raise CheckpointError(f"not a state dict: {where} holds a {type(sd).__name__}, expected a mapping of "
+                              "parameter names to tensors")
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"not a state dict: non-tensor entries {bad[:5]}")
@@ -91,20 +95,57 @@ def check_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> None:
     unexpected = sorted(set(sd) - set(expected))
     mis_shaped = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
                   for k in sorted(set(sd) & set(expected)) if sd[k].shape != expected[k].shape]
-    if missing or unexpected or mis_shaped:
+    common = sorted(set(sd) & set(expected))
+    # a float parameter or buffer must arrive as finite floats: an integer tensor would be cast silently and
+    # a NaN/Inf weight gives garbage (num_batches_tracked and other integer buffers are not checked)
+    non_float = [f"{k}: {str(sd[k].dtype).removeprefix('torch.')}" for k in common
+                 if expected[k].is_floating_point() and not sd[k].is_floating_point()]
+    non_finite = [k for k in common if expected[k].is_floating_point() and sd[k].is_floating_point()
+                  and not bool(torch.isfinite(sd[k]).all())]
+    if missing or unexpected or mis_shaped or non_float or non_finite:
         parts = []
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", mis_shaped)):
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", mis_shaped),
+                             ("non-float weights", non_float), ("non-finite (NaN/Inf) weights", non_finite)):
             if items:
                 shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
                 parts.append(f"{title} ({len(items)}): {shown}")
         raise CheckpointError("checkpoint does not match the model:\n  " + "\n  ".join(parts))
 
 
+# Configuration fields a checkpoint's weights were trained for; a model built otherwise gives wrong answers
+# (activation) or cannot hold the weights. Each with the command-line flag that sets it.
+ARCH_FIELDS: dict[str, str] = {"activation": "--activation", "planes": "--planes", "num_blocks": "--blocks",
+                               "num_classes": "--num-classes", "in_chans": "--in-chans",
+                               "stem_stride": "--stem-stride"}
+
+
+def config_conflicts(saved: Mapping, model_cfg: Mapping) -> list[str]:
+    """Fields of ARCH_FIELDS where a checkpoint's stored configuration and the model's differ, described."""
+    def norm(v):
+        return tuple(v) if isinstance(v, (list, tuple)) else v
+
+    return [f"{k}: checkpoint {norm(saved[k])!r}, model {norm(model_cfg[k])!r} ({flag})"
+            for k, flag in ARCH_FIELDS.items() if k in saved and k in model_cfg and norm(saved[k]) != norm(model_cfg[k])]
+
+
 def load_checkpoint(model: nn.Module, path: str | Path, use_ema: bool = False) -> dict:
-    """Load weights strictly into `model`; returns a small description (hash, source, arch)."""
+    """Load weights strictly into `model`; returns a small description (hash, source, arch).
+
+    Our checkpoints carry the configuration they were trained with; a model configured otherwise (e.g.
+    ReLU for a SiLU-trained checkpoint, which loads without a shape error) is refused, naming both."""
     obj = read_checkpoint(path)
+    cfg = getattr(model, "cfg", None)
+    saved = obj.get("config")
+    conflicts = config_conflicts(saved, cfg.to_dict()) if isinstance(saved, Mapping) and cfg is not None else []
+    conflict_text = (f"{path} was saved for another configuration than the model's:\n  " + "\n  ".join(conflicts)
+                     + "\nset the model's configuration to the checkpoint's") if conflicts else ""
     sd = extract_state_dict(obj, use_ema)
-    check_state_dict(model, sd)
+    try:
+        check_state_dict(model, sd)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}\n{conflict_text}".rstrip()) from None
+    if conflicts:  # e.g. the activation: the weights fit, the answers would be wrong
+        raise CheckpointError(conflict_text)
     model.load_state_dict(sd, strict=True)
     return {"path": str(path), "sha256": file_sha256(path), "arch": obj.get("arch"),
             "epoch": obj.get("epoch"), "ema": bool(use_ema)}

@@ -16,8 +16,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from parnet_cpu.artifacts import IR_FILES, ModelDir, atomic_output_dir, write_json
-from parnet_cpu.data import DecodeReport, Dataset, PreprocessConfig, detect_layout, iter_batches
+from parnet_cpu.artifacts import IR_FILES, ModelDir, atomic_output_dir, check_output_dir, stamp_manifest, write_json
+from parnet_cpu.data import (DecodeReport, Dataset, ImageDecodeError, PreprocessConfig, detect_layout, iter_batches,
+                             load_and_preprocess, match_model_classes)
 from parnet_cpu.evaluation import accuracy_summary, fidelity_summary, run_models
 from parnet_cpu.runtime.engine import CompileOptions, compile_model, core, runtime_layers
 
@@ -30,6 +31,9 @@ IGNORED_SCOPE_ALIASES = {
 }
 
 
+LEGACY_IGNORED_SCOPE = ("se", "stem")  # the default before issue 14 (`quantize --legacy-defaults`)
+
+
 class QuantizationError(RuntimeError):
     """Quantization cannot proceed (bad data, labels that do not fit the model, ...)."""
 
@@ -40,7 +44,10 @@ class QuantizeOptions:
     images): keeping the SE gate convs and the stem conv in float plus full bias correction raised
     INT8-vs-FP32 logit SQNR from 19.2 to 24.4 dB and cut changed predictions from 83 to 47 at ~0.02 ms;
     preset mixed beat performance in combination; 300 images matched 1000; SmoothQuant does not apply
-    to CNNs in NNCF (it needs model_type=transformer, which was worse)."""
+    to CNNs in NNCF (it needs model_type=transformer, which was worse).
+    Issue 14 (benchmarks/matrix_unit.py, ParNet-S batch 8, AVX-512 VNNI): quantizing the stem too gave
+    no speed over running the float leftovers in bf16 (the compile-time default now, see
+    `runtime.engine.float_leftovers`) and cost ~0.1 pt on Fashion-MNIST, so the scope stays."""
 
     subset_size: int = 300
     preset: str = "mixed"
@@ -187,6 +194,20 @@ def check_labels_fit(ds: Dataset, num_classes: int) -> None:
         raise QuantizationError(f"{len(too_big)} labels are >= the model's {num_classes} classes")
 
 
+def check_calibration_decodes(samples: Sequence, pcfg: PreprocessConfig) -> None:
+    """Decode calibration images until one works, so that a folder of nothing but undecodable files is a
+    clear error before NNCF runs (NNCF's own error on an empty data set names none of the files)."""
+    failures: list[str] = []
+    for path, _ in samples:
+        try:
+            load_and_preprocess(path, pcfg)
+            return
+        except ImageDecodeError as exc:
+            failures.append(f"{path}: {exc.reason}")
+    raise QuantizationError(f"no calibration image could be decoded ({len(failures)} tried):\n  "
+                            + "\n  ".join(failures[:10]) + ("\n  ..." if len(failures) > 10 else ""))
+
+
 @dataclass
 class Phases:
     seconds: dict[str, float] = field(default_factory=dict)
@@ -204,11 +225,14 @@ def quantize_to_dir(model, source: dict, calib_dir: str | Path, out: str | Path,
     from parnet_cpu.export import write_fp32_artifacts
     from parnet_cpu.reparam.fuse import reparameterize
 
+    inputs = {"--calib": calib_dir}
+    check_output_dir(out, overwrite, inputs)  # before any work: never replace what this tool did not write
     backend = get_backend(opts.backend)  # fails early (e.g. IPEX not installed) before any work
     backend.check_options(opts)
     phases = Phases()
+    planned = ModelDir(Path(out), {"config": model.cfg.to_dict()})  # class names and preprocessing, before writing
     with phases("read_data"):
-        ds = detect_layout(calib_dir)
+        ds = match_model_classes(detect_layout(calib_dir), planned.class_names)
         check_labels_fit(ds, model.cfg.num_classes)
         calib, holdout = ds.split(opts.subset_size, seed=opts.seed)
         if opts.eval_limit is not None:
@@ -217,9 +241,10 @@ def quantize_to_dir(model, source: dict, calib_dir: str | Path, out: str | Path,
     if len(calib) < opts.subset_size:
         log(f"warning: only {len(calib)} images for calibration (asked for {opts.subset_size})")
 
+    check_calibration_decodes(calib.samples, planned.preprocess_config())
     with phases("reparameterize"):
         deploy = reparameterize(model)
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
         with phases("export_fp32"):
             write_fp32_artifacts(deploy, tmp, source)
         md = ModelDir.open(tmp)
@@ -232,6 +257,7 @@ def quantize_to_dir(model, source: dict, calib_dir: str | Path, out: str | Path,
             validation = ImageStream(holdout.samples, pcfg, opts.num_workers, with_labels=True)
         with phases("quantize"):
             backend.quantize(tmp, deploy, calibration, opts, validation)
+        stamp_manifest(tmp)  # the INT8 files join the manifest's digests
         if calibration.decoded == 0:
             raise QuantizationError(f"none of the {len(calib)} calibration images could be decoded")
 
@@ -251,7 +277,8 @@ def quantize_to_dir(model, source: dict, calib_dir: str | Path, out: str | Path,
             "model": source.get("model"), "config": model.cfg.to_dict(),
             "checkpoint": source.get("checkpoint"), "random_weights": source.get("checkpoint") is None,
             "data": {"root": str(ds.root), "layout": ds.layout, "images": len(ds), "labelled": ds.has_labels,
-                     "label_space": ds.label_space, "notes": ds.notes},
+                     "label_space": ds.label_space, "label_mapping": ds.label_mapping, "notes": ds.notes,
+                     "skipped_files": ds.skipped_files},
             "calibration": {"requested": opts.subset_size, "images": len(calib), "decoded": calibration.decoded,
                             "skipped": sorted(calibration.failures.items()),
                             "files": [str(p) for p, _ in calib.samples]},
@@ -263,5 +290,9 @@ def quantize_to_dir(model, source: dict, calib_dir: str | Path, out: str | Path,
             "seconds": phases.seconds,
             "versions": backend.versions(),
         }
+        if backend.name == "openvino":  # where the INT8 time goes, and the float-leftover precision used
+            from parnet_cpu.runtime.profile import profile_model
+
+            report["profile"] = profile_model(tmp, "int8", batch=1, iters=5)
         write_json(tmp / "report.json", report)
     return report

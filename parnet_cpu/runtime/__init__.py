@@ -1,5 +1,6 @@
 """Torch-free inference side: OpenVINO compilation helpers and the multi-stream runtime."""
 
-from parnet_cpu.runtime.runtime import Runtime, RuntimeClosedError  # noqa: E402
+from parnet_cpu.runtime.runtime import (InferenceTimeout, Runtime, RuntimeBrokenError,  # noqa: E402
+                                       RuntimeClosedError, StageError)
 
-__all__ = ["Runtime", "RuntimeClosedError"]
+__all__ = ["InferenceTimeout", "Runtime", "RuntimeBrokenError", "RuntimeClosedError", "StageError"]

@@ -9,28 +9,32 @@ input in and the logits out.
 """
 from __future__ import annotations
 
-import hashlib
 import json
+import math
 import multiprocessing as mp
 import os
 import platform
 import queue
+import signal
+import struct
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
 from multiprocessing.connection import wait
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from parnet_cpu.artifacts import INPUT_NAME, OUTPUT_NAME, ModelDir
-from parnet_cpu.runtime.cores import (CoreClaim, CoreSpecError, available_cores, no_free_cores_message, plan_groups,
-                                      proportional_sizes, validate_groups)
+from parnet_cpu.artifacts import INPUT_NAME, OUTPUT_NAME, ModelDir, write_json
+from parnet_cpu.runtime.cores import (QUIET_LOAD, CoreLease, CoreSpecError, available_cores, lease_transaction,
+                                      no_free_cores_message, other_load, plan_groups, validate_groups,
+                                      wait_for_quiet)
 from parnet_cpu.runtime.partition import RECOMPUTE_STAGES, SHARE_STAGES, SINGLE_STAGES, Stage
-from parnet_cpu.runtime.worker import TensorSlot, WorkerSpec, thread_affinities, worker_main
+from parnet_cpu.runtime.planner import stage_macs, stream_group_sizes  # noqa: F401 (stage_macs: public name)
+from parnet_cpu.runtime.worker import SYNC_REPLY, TensorSlot, WorkerSpec, thread_affinities, worker_main
 
 PLAN_CACHE = "plan_cache.json"
 STREAM_STAGES = ("stream1", "stream2", "stream3")
@@ -38,6 +42,20 @@ STREAM_STAGES = ("stream1", "stream2", "stream3")
 
 class RuntimeClosedError(RuntimeError):
     pass
+
+
+class RuntimeBrokenError(RuntimeError):
+    """A worker process died (killed, out of memory): this Runtime refuses every later call with the cause;
+    close it and create a new one."""
+
+
+class StageError(RuntimeError):
+    """A stage raised inside its worker. Only this call fails: the runtime stays usable."""
+
+
+class InferenceTimeout(TimeoutError):
+    """A call got no answer within its timeout (a stopped or overloaded worker). Only this call fails:
+    the slot is resynchronised before its next use, so a late answer is never handed to another call."""
 
 
 @dataclass
@@ -61,41 +79,19 @@ class Plan:
                             for n, c, st in self.workers]}
 
 
-def stage_macs(ir_path: Path, stages: Sequence[Stage]) -> dict[str, float]:
-    """Multiply-accumulates of each stage at batch 1 (convolutions and the classifier), from the IR:
-    the cost used to size core groups in proportion to the work of each stream."""
-    from parnet_cpu.runtime.partition import cut_stage
-
-    out = {}
-    for stage in stages:
-        total = 0.0
-        for op in cut_stage(ir_path, stage).get_ops():
-            kind = op.get_type_name()
-            if kind in ("Convolution", "GroupConvolution", "MatMul"):
-                oshape = op.get_output_partial_shape(0)
-                wshape = op.input_value(1).get_partial_shape()
-                if oshape.is_static or all(d.is_static for d in list(oshape)[1:]):
-                    o = np.prod([d.get_length() for d in list(oshape)[1:]])
-                    w = [d.get_length() for d in wshape]
-                    per_out = np.prod(w[2:]) if kind != "MatMul" else w[-1]
-                    if kind == "GroupConvolution":
-                        per_out = np.prod(w[2:])
-                    total += float(o * per_out)
-        out[stage.name] = total
-    return out
-
-
 def make_plan(md: ModelDir, ir_path: Path, cores_per_stream: int | str | None, cores: list[list[int]] | None,
-              use_smt: bool, inits1: str, kind: str) -> Plan:
-    """Core groups for the streams (explicit, fixed size, or in proportion to cost) and the stage layout."""
+              use_smt: bool, inits1: str, kind: str, share: bool = False) -> Plan:
+    """Core groups for the streams (explicit, fixed size, or in proportion to cost) and the stage layout.
+    Without explicit `cores`, only cores no other Runtime holds (all usable ones with `share`)."""
     stages = SHARE_STAGES if inits1 == "share" else RECOMPUTE_STAGES
     if kind == "single":
         if cores:
+            validate_groups(cores)  # a CPU that does not exist fails here, not in a worker after a timeout
             cpus = sorted({c for g in cores for c in g})
         elif isinstance(cores_per_stream, int):
-            cpus = sorted(c for g in plan_groups(3, cores_per_stream, use_smt) for c in g)
+            cpus = sorted(c for g in plan_groups(3, cores_per_stream, use_smt, share=share) for c in g)
         else:
-            cpus = sorted(c for core in available_cores(use_smt) for c in core)
+            cpus = sorted(c for core in available_cores(use_smt, share=share) for c in core)
         if not cpus:
             raise CoreSpecError(no_free_cores_message())
         return Plan("single", [("model", cpus, SINGLE_STAGES)], inits1, "single graph on all given cores")
@@ -105,15 +101,13 @@ def make_plan(md: ModelDir, ir_path: Path, cores_per_stream: int | str | None, c
         validate_groups(cores)
         groups, reason = [sorted(g) for g in cores], "explicit core groups"
     elif isinstance(cores_per_stream, int):
-        groups, reason = plan_groups(3, cores_per_stream, use_smt), f"{cores_per_stream} cores per stream"
+        groups, reason = plan_groups(3, cores_per_stream, use_smt, share=share), f"{cores_per_stream} cores per stream"
     else:
-        total = len(available_cores(use_smt))
+        total = len(available_cores(use_smt, share=share))
         if total < 3:
             raise CoreSpecError(f"multi-stream needs at least 3 physical cores, {total} usable")
-        macs = stage_macs(ir_path, [s for s in stages if s.name in STREAM_STAGES or s.name == "inits1"])
-        costs = [macs["stream1"], macs["stream2"] + macs.get("inits1", 0.0), macs["stream3"]]
-        sizes = proportional_sizes(costs, total)
-        groups = plan_groups(3, sizes, use_smt)
+        sizes, costs = stream_group_sizes(ir_path, stages, total)
+        groups = plan_groups(3, sizes, use_smt, share=share)
         reason = f"cores in proportion to stream cost (MACs {', '.join(f'{c / 1e6:.0f}M' for c in costs)})"
     union = sorted({c for g in groups for c in g})
     by_name = {s.name: s for s in stages}
@@ -122,6 +116,44 @@ def make_plan(md: ModelDir, ir_path: Path, cores_per_stream: int | str | None, c
                ("stream2", groups[1], tuple(by_name[n] for n in ("inits1", "stream2") if n in by_name)),
                ("stream3", groups[2], (by_name["stream3"],))]
     return Plan("multistream", workers, inits1, reason)
+
+
+class PlanCacheWarning(UserWarning):
+    """plan_cache.json could not be read; it is ignored and rewritten."""
+
+
+def read_plan_cache(path: Path) -> tuple[dict, bool]:
+    """(cache, corrupt): a torn or foreign file is ignored with a warning instead of failing every start."""
+    if not path.is_file():
+        return {}, False
+    try:
+        cache = json.loads(path.read_text())
+        if not isinstance(cache, dict):
+            raise ValueError(f"expected a JSON object, got {type(cache).__name__}")
+        return cache, False
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        import warnings
+
+        warnings.warn(f"{path}: unreadable plan cache ({exc}); ignoring it (it will be rewritten)", PlanCacheWarning,
+                      stacklevel=3)
+        return {}, True
+
+
+def machine_id() -> str:
+    """This machine's identity for the plan cache: /etc/machine-id where there is one, else the host name."""
+    try:
+        return Path("/etc/machine-id").read_text().strip() or platform.node()
+    except OSError:
+        return platform.node()
+
+
+def plan_cache_entry(choice: str, multi_s: float, single_s: float, cpus: list[int], load_before: dict,
+                     load_after: dict) -> dict:
+    """What a cached decision records: the timings, and when, where and under what load they were taken."""
+    return {"choice": choice, "multistream_ms": multi_s * 1e3, "single_ms": single_s * 1e3,
+            "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(), "machine_id": machine_id(),
+            "cpus": cpus, "other_load_before": {str(c): round(v, 3) for c, v in load_before.items()},
+            "other_load_after": {str(c): round(v, 3) for c, v in load_after.items()}}
 
 
 def _tensor_shapes(ir_path: Path, max_batch: int) -> dict[str, tuple[int, ...]]:
@@ -144,6 +176,14 @@ class _Slot:
     views: dict[str, np.ndarray]
     conns: dict[str, object]  # worker name -> parent end of this slot's pipe
     request: object = None  # in-process single graph: this slot's OpenVINO infer request
+    # a call on this slot ended before reading every reply it caused (interrupt, timeout, failed stage):
+    # its pipes may hold stale replies, even half of one, so they are resynchronised before the next use
+    dirty: bool = False
+    names: dict = field(default_factory=dict)  # parent end of a pipe -> worker name
+    full: object = None  # in-process: a request compiled for exactly max_batch images (static shape)
+
+    def __post_init__(self) -> None:
+        self.names = {conn: name for name, conn in self.conns.items()}
 
 
 @dataclass
@@ -169,12 +209,16 @@ class Runtime:
     >>> with Runtime("out/", cores_per_stream=4) as rt:
     ...     logits = rt.infer(images)           # (N, C, H, W) float32 -> (N, classes)
     ...     future = rt.submit(images)          # concurrent.futures.Future
+
+    Its cores are leased machine-wide (`cores.CoreLease`): by default it takes only cores no other Runtime,
+    in any process, holds, and refuses explicit `cores` that another holds (naming its pid); `share=True`
+    allows it, with a warning. The model folder is verified first (`ModelDir.verify`).
     """
 
     def __init__(self, model_dir: str | Path, cores_per_stream: int | str | None = "auto",
                  cores: list[list[int]] | str | None = None, precision: str | None = None, plan: str = "auto",
                  inits1: str = "recompute", use_smt: bool = False, max_batch: int = 8, inflight: int = 2,
-                 start_timeout: float = 300.0) -> None:
+                 start_timeout: float = 300.0, share: bool = False, timeout: float | None = 60.0) -> None:
         if plan not in ("auto", "multistream", "single"):
             raise ValueError(f"plan must be auto, multistream or single, got {plan!r}")
         if inits1 not in ("recompute", "share"):
@@ -198,18 +242,24 @@ class Runtime:
         self._closed = False
         self._procs: list = []
         self._shms: list[shared_memory.SharedMemory] = []
-        self._claim: CoreClaim | None = None
+        self._claim: CoreLease | None = None
         self._start_timeout = start_timeout
+        self.timeout = timeout  # seconds a call may take (None: no limit); infer/submit can override it
+        self._broken: str | None = None  # why this runtime cannot answer any more (a worker died)
+        self._broken_lock = threading.Lock()
 
         kind = "single" if plan == "single" else "multistream"
-        try:
-            self.plan = make_plan(self.model_dir, self.ir_path, cores_per_stream, cores, use_smt, inits1, kind)
-        except CoreSpecError as exc:
-            if plan != "auto" or cores:
-                raise
-            self.plan = make_plan(self.model_dir, self.ir_path, cores_per_stream, None, use_smt, inits1, "single")
-            self.plan.reason = f"single graph: {exc}"
-        self._claim = CoreClaim(set(self.plan.cpus), exclusive=not cores)
+        with lease_transaction():  # plan on free cores and lease them, with no other runtime in between
+            try:
+                self.plan = make_plan(self.model_dir, self.ir_path, cores_per_stream, cores, use_smt, inits1, kind,
+                                      share)
+            except CoreSpecError as exc:
+                if plan != "auto" or cores:
+                    raise
+                self.plan = make_plan(self.model_dir, self.ir_path, cores_per_stream, None, use_smt, inits1,
+                                      "single", share)
+                self.plan.reason = f"single graph: {exc}"
+            self._claim = CoreLease(self.plan.cpus, share=share)
         try:
             self._start(self.plan)
             if plan == "auto" and self.plan.kind == "multistream":
@@ -227,14 +277,20 @@ class Runtime:
         return plan.kind == "single" and set(plan.cpus) == os.sched_getaffinity(0)
 
     def _start_in_process(self, plan: Plan) -> None:
-        from parnet_cpu.runtime.engine import CompileOptions, compile_model
+        from parnet_cpu.runtime.engine import CompileOptions, compile_model, core
 
-        self._compiled = compile_model(self.ir_path, CompileOptions(precision=self.precision,
-                                                                    num_threads=len(plan.cpus), pinning=True))
+        opts = CompileOptions(precision=self.precision, num_threads=len(plan.cpus), pinning=True)
+        self._compiled = compile_model(self.ir_path, opts)
+        # Full batches run on a second compile with the batch fixed, as benchmark_app does: static shapes
+        # measured ~2 % faster than the dynamic batch (ParNet-S INT8 batch 8; benchmarks/matrix_unit.py).
+        full = core().read_model(str(self.ir_path))
+        full.reshape({full.inputs[0]: [self.max_batch, *self.input_shape]})
+        full_compiled = compile_model(full, opts)
         self._stages, self._stage_worker, self._stage_by_name = [], {}, {}
         self._slots = queue.Queue()
         for i in range(self.inflight):
-            self._slots.put(_Slot(i, {}, {}, self._compiled.create_infer_request()))
+            self._slots.put(_Slot(i, {}, {}, self._compiled.create_infer_request(),
+                                  full=full_compiled.create_infer_request()))
         plan.reason += "; in this process (its CPUs are all the process may use: no hand-over)"
 
     def _start(self, plan: Plan) -> None:
@@ -268,20 +324,28 @@ class Runtime:
         order = [st.name for st in SHARE_STAGES + RECOMPUTE_STAGES + SINGLE_STAGES]
         self._stages.sort(key=lambda s: order.index(s.name))
         self._stage_by_name = {s.name: s for s in self._stages}
-        self._slots: queue.Queue[_Slot] = queue.Queue()
-        for i in range(self.inflight):
-            self._slots.put(_Slot(i, views[i], {name: pipes[name][i][0] for name in pipes}))
+        # SimpleQueue: its put/get are single C calls, so an interrupt cannot lose a slot half-way through
+        self._slots: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
+        self._slot_list = [_Slot(i, views[i], {name: pipes[name][i][0] for name in pipes})
+                           for i in range(self.inflight)]
+        for slot in self._slot_list:
+            self._slots.put(slot)
         deadline = time.monotonic() + self._start_timeout
-        for name in pipes:
+        for (name, _, _), proc in zip(plan.workers, self._procs):
             conn = pipes[name][0][0]
-            if not conn.poll(max(0.0, deadline - time.monotonic())):
+            # a worker that dies before answering (killed, out of memory) ends the wait at once
+            if not wait([conn, proc.sentinel], max(0.0, deadline - time.monotonic())):
                 raise RuntimeError(f"worker {name} did not start within {self._start_timeout:.0f} s")
+            if not conn.poll():
+                proc.join(1)
+                raise RuntimeError(f"worker {name} (pid {proc.pid}) exited with code {proc.exitcode} while starting; "
+                                   "its own error is on this process's stderr")
             msg = conn.recv()
             if msg[0] != "ready":
                 raise RuntimeError(f"worker {name} failed to start:\n{msg[2]}")
 
     def _stop_workers(self) -> None:
-        for slot in list(self._slots.queue) if hasattr(self, "_slots") else []:
+        for slot in getattr(self, "_slot_list", []):
             for conn in slot.conns.values():
                 try:
                     conn.send(None)
@@ -292,7 +356,10 @@ class Runtime:
             if proc.is_alive():
                 proc.terminate()
                 proc.join(timeout=5)
-        self._procs = []
+            if proc.is_alive():  # stopped (SIGSTOP) or ignoring SIGTERM
+                proc.kill()
+                proc.join(timeout=5)
+        self._procs, self._slot_list = [], []
         for shm in self._shms:
             shm.close()
             try:
@@ -304,42 +371,55 @@ class Runtime:
 
     def _choose_plan(self, cores_per_stream, use_smt: bool, inits1: str) -> None:
         """`plan="auto"`: keep multi-stream only if it measures faster than the single graph on the
-        same cores; the decision is cached per machine and model in the model folder."""
+        same (leased) cores. The decision is cached in the model folder per machine, core set, precision
+        and model, with when, where and under what load it was measured; a measurement taken while other
+        work kept those CPUs busy (or on shared cores) decides this start only and is not cached."""
         key = self._cache_key()
         cache_path = self.model_dir.path / PLAN_CACHE
-        cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-        if key in cache:
-            choice = cache[key]["choice"]
+        cache, corrupt = read_plan_cache(cache_path)
+        entry = cache.get(key)
+        if entry is not None and entry.get("choice") in ("single", "multistream"):
+            choice = entry["choice"]
         else:
+            cpus = self.plan.cpus
+            load_before = wait_for_quiet(cpus)
             x = np.zeros((1, *self.input_shape), np.float32)
             multi = self._measure(x)
-            cpus = self.plan.cpus
             self._stop_workers()
             single_plan = Plan("single", [("model", cpus, SINGLE_STAGES)], inits1, "")
             self._start(single_plan)
             single = self._measure(x)
+            load_after = other_load(cpus)
             choice = "multistream" if multi < single else "single"
-            cache[key] = {"choice": choice, "multistream_ms": multi * 1e3, "single_ms": single * 1e3,
-                          "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            try:
-                cache_path.write_text(json.dumps(cache, indent=2))
-            except OSError:
-                pass  # read-only model folder: decide again next time
+            busy = max([*load_before.values(), *load_after.values()], default=0.0)
+            cacheable = busy <= QUIET_LOAD and not (self._claim and self._claim.shared)
+            note = "" if cacheable else (" (not cached: " + ("shared cores" if self._claim and self._claim.shared else
+                                                           f"CPUs busy with other work, load {busy:.2f}") + ")")
+            if cacheable:
+                cache[key] = plan_cache_entry(choice, multi, single, cpus, load_before, load_after)
+            if cacheable or corrupt:
+                try:
+                    write_json(cache_path, cache)
+                except OSError:
+                    pass  # read-only model folder: decide again next time
             if choice == "single":
                 self.plan = Plan("single", single_plan.workers, inits1,
-                                 f"auto: single graph measured faster ({single * 1e3:.2f} vs {multi * 1e3:.2f} ms)")
+                                 f"auto: single graph measured faster ({single * 1e3:.2f} vs {multi * 1e3:.2f} ms)"
+                                 + note)
                 return
             self._stop_workers()
             self._start(self.plan)
-            self.plan.reason += f"; auto: multi-stream measured faster ({multi * 1e3:.2f} vs {single * 1e3:.2f} ms)"
+            self.plan.reason += (f"; auto: multi-stream measured faster ({multi * 1e3:.2f} vs {single * 1e3:.2f} ms)"
+                                 + note)
             return
         if choice == "single":
             cpus = self.plan.cpus
             self._stop_workers()
-            self.plan = Plan("single", [("model", cpus, SINGLE_STAGES)], inits1, f"auto (cached): single graph faster")
+            self.plan = Plan("single", [("model", cpus, SINGLE_STAGES)], inits1,
+                             f"auto (cached {entry.get('measured', '?')}): single graph faster")
             self._start(self.plan)
         else:
-            self.plan.reason += "; auto (cached): multi-stream faster"
+            self.plan.reason += f"; auto (cached {entry.get('measured', '?')}): multi-stream faster"
 
     def _cache_key(self) -> str:
         import openvino as ov
@@ -347,9 +427,9 @@ class Runtime:
         from parnet_cpu.system.cpuinfo import describe_machine
 
         info = describe_machine(query_openvino=False)
-        digest = hashlib.sha256(self.ir_path.with_suffix(".bin").read_bytes()).hexdigest()[:16]
+        digest = self.model_dir.file_sha256(self.ir_path.with_suffix(".bin").name)[:16]
         return json.dumps([info.model_name, self.plan.cpus, self.precision, digest, ov.get_version(),
-                           platform.node()])
+                           machine_id()])
 
     def _measure(self, x: np.ndarray, iters: int = 10) -> float:
         for _ in range(3):
@@ -365,6 +445,8 @@ class Runtime:
     def _check(self, batch: np.ndarray) -> np.ndarray:
         if self._closed:
             raise RuntimeClosedError("this Runtime is closed")
+        if self._broken is not None:
+            raise RuntimeBrokenError(self._broken)
         batch = np.asarray(batch)
         if batch.ndim == 3:
             batch = batch[None]
@@ -378,50 +460,190 @@ class Runtime:
             raise ValueError(f"expected float32 images, got {batch.dtype}")
         return batch
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
+    def _run(self, batch: np.ndarray, timeout: float | None = None) -> np.ndarray:
         n = batch.shape[0]
-        slot = self._slots.get()
+        deadline = self._deadline(timeout)
+        slot = self._take_slot(deadline)
         try:
             if slot.request is not None:
+                request = slot.full if n == self.max_batch and slot.full is not None else slot.request
                 t0 = time.perf_counter()
-                out = slot.request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)}, share_inputs=True)
+                out = request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)}, share_inputs=True)
                 self.stats.add("model", time.perf_counter() - t0)
                 return out[0]  # share_outputs=False: already the caller's own copy
+            if self._broken is not None:
+                raise RuntimeBrokenError(self._broken)
+            if slot.dirty:
+                self._resync(slot, deadline)
+            slot.dirty = True  # until every reply this call causes has been read
             slot.views[INPUT_NAME][:n] = batch
             done, sent = {INPUT_NAME}, set()
-            outstanding: dict[object, int] = {}  # worker connection -> stages sent, not yet answered
+            outstanding: dict[str, int] = {}  # worker -> stages sent to it, not yet answered
             while OUTPUT_NAME not in done:
                 for st in self._stages:
                     if st.name not in sent and all(t in done for t in st.inputs):
-                        conn = slot.conns[self._stage_worker[st.name]]
-                        conn.send(("run", slot.index, st.name, n))
+                        worker = self._stage_worker[st.name]
+                        try:  # inline, not self._send: this loop is the per-call cost
+                            slot.conns[worker].send(("run", slot.index, st.name, n))
+                        except (OSError, ValueError):  # BrokenPipeError: the worker is gone
+                            raise self._worker_died(worker) from None
                         sent.add(st.name)
-                        outstanding[conn] = outstanding.get(conn, 0) + 1
-                busy = [c for c, k in outstanding.items() if k]
+                        outstanding[worker] = outstanding.get(worker, 0) + 1
+                busy = [slot.conns[w] for w, k in outstanding.items() if k]
                 if not busy:
                     raise RuntimeError("stage graph cannot make progress")
-                for conn in wait(busy):
+                ready = wait(busy, None if deadline == math.inf else max(0.0, deadline - time.monotonic()))
+                if not ready:
+                    raise self._timed_out([w for w, k in outstanding.items() if k], timeout)
+                for conn in ready:
+                    worker = slot.names[conn]
                     try:
                         msg = conn.recv()
-                    except EOFError:
-                        raise RuntimeError("a runtime worker process died; close and recreate the Runtime") from None
+                    except (EOFError, OSError):
+                        raise self._worker_died(worker) from None
                     if msg[0] == "error":
-                        raise RuntimeError(f"stage {msg[1]} failed in its worker:\n{msg[2]}")
-                    outstanding[conn] -= 1
+                        raise StageError(f"stage {msg[1]} failed in runtime worker '{worker}' (this call only; "
+                                         f"the runtime stays usable):\n{msg[2]}")
+                    outstanding[worker] -= 1
                     done.update(self._stage_by_name[msg[1]].outputs)
                     self.stats.add(msg[1], msg[2])
-            return slot.views[OUTPUT_NAME][:n].copy()
+            out = slot.views[OUTPUT_NAME][:n].copy()
+            slot.dirty = False
+            return out
         finally:
             self._slots.put(slot)
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        """Logits for a batch of preprocessed images (N, C, H, W); blocks until done."""
-        return self._run(self._check(batch))
+    def infer(self, batch: np.ndarray, timeout: float | None = None) -> np.ndarray:
+        """Logits for a batch of preprocessed images (N, C, H, W); blocks until done, at most `timeout`
+        seconds (default: the Runtime's `timeout`; `math.inf`: no limit), then raises `InferenceTimeout`."""
+        return self._run(self._check(batch), timeout)
 
-    def submit(self, batch: np.ndarray) -> Future:
-        """Queue a batch; returns a Future of its logits. Up to `inflight` batches run pipelined."""
-        batch = self._check(batch)
-        return self._executor.submit(self._run, batch)
+    def submit(self, batch: np.ndarray, timeout: float | None = None) -> Future:
+        """Queue a batch; returns a Future of its logits. Up to `inflight` batches run pipelined.
+        The batch is copied now, so the answer belongs to the images as they were when submitted,
+        whatever the caller does with its array afterwards."""
+        batch = np.array(self._check(batch), dtype=np.float32, order="C", copy=True)
+        return self._executor.submit(self._run, batch, timeout)
+
+    # ------------------------------------------------------------------ failures: timeouts, dead workers, resync
+    def _deadline(self, timeout: float | None) -> float:
+        t = self.timeout if timeout is None else timeout
+        return math.inf if t is None else time.monotonic() + t
+
+    @staticmethod
+    def _remaining(deadline: float) -> float | None:
+        return None if deadline == math.inf else max(0.0, deadline - time.monotonic())
+
+    def _take_slot(self, deadline: float) -> _Slot:
+        try:
+            return self._slots.get(timeout=self._remaining(deadline))
+        except queue.Empty:
+            raise InferenceTimeout(f"all {self.inflight} in-flight slots stayed busy until the timeout: the calls "
+                                   "ahead of this one are stuck (see their errors)") from None
+
+    def _send(self, slot: _Slot, worker: str, msg: tuple) -> None:
+        try:
+            slot.conns[worker].send(msg)
+        except (OSError, ValueError):  # BrokenPipeError: the worker is gone
+            raise self._worker_died(worker) from None
+
+    def _recv(self, conn, worker: str) -> tuple:
+        try:
+            return conn.recv()
+        except (EOFError, OSError):
+            raise self._worker_died(worker) from None
+
+    def _resync(self, slot: _Slot, deadline: float) -> None:
+        """Drop whatever an abandoned call left in this slot's pipes. A receive interrupted half-way leaves
+        part of a message behind, so raw bytes are skipped up to a random marker each worker echoes; each
+        worker answers in order, so the marker also means its stale stages have finished."""
+        markers = {}
+        for worker in slot.conns:
+            token = os.urandom(16)
+            self._send(slot, worker, ("sync", token))
+            markers[worker] = struct.pack("!i", len(SYNC_REPLY) + 16) + SYNC_REPLY + token  # Connection framing
+        for worker, marker in markers.items():
+            conn, tail = slot.conns[worker], b""
+            while not tail.endswith(marker):
+                if not conn.poll(self._remaining(deadline)):
+                    raise self._timed_out([worker], None)
+                chunk = os.read(conn.fileno(), 1 << 16)
+                if not chunk:
+                    raise self._worker_died(worker)
+                tail = (tail + chunk)[-len(marker):]
+        slot.dirty = False
+
+    def _proc(self, worker: str):
+        return next((p for p in self._procs if p.name == f"parnet-{worker}"), None)
+
+    def _timed_out(self, workers: list[str], timeout: float | None) -> BaseException:
+        for worker in workers:
+            proc = self._proc(worker)
+            if proc is not None and not proc.is_alive():
+                return self._worker_died(worker)
+        who = ", ".join(f"'{w}' (pid {getattr(self._proc(w), 'pid', '?')})" for w in workers)
+        t = self.timeout if timeout is None else timeout
+        return InferenceTimeout(f"no answer within {t:g} s from runtime worker {who}: it is stopped, stuck or "
+                                "overloaded. This call was abandoned; its late answers will be discarded")
+
+    def _worker_died(self, worker: str) -> RuntimeBrokenError:
+        """Record (once) which worker died and how; every later call is refused with this message."""
+        with self._broken_lock:
+            if self._broken is None:
+                proc = self._proc(worker)
+                how = "closed its pipe"
+                if proc is not None:
+                    proc.join(timeout=2)  # reap it, to learn how it ended
+                    code = proc.exitcode
+                    if code is None:
+                        how = "stopped answering (its pipe closed) but is still running"
+                    elif code < 0:
+                        name = signal.Signals(-code).name if -code in signal.valid_signals() else str(-code)
+                        how = f"was killed by {name}" + (" (kill -9, or the kernel's out-of-memory killer)"
+                                                         if -code == signal.SIGKILL else "")
+                    else:
+                        how = f"exited with code {code}"
+                cpus = next((c for n, c, _ in self.plan.workers if n == worker), [])
+                self._broken = (f"runtime worker '{worker}' (pid {getattr(proc, 'pid', '?')}, CPUs "
+                                f"{','.join(map(str, cpus))}) {how}; this Runtime cannot answer any more: close it "
+                                "and create a new one")
+        return RuntimeBrokenError(self._broken)
+
+    def failure(self) -> str | None:
+        """Why this Runtime cannot answer (closed, or a worker process died), or None. Cheap (one
+        non-blocking waitpid per worker): health probes may call it as often as they like."""
+        if self._closed:
+            return "this Runtime is closed"
+        if self._broken is None:
+            for proc in self._procs:
+                if not proc.is_alive():
+                    self._worker_died(proc.name.removeprefix("parnet-"))
+                    break
+        return self._broken
+
+    def healthy(self) -> bool:
+        """True while every worker process is alive and the Runtime is open."""
+        return self.failure() is None
+
+    def check(self) -> None:
+        """Raise `RuntimeClosedError` / `RuntimeBrokenError` (with the cause) unless the Runtime is healthy."""
+        why = self.failure()
+        if why is not None:
+            raise (RuntimeClosedError if self._closed else RuntimeBrokenError)(why)
+
+    @contextmanager
+    def _control_slot(self):
+        """A resynchronised slot for a control exchange (threads, ping), marked dirty if it is abandoned."""
+        deadline = self._deadline(None)
+        slot = self._take_slot(deadline)
+        try:
+            if slot.dirty:
+                self._resync(slot, deadline)
+            slot.dirty = True
+            yield slot
+            slot.dirty = False
+        finally:
+            self._slots.put(slot)
 
     # ------------------------------------------------------------------ introspection and shutdown
     def thread_affinity(self) -> dict[str, dict]:
@@ -430,15 +652,11 @@ class Runtime:
         if self._inproc:
             return {"model": {"cpus": self.plan.cpus, "pid": os.getpid(), "threads": thread_affinities()}}
         out = {}
-        slot = self._slots.get()
-        try:
+        with self._control_slot() as slot:
             for name, cpus, _ in self.plan.workers:
-                conn = slot.conns[name]
-                conn.send(("threads",))
-                msg = conn.recv()
+                self._send(slot, name, ("threads",))
+                msg = self._recv(slot.conns[name], name)
                 out[name] = {"cpus": cpus, "pid": msg[1], "threads": msg[2]}
-        finally:
-            self._slots.put(slot)
         return out
 
     def message_round_trip_ms(self, n: int = 200) -> float:
@@ -446,8 +664,7 @@ class Runtime:
         (0 when the single graph runs in this process)."""
         if self._inproc:
             return 0.0
-        slot = self._slots.get()
-        try:
+        with self._control_slot() as slot:
             conn = slot.conns[self.plan.workers[-1][0]]
             times = []
             for _ in range(n):
@@ -455,8 +672,6 @@ class Runtime:
                 conn.send(("ping",))
                 conn.recv()
                 times.append(time.perf_counter() - t0)
-        finally:
-            self._slots.put(slot)
         return float(np.median(times) * 1e3)
 
     def describe(self) -> dict:

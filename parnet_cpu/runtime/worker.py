@@ -9,9 +9,12 @@ live in shared memory created by the parent; inputs and outputs are bound to it 
 from __future__ import annotations
 
 import os
+import signal
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
+
+SYNC_REPLY = b"parnet-sync:"  # + the parent's token, sent raw: the parent skips bytes up to it (Runtime._resync)
 
 
 @dataclass(frozen=True)
@@ -78,9 +81,12 @@ def _attach(layout, shms: dict):
 
 
 def worker_main(spec: WorkerSpec, conns: list[Connection]) -> None:
-    pin_process(spec.cpus)  # before OpenVINO creates any thread
+    # Ctrl-C in a terminal reaches the whole process group: only the parent decides what an interrupt
+    # means (it abandons the call and resynchronises). The worker ends when the parent says so or goes away.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     shms: dict = {}
     try:
+        pin_process(spec.cpus)  # before OpenVINO creates any thread; a failure goes back to the parent
         import openvino as ov
 
         from parnet_cpu.runtime.engine import CompileOptions
@@ -127,6 +133,9 @@ def worker_main(spec: WorkerSpec, conns: list[Connection]) -> None:
                     continue
                 if msg[0] == "threads":
                     conn.send(("threads", os.getpid(), thread_affinities()))
+                    continue
+                if msg[0] == "sync":
+                    conn.send_bytes(SYNC_REPLY + msg[1])
                     continue
                 _, slot, stage, n = msg
                 ins, outs = tensors(slot, stage, n)

@@ -20,8 +20,11 @@ import asyncio
 import io
 import json
 import logging
+import math
 import os
+import re
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -38,7 +41,8 @@ from starlette.routing import Route
 
 from parnet_cpu import __version__
 from parnet_cpu.artifacts import INPUT_NAME, OUTPUT_NAME
-from parnet_cpu.data.preprocess import ImageDecodeError, PreprocessConfig, _reason, _to_rgb_or_l, preprocess
+from parnet_cpu.data.preprocess import (IMAGE_FORMATS, ImageDecodeError, PreprocessConfig, _reason, _to_rgb_or_l,
+                                        preprocess)
 from parnet_cpu.serve.batcher import BatcherClosedError, DynamicBatcher, QueueFullError
 from parnet_cpu.serve.metrics import CONTENT_TYPE_LATEST, ServeMetrics
 
@@ -46,7 +50,7 @@ __all__ = ["ApiError", "ServeConfig", "create_app", "decode_image_bytes"]
 
 log = logging.getLogger("parnet_cpu.serve")
 
-ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP")
+ACCEPTED_FORMATS = IMAGE_FORMATS  # the same allow-list as calibration and evaluation
 UPLOAD = "<upload>"  # the "path" named in ImageDecodeError for uploaded bytes
 MODEL_VERSION = "1"
 PLATFORM = "openvino_ir"
@@ -63,6 +67,9 @@ class ServeConfig:
     cores: str | None = None
     precision: str | None = None
     plan: str = "auto"
+    share_cores: bool = False  # run on cores another Runtime holds (warns); default: free cores only
+    replicas: int | str = 1  # N single-graph runtimes on disjoint core groups, or "auto" (see serve/replicas.py)
+    p99_ms: float | None = None  # latency target for replicas="auto" (default: 1.5x one replica's p50)
     max_batch: int = 8
     max_wait_ms: float = 2.0
     max_queue: int = 256  # images waiting; more -> 503
@@ -72,6 +79,12 @@ class ServeConfig:
     cpu_threads: int | None = None  # body parsing / image decoding pool; default min(4, usable CPUs)
     retry_after_s: int = 1
     access_log: bool = True
+    infer_timeout_s: float = 60.0  # one runtime call; then 504, and the runtime discards the late answer
+    body_timeout_s: float = 60.0  # the whole request body must arrive within this (408 otherwise)
+    header_timeout_s: float = 10.0  # request line and headers (enforced by the CLI's HTTP protocol)
+    max_connections: int = 256  # open connections; requests beyond answer 503 (uvicorn's limit_concurrency)
+    health_interval_s: float = 1.0  # how often the runtime's workers are checked (log, metrics, restart)
+    max_restarts: int = 3  # times a runtime whose worker died is replaced; then not live (orchestrator restarts)
 
 
 class RuntimeLike(Protocol):
@@ -125,9 +138,17 @@ class ModelInfo:
             names = None  # a mismatched list would mislabel every answer
         meta = {"name": name, "versions": [MODEL_VERSION], "platform": PLATFORM,
                 "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, *runtime.input_shape]}],
-                "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, num_classes]}]}
+                "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, num_classes]}],
+                "parameters": {"preprocessing": preprocessing_metadata(md.preprocess_config())}}
         return cls(name, tuple(runtime.input_shape), num_classes, runtime.precision, names, md.preprocess_config(),
                    json.dumps(meta).encode())
+
+
+def preprocessing_metadata(cfg: PreprocessConfig) -> dict:
+    """What a client must do to an image before sending tensors (so it need not read parnet.json)."""
+    return {"color": "RGB" if cfg.channels == 3 else "L", "resize_shorter_side": cfg.resize_size,
+            "interpolation": cfg.interpolation, "center_crop": cfg.input_size, "scale": "pixel / 255",
+            "mean": list(cfg.mean), "std": list(cfg.std), "layout": "NCHW", "datatype": "FP32"}
 
 
 # ---------------------------------------------------------------------------------------------- v2 tensors
@@ -142,10 +163,7 @@ class InferRequest:
 def parse_infer_request(body: bytes, header_length: str | None, model: ModelInfo, max_images: int) -> InferRequest:
     """A v2 inference request (JSON, or JSON + binary tensor data) -> validated FP32 images. 400 otherwise."""
     head, binary = _split_binary(body, header_length)
-    try:
-        req = json.loads(head)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+    req = _loads(head)
     if not isinstance(req, dict):
         raise ApiError(400, "request body must be a JSON object")
     inputs = req.get("inputs")
@@ -156,6 +174,71 @@ def parse_infer_request(body: bytes, header_length: str | None, model: ModelInfo
     if req_id is not None and not isinstance(req_id, str):
         raise ApiError(400, "'id' must be a string")
     return InferRequest(images, req_id, _binary_output(req))
+
+
+def _loads(text: bytes) -> Any:
+    try:
+        return json.loads(text)
+    except RecursionError:  # the client's nesting, not our failure
+        raise ApiError(400, "request body is not valid JSON: nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+
+
+# Refusing an oversized body before reading it: the declared shape bounds what the body may hold.
+BOUND_PREFIX = 64 * 1024  # the tensor's "shape" is looked for in this much of a JSON body
+JSON_BYTES_PER_VALUE = 32  # "-1.2345678901234567e-38, " is 25: generous for any float32 as JSON text
+JSON_SLACK = 64 * 1024  # id, parameters, outputs, whitespace
+_SHAPE = re.compile(rb'"shape"\s*:\s*\[([0-9,\s]{1,200})\]')
+
+
+def body_bound(prefix: bytes, header_length: str | None) -> tuple[int, str] | None:
+    """(the largest body the request's declared tensor shape can need, that shape), from the first bytes of
+    the body; None when it cannot be told yet (binary header incomplete, or no "shape" near the start:
+    then only --max-body-mb applies). A binary request's size is exact; JSON gets 32 bytes per value."""
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(prefix):
+            return None
+        try:
+            inputs = json.loads(prefix[:int(header_length)]).get("inputs")
+            shape = inputs[0]["shape"]
+            count = math.prod(shape)
+        except Exception:  # malformed: the full parse says what is wrong
+            return None
+        if type(count) is not int or count < 0:
+            return None
+        return int(header_length) + 4 * count, str(shape)
+    m = _SHAPE.search(prefix)
+    if m is None:
+        return None
+    try:
+        dims = [int(d) for d in m.group(1).split(b",")]
+    except ValueError:
+        return None
+    return JSON_BYTES_PER_VALUE * math.prod(dims) + JSON_SLACK, str(dims)
+
+
+async def read_infer_body(request: Request) -> bytes:
+    """The body of an inference request, refused with 413 as soon as its first bytes declare a tensor that
+    cannot need that many bytes (Content-Length, or what arrived so far): memory is bounded by the
+    declared shape, not only by --max-body-mb, and a mismatched body is never read, let alone parsed."""
+    header_length = request.headers.get("inference-header-content-length")
+    declared = request.headers.get("content-length", "")
+    declared_size = int(declared) if declared.isdigit() else 0
+    chunks: list[bytes] = []
+    size, bound = 0, None
+    async for chunk in request.stream():
+        chunks.append(chunk)
+        size += len(chunk)
+        if bound is None:
+            head = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            bound = body_bound(head[:BOUND_PREFIX], header_length)
+            if bound is None and size >= BOUND_PREFIX:
+                bound = (math.inf, "")  # nothing to go by: the full parse checks
+        if bound is not None and max(size, declared_size) > bound[0]:
+            raise ApiError(413, f"request body of {max(size, declared_size)} bytes is larger than its declared "
+                           f"tensor shape {bound[1]} can need ({bound[0]} bytes)")
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _split_binary(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
@@ -238,6 +321,7 @@ def _binary_output(req: dict) -> bool:
 
 def encode_infer_response(model: ModelInfo, req: InferRequest, logits: np.ndarray) -> tuple[bytes, dict, str]:
     """(body, headers, media type) of a v2 inference response; binary when the request asked for it."""
+    require_finite(logits)
     out: dict[str, Any] = {"name": OUTPUT_NAME, "datatype": "FP32", "shape": list(logits.shape)}
     resp: dict[str, Any] = {"model_name": model.name, "model_version": MODEL_VERSION}
     if req.id is not None:
@@ -255,7 +339,7 @@ def encode_infer_response(model: ModelInfo, req: InferRequest, logits: np.ndarra
 # ---------------------------------------------------------------------------------------------- images
 
 def decode_image_bytes(data: bytes, cfg: PreprocessConfig, max_pixels: int) -> np.ndarray:
-    """Uploaded JPEG/PNG/WebP bytes -> (1, C, H, W) float32, with exactly `load_image`'s conversion rules
+    """Uploaded image bytes (IMAGE_FORMATS) -> (1, C, H, W) float32, with exactly `load_image`'s conversion rules
     (EXIF orientation, grey/CMYK/palette/alpha handling, truncation refused) and the model's preprocessing."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise ImageDecodeError(UPLOAD, "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process")
@@ -271,10 +355,7 @@ def decode_image_bytes(data: bytes, cfg: PreprocessConfig, max_pixels: int) -> n
     except Image.DecompressionBombError as exc:
         raise ApiError(413, f"image too large: {exc}") from None
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
-        reason = _reason(exc)
-        if reason == "not a recognised image file":
-            reason += f" (accepted: {', '.join(ACCEPTED_FORMATS)})"
-        raise ImageDecodeError(UPLOAD, reason) from None
+        raise ImageDecodeError(UPLOAD, _reason(exc)) from None  # names the accepted formats
     if cfg.exif_transpose:
         try:
             ImageOps.exif_transpose(img, in_place=True)
@@ -288,8 +369,17 @@ def decode_image_bytes(data: bytes, cfg: PreprocessConfig, max_pixels: int) -> n
     return out
 
 
+def require_finite(logits: np.ndarray) -> None:
+    """Refuse to answer NaN or infinite logits: JSON cannot carry them (a bare NaN is invalid JSON) and
+    no ranking of them means anything. The inputs were finite, so this is the model's fault: 500."""
+    if not np.isfinite(logits).all():
+        raise ApiError(500, "the model produced non-finite logits (NaN or infinity) for this input; "
+                       "no answer is given")
+
+
 def top_k(model: ModelInfo, logits: np.ndarray, k: int) -> list[dict]:
     """Softmax probabilities of the k best classes (ties: lower index first)."""
+    require_finite(logits)
     z = logits.astype(np.float64)
     p = np.exp(z - z.max())
     p /= p.sum()
@@ -314,6 +404,9 @@ class Service:
         self.pool: ThreadPoolExecutor | None = None
         self.ready = False
         self.broken: str | None = None  # the runtime failed: not live any more, let the orchestrator restart us
+        self._stopping = False
+        self._watcher: asyncio.Task | None = None
+        self.restarts = 0  # runtimes replaced after a worker died
 
     async def start(self) -> None:
         c = self.config
@@ -326,9 +419,11 @@ class Service:
         self.batcher = DynamicBatcher(rt.submit, max_batch=min(c.max_batch, rt.max_batch), max_wait_s=c.max_wait_ms / 1e3,
                                       max_queue=c.max_queue, inflight=rt.inflight, on_batch=self.metrics.observe_batch)
         await self.batcher.start()
-        self.metrics.bind_live(self.batcher, rt.stats.summary,
-                               {"model": c.name, "precision": rt.precision, "version": __version__})
+        self.metrics.bind_live(self.batcher, lambda: self.runtime.stats.summary(),
+                               {"model": c.name, "precision": rt.precision, "version": __version__},
+                               healthy=lambda: self.broken is None, restarts=lambda: self.restarts)
         self.ready = True
+        self._watcher = asyncio.create_task(self._watch(), name="parnet-health")
         log.info("ready", extra={"model": c.name, "model_dir": str(rt.model_dir.path), "runtime": rt.describe(),
                                  "max_batch": self.batcher.max_batch, "max_wait_ms": c.max_wait_ms,
                                  "max_queue": c.max_queue, "cpu_threads": threads})
@@ -336,6 +431,9 @@ class Service:
     async def stop(self) -> None:
         """Drain: finish what is queued and in flight, then stop the runtime's workers."""
         self.ready = False
+        self._stopping = True
+        if self._watcher is not None:
+            self._watcher.cancel()
         if self.batcher is not None:
             log.info("draining", extra={"queued_images": self.batcher.queued_images,
                                         "batches_in_flight": self.batcher.running_batches})
@@ -350,10 +448,58 @@ class Service:
         """CPU-bound work (parsing, decoding, encoding) off the event loop."""
         return asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
+    def failure(self) -> str | None:
+        """Why the runtime cannot answer any more (a worker process died), or None. Asks the runtime (one
+        non-blocking waitpid per worker), so a health probe sees a death at once; logged once."""
+        if self.broken is None and not self._stopping and self.runtime is not None:
+            why = getattr(self.runtime, "failure", lambda: None)()
+            if why is not None and not self._stopping:
+                self.broken = why
+                log.error("runtime failed; not ready", extra={"error": why, "will_restart": self.recoverable()})
+        return self.broken
+
+    def recoverable(self) -> bool:
+        """Whether a failed runtime will be replaced here (else only restarting the process helps)."""
+        return self.restarts < self.config.max_restarts
+
+    async def _watch(self) -> None:
+        """Notice a dead worker within `health_interval_s` even when neither requests nor probes come, and
+        replace the runtime (up to `max_restarts` times)."""
+        while not self._stopping:
+            await asyncio.sleep(self.config.health_interval_s)
+            why = self.failure()
+            if why is not None:
+                if not self.recoverable():
+                    return
+                await self._restart(why)
+
+    async def _restart(self, why: str) -> None:
+        """Close the broken runtime (its calls fail fast) and start a new one on the same settings; requests
+        meanwhile get 503 (not ready), and the batcher then sends batches to the new runtime."""
+        self.restarts += 1
+        log.warning("restarting the runtime", extra={"cause": why, "restart": self.restarts,
+                                                     "max_restarts": self.config.max_restarts})
+        await asyncio.to_thread(self.runtime.close)
+        try:
+            new = await asyncio.to_thread(self._runtime_factory, self.config)
+        except Exception as exc:
+            self.restarts = self.config.max_restarts  # give up: not live, let the orchestrator restart us
+            log.error("runtime restart failed; reporting not live", exc_info=exc)
+            return
+        if self._stopping:
+            await asyncio.to_thread(new.close)
+            return
+        self.runtime = new
+        self.batcher.retarget(new.submit)
+        self.broken = None
+        log.info("runtime restarted", extra={"restarts": self.restarts, "runtime": new.describe()})
+
     def admit(self) -> None:
         """Refuse before reading the body when the answer is already known to be 503."""
         if not self.ready or self.batcher.closing:
             raise ApiError(503, "server is not ready (starting or shutting down)", self._retry())
+        if self.broken is not None:
+            raise ApiError(503, f"the runtime failed: {self.broken}")
         if self.batcher.is_full():
             self.batcher.stats.rejected_requests += 1
             raise ApiError(503, "server overloaded: inference queue is full", self._retry())
@@ -376,10 +522,13 @@ class Service:
         except BatcherClosedError as exc:
             raise ApiError(503, str(exc), self._retry()) from None
         except Exception as exc:
-            if isinstance(exc, RuntimeError) and self.broken is None:
-                self.broken = f"{type(exc).__name__}: {exc}"
-                log.error("runtime failed; reporting not live", extra={"error": self.broken})
-            log.error("inference failed", exc_info=exc)
+            why = self.failure()
+            if why is not None:  # a worker died: this replica cannot answer until it is restarted
+                raise ApiError(503, f"the runtime failed: {why}") from None
+            if isinstance(exc, TimeoutError):  # a stopped or overloaded worker; the runtime stays usable
+                log.error("inference timed out", extra={"error": str(exc)})
+                raise ApiError(504, f"inference timed out: {exc}") from None
+            log.error("inference failed", exc_info=exc)  # e.g. a stage failed: only this batch
             raise ApiError(500, f"inference failed: {type(exc).__name__}") from None
 
 
@@ -427,12 +576,13 @@ async def server_metadata(request: Request) -> Response:
 
 
 async def live(request: Request) -> Response:
-    return Response(status_code=503 if _svc(request).broken else 200)
+    svc = _svc(request)
+    return Response(status_code=503 if svc.failure() and not svc.recoverable() else 200)
 
 
 async def ready(request: Request) -> Response:
     svc = _svc(request)
-    return Response(status_code=200 if svc.ready and not svc.broken else 503)
+    return Response(status_code=200 if svc.ready and not svc.failure() else 503)
 
 
 async def model_metadata(request: Request) -> Response:
@@ -451,7 +601,7 @@ async def infer(request: Request) -> Response:
     svc = _svc(request)
     _check_model(svc, request)
     svc.admit()
-    body = await request.body()
+    body = await read_infer_body(request)
     req = await svc.run_cpu(parse_infer_request, body, request.headers.get("inference-header-content-length"),
                             svc.model, svc.config.max_queue)
     logits = await svc.infer(request, req.images)
@@ -542,10 +692,11 @@ def _endpoint_label(scope: dict) -> str:
 
 
 class BodyLimitMiddleware:
-    """Refuses bodies over the limit: at once from Content-Length, or mid-stream for chunked uploads."""
+    """Refuses bodies over the limit: at once from Content-Length, or mid-stream for chunked uploads; and
+    bodies that do not arrive within `timeout_s` (a slow or stalled client holding memory and a slot): 408."""
 
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, timeout_s: float | None = None) -> None:
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -556,15 +707,26 @@ class BodyLimitMiddleware:
                     err = BodyTooLarge(self.max_bytes) if value.isdigit() else ApiError(400, "invalid Content-Length")
                     return await _error_response(err)(scope, receive, send)
                 break
-        received = 0
+        received, more, deadline = 0, True, None
 
         async def limited() -> dict:
-            nonlocal received
-            message = await receive()
+            nonlocal received, more, deadline
+            if not more or self.timeout_s is None:  # body complete: only the disconnect watch is left
+                message = await receive()
+            else:
+                loop = asyncio.get_running_loop()
+                deadline = deadline or loop.time() + self.timeout_s  # from the first read of the body
+                try:
+                    message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    raise ApiError(408, f"request body not received within {self.timeout_s:g} s") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                more = message.get("more_body", False)
                 if received > self.max_bytes:
                     raise BodyTooLarge(self.max_bytes)
+            else:
+                more = False
             return message
 
         await self.app(scope, limited, send)
@@ -597,8 +759,52 @@ def open_runtime(config: ServeConfig) -> RuntimeLike:
     """The default runtime: `parnet_cpu.runtime.Runtime` with the server's settings."""
     from parnet_cpu.runtime.runtime import Runtime
 
-    return Runtime(config.model, cores_per_stream=config.cores_per_stream, cores=config.cores,
-                   precision=config.precision, plan=config.plan, max_batch=config.max_batch, inflight=config.inflight)
+    with warnings.catch_warnings(record=True) as caught:  # (shared cores, unstamped folder): into the JSON log
+        warnings.simplefilter("always")
+        if config.replicas != 1:
+            rt = open_replicas(config)
+        else:
+            rt = Runtime(config.model, cores_per_stream=config.cores_per_stream, cores=config.cores,
+                         precision=config.precision, plan=config.plan, max_batch=config.max_batch,
+                         inflight=config.inflight, share=config.share_cores, timeout=config.infer_timeout_s)
+    for w in caught:
+        log.warning(str(w.message), extra={"category": w.category.__name__})
+    try:
+        self_test(rt)
+    except BaseException:
+        rt.close()
+        raise
+    return rt
+
+
+def open_replicas(config: ServeConfig) -> RuntimeLike:
+    """`--replicas N|auto`: single-graph runtimes on disjoint free core groups behind the one batcher."""
+    from parnet_cpu.serve.replicas import ReplicaSet, choose_replicas
+
+    kwargs = dict(precision=config.precision, max_batch=config.max_batch, inflight=config.inflight,
+                  share=config.share_cores, timeout=config.infer_timeout_s)
+    if config.replicas == "auto":
+        rs, chosen = choose_replicas(config.model, config.p99_ms, **kwargs)
+        log.info("replicas chosen", extra=chosen)
+        return rs
+    return ReplicaSet(config.model, int(config.replicas), **kwargs)
+
+
+def self_test(rt: RuntimeLike) -> None:
+    """One real inference through the whole model before the server may report ready: a folder that loads
+    but cannot answer (wrong input size, wrong class count) fails here, not on every request."""
+    from parnet_cpu.artifacts import ModelDirError
+
+    classes = int(rt.model_dir.config["num_classes"])
+    try:
+        out = np.asarray(rt.infer(np.zeros((1, *rt.input_shape), np.float32)))
+    except Exception as exc:
+        raise ModelDirError(f"{rt.model_dir.path}: the start-up inference failed: {exc}") from None
+    if out.shape != (1, classes):
+        raise ModelDirError(f"{rt.model_dir.path}: the start-up inference gave logits of shape {out.shape}, "
+                            f"parnet.json promises (1, {classes})")
+    if not np.isfinite(out).all():
+        raise ModelDirError(f"{rt.model_dir.path}: the start-up inference gave non-finite logits")
 
 
 def _routes() -> list[Route]:
@@ -626,7 +832,8 @@ def create_app(config: ServeConfig, runtime: RuntimeLike | None = None,
 
     app = Starlette(routes=_routes(), lifespan=lifespan,
                     middleware=[Middleware(ObservabilityMiddleware, service=service),
-                                Middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)],
+                                Middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes,
+                                           timeout_s=config.body_timeout_s)],
                     exception_handlers={ApiError: _api_error, ImageDecodeError: _decode_error,
                                         HTTPException: _http_error, Exception: _internal_error})
     app.state.service = service

@@ -119,6 +119,10 @@ class DynamicBatcher:
     def closing(self) -> bool:
         return self._closing
 
+    def retarget(self, submit: SubmitFn) -> None:
+        """Send later batches to another runtime (the server replaced one whose worker died)."""
+        self._submit = submit
+
     def is_full(self) -> bool:
         """Cheap pre-check before reading a body: no room for even one more image."""
         return self._queued >= self.max_queue

@@ -42,9 +42,10 @@ class ServeMetrics:
         self.batch_size.observe(images)
         self.batch_seconds.observe(seconds)
 
-    def bind_live(self, batcher, stage_summary: Callable[[], dict], info: dict[str, str]) -> None:
+    def bind_live(self, batcher, stage_summary: Callable[[], dict], info: dict[str, str],
+                  healthy: Callable[[], bool] | None = None, restarts: Callable[[], int] | None = None) -> None:
         """Register the scrape-time collector for the batcher and the runtime (after start-up)."""
-        self.registry.register(_LiveCollector(batcher, stage_summary, info))
+        self.registry.register(_LiveCollector(batcher, stage_summary, info, healthy, restarts))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -53,8 +54,9 @@ class ServeMetrics:
 class _LiveCollector:
     """Values read at scrape time: queue depth, batches in flight, drop/reject counters, stage times."""
 
-    def __init__(self, batcher, stage_summary: Callable[[], dict], info: dict[str, str]) -> None:
-        self._batcher, self._stage_summary = batcher, stage_summary
+    def __init__(self, batcher, stage_summary: Callable[[], dict], info: dict[str, str],
+                 healthy: Callable[[], bool] | None = None, restarts: Callable[[], int] | None = None) -> None:
+        self._batcher, self._stage_summary, self._healthy, self._restarts = batcher, stage_summary, healthy, restarts
         self._info_labels, self._info_values = list(info), [str(v) for v in info.values()]
 
     def describe(self) -> list:
@@ -65,6 +67,13 @@ class _LiveCollector:
         info = GaugeMetricFamily("parnet_model_info", "Model served (value is always 1)", labels=self._info_labels)
         info.add_metric(self._info_values, 1)
         yield info
+        if self._healthy is not None:
+            yield GaugeMetricFamily("parnet_runtime_healthy", "1 while every runtime worker process is alive, "
+                                    "0 once one died (until the server restarts the runtime)",
+                                    value=int(self._healthy()))
+        if self._restarts is not None:
+            yield CounterMetricFamily("parnet_runtime_restarts", "Times the server replaced its runtime after a "
+                                      "worker process died (--runtime-restarts)", value=self._restarts())
         yield GaugeMetricFamily("parnet_queue_depth_images", "Images waiting to be batched", value=b.queued_images)
         yield GaugeMetricFamily("parnet_queue_capacity_images", "Queue limit (--max-queue)", value=b.max_queue)
         yield GaugeMetricFamily("parnet_batches_in_flight", "Batches inside the runtime", value=b.running_batches)

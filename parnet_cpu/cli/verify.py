@@ -1,0 +1,92 @@
+"""`parnet-cpu verify DIR`: check a model folder the way every loader does, and say what it found.
+
+The same checks run at every load (`ModelDir.ir_path`, hence Runtime, serve, eval and bench): the
+manifest's fields, each model file against its recorded size and sha256, and each IR against the
+manifest (input shape, class count, class names, whether an "int8" file really is quantized).
+`--stamp` records digests in a folder made before they existed, once its IRs pass the other checks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="check a model folder's files and manifest (what every load checks)",
+                       description="Check a model folder: manifest fields, sha256 and size of every model file, "
+                       "and each IR against the manifest (input shape, classes, precision). Exit 0 when all pass.")
+    p.add_argument("model", metavar="DIR", help="model folder written by export or quantize")
+    p.add_argument("--stamp", action="store_true",
+                   help="record sha256+size of the model files in parnet.json (for folders from an older "
+                   "parnet-cpu; refused when a check fails)")
+    p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    p.set_defaults(handler=run)
+
+
+def collect(path: str) -> dict:
+    """Every check with its outcome: {"manifest": [...problems], "files": {...}, "precisions": {...}}."""
+    from parnet_cpu.artifacts import IR_FILES, MANIFEST, ModelDir, ModelDirError, ir_problems, model_files
+
+    try:
+        md = ModelDir.open(path)
+    except (ModelDirError, OSError, UnicodeDecodeError) as exc:
+        return {"model": path, "manifest": [str(exc)], "ok": False}
+    recorded = md.manifest.get("files") or {}
+    names = sorted(set(model_files(md.path)) | set(recorded))
+    t0 = time.perf_counter()
+    files = {n: (md.file_problems([n]) or ["ok"]) if md.stamped else ["not recorded (unstamped folder)"]
+             for n in names}
+    digest_ms = (time.perf_counter() - t0) * 1e3
+    precisions = {}
+    for p in md.precisions:
+        t0 = time.perf_counter()
+        precisions[p] = {"problems": ir_problems(md.path / IR_FILES[p], p, md.config),
+                         "ms": round((time.perf_counter() - t0) * 1e3, 1)}
+    ok = all(v == ["ok"] for v in files.values()) if md.stamped else True
+    ok = ok and all(not v["problems"] for v in precisions.values()) and bool(precisions)
+    return {"model": str(md.path), "manifest": [], "schema": md.manifest.get("schema", 1), "stamped": md.stamped,
+            "files": files, "digest_ms": round(digest_ms, 1), "precisions": precisions, "ok": ok,
+            "hint": None if md.stamped else f"{MANIFEST} records no digests: run `parnet-cpu verify --stamp {md.path}`"}
+
+
+def format_checks(r: dict) -> str:
+    lines = [f"model folder  {r['model']}"]
+    if r["manifest"]:
+        return "\n".join(lines + [f"manifest      FAILED: {r['manifest'][0]}"])
+    lines.append(f"manifest      ok (schema {r['schema']})")
+    for name, res in r["files"].items():
+        lines.append(f"  {name:<22} {'; '.join(res)}")
+    if r["stamped"]:
+        lines.append(f"digests       checked in {r['digest_ms']:.0f} ms")
+    for p, res in r["precisions"].items():
+        lines.append(f"{p} IR       " + ("ok (input shape, classes, precision)" if not res["problems"] else
+                                        "FAILED") + f" ({res['ms']:.0f} ms)")
+        lines += [f"  - {x}" for x in res["problems"]]
+    if not r["precisions"]:
+        lines.append("no OpenVINO IR in the folder")
+    if r.get("hint"):
+        lines.append(f"note          {r['hint']}")
+    lines.append("result        " + ("ok" if r["ok"] else "FAILED"))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from parnet_cpu.artifacts import stamp_manifest
+    from parnet_cpu.cli import CliError
+
+    result = collect(args.model)
+    if args.stamp and not result["manifest"]:
+        if result["stamped"] and not result["ok"]:
+            raise CliError(f"{args.model}: files do not match their recorded digests; refusing to re-stamp them "
+                           "(re-export or re-quantize the folder)\n" + format_checks(result))
+        if not all(not v["problems"] for v in result["precisions"].values()) or not result["precisions"]:
+            raise CliError("refusing to stamp a folder whose IR fails its checks\n" + format_checks(result))
+        stamp_manifest(Path(args.model))
+        result = collect(args.model)
+    print(json.dumps(result, indent=2) if args.json else format_checks(result))
+    if not result["ok"]:
+        raise CliError(f"{args.model} failed verification (see above)")
+    return 0

@@ -1,0 +1,195 @@
+"""Model folders that cannot lie (issue 17 item 4): digests and manifest-vs-IR checks at every load.
+
+Each broken folder is a real copy of a quantized model folder with one real defect (a flipped byte, a
+truncated file, INT8 and FP32 files swapped, a manifest that disagrees with its IR, a missing field);
+`verify`, `Runtime`, `eval` and `serve` must each refuse it with an error that names the defect.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import NARROW, randomize_bn
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> Path:
+    import torch
+
+    from parnet_cpu.models.parnet import create_model
+    from parnet_cpu.quantization.ptq import QuantizeOptions, quantize_to_dir
+
+    torch.manual_seed(0)
+    model = create_model("parnet_s", **NARROW)
+    randomize_bn(model)
+    out = tmp_path_factory.mktemp("verify") / "good"
+    quantize_to_dir(model, {"model": "narrow"}, REPO / "calibration" / "sample", out,
+                    QuantizeOptions(subset_size=16, progress=False, eval_limit=0), log=lambda *a: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Three photos under ImageNet validation file names: labelled by the shipped table."""
+    d = tmp_path_factory.mktemp("val")
+    for i in range(1, 4):
+        shutil.copy(REPO / "calibration" / "sample" / "astronaut.jpg", d / f"ILSVRC2012_val_{i:08d}.JPEG")
+    return d
+
+
+def manifest(folder: Path) -> dict:
+    return json.loads((folder / "parnet.json").read_text())
+
+
+def edit_manifest(folder: Path, change) -> None:
+    m = manifest(folder)
+    change(m)
+    (folder / "parnet.json").write_text(json.dumps(m))
+
+
+def flip_byte(folder: Path) -> None:
+    p = folder / "model_int8.bin"
+    b = bytearray(p.read_bytes())
+    b[len(b) // 2] ^= 0x01
+    p.write_bytes(bytes(b))
+
+
+def truncate(folder: Path) -> None:
+    p = folder / "model_fp32.bin"
+    p.write_bytes(p.read_bytes()[:-4096])
+
+
+def swap_int8_fp32(folder: Path) -> None:
+    for ext in ("xml", "bin"):
+        a, b = folder / f"model_int8.{ext}", folder / f"model_fp32.{ext}"
+        tmp = folder / "swap.tmp"
+        a.rename(tmp)
+        b.rename(a)
+        tmp.rename(b)
+
+
+def unstamp(m: dict) -> None:
+    m.pop("files", None)
+    m.pop("schema", None)
+
+
+# (defect, precision loaded, expected words in every refusal)
+DEFECTS = {
+    "flipped_byte": (flip_byte, "int8", "model_int8.bin does not match its recorded sha256"),
+    "truncated": (truncate, "fp32", "model_fp32.bin is"),
+    "swapped_int8_fp32": (swap_int8_fp32, "int8", "model_int8.bin is"),
+    "swapped_unstamped": (lambda f: (swap_int8_fp32(f), edit_manifest(f, unstamp)), "int8",
+                          "contains no quantized operation"),
+    "wrong_class_count": (lambda f: edit_manifest(f, lambda m: m["config"].update(num_classes=10)), "int8",
+                          "predicts 1000 classes, but parnet.json says config.num_classes = 10"),
+    "class_names_count": (lambda f: edit_manifest(f, lambda m: m["config"].update(class_names=["a", "b", "c"])),
+                          "int8", "config.class_names has 3 entries but config.num_classes is 1000"),
+    "wrong_input_size": (lambda f: edit_manifest(f, lambda m: m["config"].update(input_size=32)), "int8",
+                         "but parnet.json says (N, 3, 32, 32)"),
+    "missing_field": (lambda f: edit_manifest(f, lambda m: m["config"].pop("mean")), "int8", "config.mean is missing"),
+    "mistyped_field": (lambda f: edit_manifest(f, lambda m: m["config"].update(in_chans="3")), "int8",
+                       "config.in_chans is '3', expected int"),
+}
+
+
+@pytest.fixture(params=sorted(DEFECTS))
+def broken(request, good, tmp_path) -> tuple[Path, str, str]:
+    folder = tmp_path / request.param
+    shutil.copytree(good, folder)
+    make, precision, words = DEFECTS[request.param]
+    make(folder)
+    return folder, precision, words
+
+
+def test_good_folder_passes_everywhere(good, data, capsys):
+    from parnet_cpu.cli import main
+
+    m = manifest(good)
+    assert m["schema"] == 2
+    assert set(m["files"]) == {"model_fp32.xml", "model_fp32.bin", "model_int8.xml", "model_int8.bin",
+                               "model_deploy.pt"}
+    assert main(["verify", str(good)]) == 0
+    out = capsys.readouterr().out
+    assert "int8 IR" in out and "result        ok" in out
+    assert main(["eval", "--model", str(good), "--data", str(data), "--quiet"]) == 0
+
+
+def test_defect_is_refused_by_verify_runtime_eval_and_serve(broken, data, capsys):
+    from parnet_cpu.artifacts import ModelDirError
+    from parnet_cpu.cli import main
+    from parnet_cpu.runtime import Runtime
+
+    folder, precision, words = broken
+    assert main(["verify", str(folder)]) == 2
+    captured = capsys.readouterr()
+    assert words in captured.out + captured.err
+
+    with pytest.raises(ModelDirError) as exc:
+        Runtime(folder, precision=precision, plan="single")
+    assert words in str(exc.value)
+
+    assert main(["eval", "--model", str(folder), "--data", str(data), "--precision", precision, "--quiet"]) == 2
+    assert words in capsys.readouterr().err
+
+    assert main(["serve", "--model", str(folder), "--port", "0", "--precision", precision, "--plan", "single"]) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_unstamped_folder_loads_with_a_warning_and_can_be_stamped(good, tmp_path, capsys):
+    from parnet_cpu.artifacts import ModelDir, ModelDirWarning
+    from parnet_cpu.cli import main
+
+    folder = tmp_path / "old"
+    shutil.copytree(good, folder)
+    edit_manifest(folder, unstamp)
+    with pytest.warns(ModelDirWarning, match="verify --stamp"):
+        ModelDir.open(folder).ir_path("int8")
+    assert main(["verify", str(folder)]) == 0
+    assert "verify --stamp" in capsys.readouterr().out
+    assert main(["verify", "--stamp", str(folder)]) == 0
+    assert manifest(folder)["files"] == manifest(good)["files"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ModelDirWarning)
+        ModelDir.open(folder).ir_path("int8")
+    flip_byte(folder)  # stamping does not bless a file changed afterwards, nor re-stamp over it
+    assert main(["verify", "--stamp", str(folder)]) == 2
+    assert "refusing to re-stamp" in capsys.readouterr().err
+
+
+def test_served_metadata_carries_preprocessing(good):
+    """`open_runtime` answers one real inference before it returns (the server reports ready after it);
+    the v2 model metadata tells clients how to preprocess."""
+    from parnet_cpu.serve.app import ModelInfo, ServeConfig, open_runtime
+
+    rt = open_runtime(ServeConfig(model=str(good), plan="single", precision="fp32"))
+    try:
+        assert rt.stats.summary()["model"]["count"] >= 1  # the start-up inference ran through the whole model
+        meta = json.loads(ModelInfo.from_runtime("parnet", rt).metadata_json)
+    finally:
+        rt.close()
+    pre = meta["parameters"]["preprocessing"]
+    cfg = manifest(good)["config"]
+    assert pre["mean"] == pytest.approx(cfg["mean"]) and pre["std"] == pytest.approx(cfg["std"])
+    assert pre["center_crop"] == cfg["input_size"] and pre["layout"] == "NCHW"
+    assert pre["resize_shorter_side"] == int(np.floor(cfg["input_size"] / cfg["crop_fraction"]))
+
+
+def test_digest_cost_is_small(good):
+    """Digests are checked once per file state per process: a second open of the same files is free."""
+    import time
+
+    from parnet_cpu.artifacts import ModelDir
+
+    md = ModelDir.open(good)
+    md.ir_path("int8")
+    t0 = time.perf_counter()
+    for _ in range(20):
+        ModelDir.open(good).ir_path("int8")
+    assert (time.perf_counter() - t0) / 20 < 0.05
