@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             print(f"{name:<6}{r['engine']:<14}{r['precision']:<6}{r['batch']:>5}{r['median_ms']:>9.2f}{r['p99_ms']:>9.2f}"
                   f"{r['throughput_ips']:>9.1f}{1 / r.get('latency_ratio_vs_ov_latency', float('nan')):>10.2f}x")
-    print(f"\nspeed-ups are the run's own ov-latency p50 / engine p50; OpenVINO INT8 vs FP32 (consecutive runs): "
+    print("\nspeed-ups are the run's own ov-latency p50 / engine p50; OpenVINO INT8 vs FP32 (consecutive runs): "
           + ", ".join(f"batch {b}: {v:.2f}x" for b, v in payload["openvino_int8_speedup_vs_fp32"].items()) + f"\nwrote {path}")
 
 
