@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--calib", required=True, help="image folder (ImageNet class folders, devkit/Kaggle/Caffe "
                    "label files, or unlabelled images)")
-    p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--out", help="output model folder (default: ./<model>-int8, e.g. ./parnet_s-int8)")
     p.add_argument("--backend", choices=("openvino", "torch", "ipex"), default="openvino",
                    help="openvino: NNCF PTQ on the IR (default); torch: PT2E + X86InductorQuantizer + torch.compile; "
                         "ipex: Intel Extension for PyTorch static INT8 (needs the [ipex] install)")
@@ -51,10 +51,18 @@ def run(args: argparse.Namespace) -> int:
     from parnet_cpu.cli import CliError
 
     with sigterm_as_interrupt():
+        if args.out is None:
+            args.out = default_out(args.model)
+            print(f"writing the model folder to ./{args.out} (choose another with --out)")
         if args.subset_size < 1:
             raise CliError("--subset-size must be at least 1")
         check_out_arg(args.out, args.overwrite, calib=args.calib, checkpoint=args.checkpoint)
         return _run(args)
+
+
+def default_out(model: str) -> str:
+    """./<model>-int8: a name that says what is inside, next to where the user typed the command."""
+    return f"{model}-int8"
 
 
 def _run(args: argparse.Namespace) -> int:
