@@ -79,6 +79,66 @@ def add_model_args(p: argparse.ArgumentParser, default: str = "parnet_s") -> Non
     g.add_argument("--in-chans", type=int)
     g.add_argument("--activation", choices=("relu", "silu"))
     g.add_argument("--stem-stride", type=int, choices=(1, 2))
+    g.add_argument("--classes", metavar="FILE", help="the model's class names in output order, one per line (e.g. "
+                   "the 10 synsets of a fine-tune); sets --num-classes, stored in the model folder, and matched "
+                   "against class-folder names by eval and quantize")
+    p_ = p.add_argument_group("preprocessing (stored in the model folder; default: the variant's)")
+    p_.add_argument("--mean", type=float_tuple, help="per-channel mean on the 0-1 scale, e.g. 0.485,0.456,0.406")
+    p_.add_argument("--std", type=float_tuple, help="per-channel std on the 0-1 scale, e.g. 0.229,0.224,0.225")
+    p_.add_argument("--crop-pct", type=crop_fraction, help="centre-crop fraction: resize the short side to "
+                    "input/crop-pct, then crop input x input (0.875 for ImageNet; 1.0: no crop)")
+    p_.add_argument("--interpolation", choices=("nearest", "bilinear", "bicubic", "lanczos"),
+                    help="resize filter")
+
+
+def float_tuple(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def crop_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def read_class_names(path: str) -> tuple[str, ...]:
+    """A classes file: one name per line in the model's output order; blank lines and # comments skipped."""
+    from parnet_cpu.cli import CliError
+
+    try:
+        lines = [ln.strip() for ln in open(path, encoding="utf-8").read().splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"--classes {path}: cannot read it ({exc})") from None
+    names = tuple(ln for ln in lines if ln and not ln.startswith("#"))
+    if not names:
+        raise CliError(f"--classes {path}: the file lists no class names")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise CliError(f"--classes {path}: duplicate class names {dup[:5]}")
+    return names
+
+
+def config_overrides(args: argparse.Namespace) -> dict:
+    """The ParNetConfig fields the model and preprocessing flags set (None: not given)."""
+    from parnet_cpu.cli import CliError
+
+    names = read_class_names(args.classes) if getattr(args, "classes", None) else None
+    num_classes = args.num_classes
+    if names is not None:
+        if num_classes is not None and num_classes != len(names):
+            raise CliError(f"--num-classes {num_classes} but --classes {args.classes} lists {len(names)} names")
+        num_classes = len(names)
+    return dict(num_classes=num_classes, planes=args.planes, num_blocks=args.blocks, input_size=args.input_size,
+                in_chans=args.in_chans, activation=args.activation, stem_stride=args.stem_stride,
+                class_names=names, mean=getattr(args, "mean", None), std=getattr(args, "std", None),
+                crop_fraction=getattr(args, "crop_pct", None), interpolation=getattr(args, "interpolation", None))
 
 
 def model_from_args(args: argparse.Namespace):
@@ -88,9 +148,8 @@ def model_from_args(args: argparse.Namespace):
     from parnet_cpu.models.parnet import build_model, resolve_config, shipped_weights
 
     try:
-        cfg = resolve_config(args.model, num_classes=args.num_classes, planes=args.planes, num_blocks=args.blocks,
-                             input_size=args.input_size, in_chans=args.in_chans, activation=args.activation,
-                             stem_stride=args.stem_stride)
+        cfg = resolve_config(args.model, **config_overrides(args))
+        check_preprocessing(cfg)
     except (ValueError, TypeError) as exc:
         raise CliError(str(exc)) from None
     model = build_model(cfg)
@@ -108,6 +167,18 @@ def model_from_args(args: argparse.Namespace):
     return model, source
 
 
+def check_preprocessing(cfg) -> None:
+    """Mean/std must fit the input channels; a folder written with a bad pair would only fail at load."""
+    for key in ("mean", "std"):
+        values = getattr(cfg, key)
+        if len(values) != cfg.in_chans:
+            raise ValueError(f"--{key} needs {cfg.in_chans} value(s), one per input channel, got {len(values)}")
+    if any(v <= 0 for v in cfg.std):
+        raise ValueError(f"--std values must be positive, got {cfg.std}")
+
+
 def warn_random_weights() -> None:
     print("!" * 78 + "\n!! WARNING: no --checkpoint given: the model has RANDOM weights.\n"
-          "!! Fine for speed measurements; accuracy figures from it mean nothing.\n" + "!" * 78, file=sys.stderr)
+          "!! Fine for speed measurements; accuracy figures from it mean nothing.\n"
+          "!! For real accuracy pass the authors' checkpoint, e.g. --checkpoint parnet_s.pth.tar\n"
+          "!! (see README: 'Your ImageNet folder and the authors' checkpoint').\n" + "!" * 78, file=sys.stderr)

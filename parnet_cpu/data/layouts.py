@@ -475,10 +475,7 @@ def _class_folders(root: Path, class_dirs: list[tuple[Path, list[Path]]], flat_i
     unlabelled: list[Path] = list(flat_images)
     classes_txt = _find_file(root, CLASSES_TXT_NAME)
 
-    if n_syn:  # ImageNet synset folders: fixed sorted-synset label space
-        if classes_txt is not None:
-            notes.append(f"{classes_txt.name} ignored: folder names are ILSVRC2012 synsets, labels use "
-                         "the fixed sorted synset list")
+    if n_syn and classes_txt is None:  # ImageNet synset folders: fixed sorted-synset label space
         for d, imgs in with_images:
             if d.name in s2i:
                 samples.extend((p, s2i[d.name]) for p in imgs)
@@ -487,7 +484,7 @@ def _class_folders(root: Path, class_dirs: list[tuple[Path, list[Path]]], flat_i
                 _warn(notes, f"{d}: folder name is not an ILSVRC2012 synset; its {len(imgs)} images are ignored")
         ds = Dataset(root=root, layout="class_folders", samples=samples, classes=imagenet_synsets(),
                      class_names=imagenet_class_names(), label_space="imagenet1k", notes=notes)
-    else:
+    else:  # a classes.txt says the label order (even over synset names: a fine-tune on a subset)
         if classes_txt is not None:
             classes = _read_classes_txt(classes_txt)
             label_file: Path | None = classes_txt
@@ -503,10 +500,11 @@ def _class_folders(root: Path, class_dirs: list[tuple[Path, list[Path]]], flat_i
                 _warn(notes, f"{d}: folder not listed in {classes_txt}; its {len(imgs)} images are ignored")
         ds = Dataset(root=root, layout="class_folders", samples=samples, classes=classes, class_names=classes,
                      label_space="folders", label_file=label_file, notes=notes)
-    ds.label_mapping = {c: i for i, c in enumerate(ds.classes)} if not n_syn else \
+    synsets = ds.label_space == "imagenet1k"
+    ds.label_mapping = {c: i for i, c in enumerate(ds.classes)} if not synsets else \
         {d.name: s2i[d.name] for d, _ in class_dirs if d.name in s2i}
     empty = [d.name for d, imgs in class_dirs if not imgs]
-    if empty and not n_syn:
+    if empty and not synsets:
         _warn(notes, f"{len(empty)} class folders hold no images and keep their label index: {', '.join(empty[:5])}"
                      + (" ..." if len(empty) > 5 else ""))
     elif empty:
@@ -527,11 +525,13 @@ def match_model_classes(ds: Dataset, class_names: Sequence[str] | None) -> Datas
     Folder labels otherwise follow the sorted folder names (or classes.txt), which need not be the order
     the model predicts in. When any folder name is one of the model's class names, every folder must be
     one (else :class:`DatasetError` listing the others) and takes the model's index for its name."""
-    if ds.label_space != "folders" or not class_names or not ds.label_mapping:
+    if ds.label_space not in ("folders", "imagenet1k") or not class_names or not ds.label_mapping:
         return ds
     index = {name: i for i, name in enumerate(class_names)}
     folders = list(ds.label_mapping)
     matched = [f for f in folders if f in index]
+    if ds.label_space == "imagenet1k" and (not matched or tuple(class_names) == imagenet_synsets()):
+        return ds  # synset folders keep the sorted-synset index unless the model names its classes by synset
     if not matched:
         ds.notes.append("class folder names are not the model's class names: labels are the folders' positions "
                         + ("in classes.txt" if ds.label_file is not None else "in sorted order"))
