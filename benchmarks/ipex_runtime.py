@@ -93,9 +93,9 @@ def resolve_cores(spec: str | None) -> tuple[list[list[int]] | None, str]:
     """Stream groups (None: our Runtime sizes them by cost) and how they were chosen.
 
     `--cores 0-7` confines this process, hence the planner and every engine, to those CPUs;
-    `--cores 0-2:3-5:6-7` gives the three stream groups. Otherwise the demo's planner decides: groups
+    `--cores 0-2:3-5:6-7` gives the three stream groups. Otherwise `runtime.cores` decides: groups
     sized by cost with >= 3 physical cores, overlapping single-core groups below that."""
-    from parnet_cpu.demo import stream_groups_for_this_machine
+    from parnet_cpu.runtime.cores import stream_groups_for_this_machine
     from parnet_cpu.runtime.cores import parse_groups, validate_groups
     from parnet_cpu.runtime.worker import pin_process
     from parnet_cpu.system.cpuinfo import parse_cpu_list

@@ -176,6 +176,17 @@ def available_cores(use_smt: bool = False, info=None, share: bool = False) -> li
         return [c for c in cores if not any(_is_held(x) for x in c)]
 
 
+def stream_groups_for_this_machine() -> tuple[list[list[int]] | None, str]:
+    """Auto-sized groups where there are >= 3 physical cores; else overlapping single-core groups,
+    said out loud (the multi-stream path still runs and is checked, but cannot be faster)."""
+    cores = available_cores()
+    if len(cores) >= 3:
+        return None, f"{len(cores)} physical cores: stream groups sized by cost"
+    first, last = cores[0][0], cores[-1][0]
+    return [[first], [last], [first]], (f"only {len(cores)} physical core(s): the 3 stream groups overlap "
+                                         "(runs, but cannot beat the single graph here)")
+
+
 def no_free_cores_message() -> str:
     info = describe_machine(query_openvino=False)
     held = current_leases(info.usable_cpus)

@@ -1,22 +1,14 @@
 """Predict multi-stream vs single-graph latency on machines with more cores than this one.
 
-Each stage (and the whole graph) is timed at 1..k threads, each time in a process pinned to exactly
-that many cores, and fitted with T(t) = serial + parallel / t (Amdahl). A plan's latency is then
-    single(N)      = T_model(N)
-    multistream(N) = T_stem(N) + max_i T_stream_i(c_i) + T_tail(N) + handover
-with the N cores split between streams in proportion to their one-thread cost. Fitted from a few
-threads only, the prediction is a first-order estimate: check it against a real run (`bench`) on the
-bigger machine, and record that machine's CPU with the result.
-
-The per-layer model below (`validate`, `predict_plan`; used by `parnet-cpu plan` and
-benchmarks/scale_check.py) replaces that fit for planning: it is fitted on ONE thread, so a 2-thread
-measurement can falsify it.
+The per-layer model (`validate`, `predict_plan`; used by `parnet-cpu plan` and benchmarks/scale_check.py):
+each layer's one-thread time split over its parallel work items, fitted on ONE thread, so a 2-thread
+measurement can falsify it (see below). Profiles run in a child process pinned to the cores they time
+(`parnet_cpu.runtime.pinned`). The older whole-stage Amdahl fit of `bench --cost-model` lives with the
+benchmarks (`parnet_cpu.bench.scaling`).
 """
 from __future__ import annotations
 
 import math
-import multiprocessing as mp
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -24,93 +16,11 @@ from typing import Sequence
 import numpy as np
 
 from parnet_cpu.artifacts import ModelDir
-from parnet_cpu.runtime.cores import proportional_sizes
 from parnet_cpu.runtime.partition import RECOMPUTE_STAGES, SINGLE_STAGES
+from parnet_cpu.runtime.pinned import run_pinned
 from parnet_cpu.runtime.timing import measure_latency
 
 STAGES = RECOMPUTE_STAGES + SINGLE_STAGES
-
-
-def _measure_main(ir_path: str, precision: str, cpus: list[int], iters: int, conn) -> None:
-    from parnet_cpu.runtime.engine import CompileOptions, compile_model
-    from parnet_cpu.runtime.partition import cut_stage
-    from parnet_cpu.runtime.worker import pin_process
-
-    pin_process(cpus)
-    try:
-        out = {}
-        for stage in STAGES:
-            compiled = compile_model(cut_stage(ir_path, stage),
-                                     CompileOptions(precision=precision, num_threads=len(cpus), pinning=True))
-            inputs = [np.zeros([1] + [d.get_length() for d in list(p.get_partial_shape())[1:]], np.float32)
-                      for p in compiled.inputs]
-            out[stage.name] = measure_latency(lambda: compiled(inputs), 2, iters)["median_ms"]
-        conn.send(("ok", out))
-    except Exception as exc:
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
-
-
-def measure_scaling(model_dir: str | Path, precision: str, max_threads: int | None = None,
-                    iters: int = 10) -> dict[str, dict[int, float]]:
-    """Median batch-1 latency (ms) of each stage at 1..max_threads threads, pinned."""
-    md = ModelDir.open(model_dir)
-    cpus = sorted(os.sched_getaffinity(0))
-    ctx = mp.get_context("spawn")
-    table: dict[str, dict[int, float]] = {}
-    for t in range(1, min(max_threads or len(cpus), len(cpus)) + 1):
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_measure_main, args=(str(md.ir_path(precision)), precision, cpus[:t], iters, child),
-                           daemon=True)
-        proc.start()
-        status, payload = parent.recv()
-        proc.join(timeout=30)
-        if status != "ok":
-            raise RuntimeError(payload)
-        for stage, ms in payload.items():
-            table.setdefault(stage, {})[t] = ms
-    return table
-
-
-def fit_amdahl(points: dict[int, float]) -> tuple[float, float]:
-    """(serial, parallel) in ms with T(t) = serial + parallel / t, least squares, both >= 0."""
-    ts = np.array(sorted(points), dtype=float)
-    ys = np.array([points[int(t)] for t in ts])
-    if len(ts) == 1:
-        return 0.0, float(ys[0] * ts[0])
-    a = np.stack([np.ones_like(ts), 1.0 / ts], axis=1)
-    serial, parallel = np.linalg.lstsq(a, ys, rcond=None)[0]
-    if serial < 0:
-        serial, parallel = 0.0, float(np.mean(ys * ts))
-    if parallel < 0:
-        serial, parallel = float(np.mean(ys)), 0.0
-    return float(serial), float(parallel)
-
-
-def predict(fits: dict[str, tuple[float, float]], cores: int, handover_ms: float = 0.0) -> dict:
-    def t(stage: str, n: int) -> float:
-        s, p = fits[stage]
-        return s + p / max(1, n)
-
-    single = t("model", cores)
-    out = {"cores": cores, "single_ms": single}
-    if cores >= 3:
-        costs = [sum(fits[f"stream{i}"]) for i in (1, 2, 3)]
-        sizes = proportional_sizes(costs, cores)
-        multi = t("stem", cores) + max(t(f"stream{i + 1}", c) for i, c in enumerate(sizes)) + t("tail", cores) \
-            + handover_ms
-        out.update({"groups": sizes, "multistream_ms": multi, "ratio_multi_vs_single": multi / single})
-    return out
-
-
-def cost_model(model_dir: str | Path, precision: str, predict_cores=(16, 32, 56), handover_ms: float = 0.0,
-               iters: int = 10) -> dict:
-    table = measure_scaling(model_dir, precision, iters=iters)
-    fits = {stage: fit_amdahl(points) for stage, points in table.items()}
-    return {"measured_ms": {k: {str(t): v for t, v in pts.items()} for k, pts in table.items()},
-            "fit_ms": {k: {"serial": s, "parallel": p} for k, (s, p) in fits.items()},
-            "handover_ms": handover_ms,
-            "predictions": [predict(fits, n, handover_ms) for n in predict_cores],
-            "caveat": f"fitted from 1..{max(len(p) for p in table.values())} threads on this machine"}
 
 
 # --------------------------------------------------------------------------- per-layer model
@@ -174,36 +84,31 @@ def _input_arrays(compiled, batch: int, rng) -> list:
             for p in compiled.inputs]
 
 
-def _profile_main(ir_path: str, precision: str, cpus: list[int], batches: list[int], iters: int, conn) -> None:
-    """Child process pinned to `cpus`: per stage and batch, the per-layer 1-run profile (PERF_COUNT) and
-    the median wall time; plus the sync microbenchmark."""
+def profile_in_child(ir_path: str, precision: str, threads: int, batches: list[int], iters: int) -> dict:
+    """Run in a child pinned to `threads` cores (`run_pinned`): per stage and batch, the per-layer 1-run
+    profile (PERF_COUNT) and the median wall time; plus the sync microbenchmark."""
     from parnet_cpu.runtime.engine import CompileOptions, compile_model, core
     from parnet_cpu.runtime.partition import cut_stage
     from parnet_cpu.runtime.profile import collect
-    from parnet_cpu.runtime.worker import pin_process
 
-    pin_process(cpus)
-    try:
-        rng = np.random.default_rng(0)
-        opts = CompileOptions(precision=precision, num_threads=len(cpus), pinning=True, perf_count=True)
-        out: dict = {"stages": {}}
-        for stage in STAGES:
-            compiled = compile_model(cut_stage(ir_path, stage), opts)
-            for batch in batches:
-                feed = _input_arrays(compiled, batch, rng)
-                raw, _ = collect(compiled, dict(enumerate(feed)), iters)
-                shapes = {op.get_friendly_name(): [d.get_length() if d.is_static else batch
-                                                   for d in op.get_output_partial_shape(0)]
-                          for op in compiled.get_runtime_model().get_ordered_ops() if op.get_output_size()}
-                request = compiled.create_infer_request()
-                wall = measure_latency(lambda: request.infer(feed, share_inputs=True), 2, iters)["median_ms"]
-                layers = [asdict(LayerCost(n, t, e, ms, parallel_grain(t, shapes.get(n, [batch]))))
-                          for n, t, e, ms in raw]
-                out["stages"].setdefault(stage.name, {})[str(batch)] = {"wall_ms": wall, "layers": layers}
-        out["sync_ms"] = _sync_microbenchmark(core(), opts, iters)
-        conn.send(("ok", out))
-    except Exception as exc:
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    rng = np.random.default_rng(0)
+    opts = CompileOptions(precision=precision, num_threads=threads, pinning=True, perf_count=True)
+    out: dict = {"stages": {}}
+    for stage in STAGES:
+        compiled = compile_model(cut_stage(ir_path, stage), opts)
+        for batch in batches:
+            feed = _input_arrays(compiled, batch, rng)
+            raw, _ = collect(compiled, dict(enumerate(feed)), iters)
+            shapes = {op.get_friendly_name(): [d.get_length() if d.is_static else batch
+                                               for d in op.get_output_partial_shape(0)]
+                      for op in compiled.get_runtime_model().get_ordered_ops() if op.get_output_size()}
+            request = compiled.create_infer_request()
+            wall = measure_latency(lambda: request.infer(feed, share_inputs=True), 2, iters)["median_ms"]
+            layers = [asdict(LayerCost(n, t, e, ms, parallel_grain(t, shapes.get(n, [batch]))))
+                      for n, t, e, ms in raw]
+            out["stages"].setdefault(stage.name, {})[str(batch)] = {"wall_ms": wall, "layers": layers}
+    out["sync_ms"] = _sync_microbenchmark(core(), opts, iters)
+    return out
 
 
 def _sync_microbenchmark(ov_core, opts, iters: int, layers: int = 40) -> float:
@@ -235,21 +140,8 @@ def profile_stages(model_dir: str | Path, precision: str, threads: int, batches:
     if threads > len(cores):
         raise ValueError(f"{threads} threads need {threads} usable physical cores, this process has {len(cores)}")
     cpus = [c[0] for c in cores[:threads]]
-    parent, child = mp.get_context("spawn").Pipe()
-    proc = mp.get_context("spawn").Process(target=_profile_main, daemon=True,
-                                           args=(str(md.ir_path(precision)), precision, cpus, list(batches), iters,
-                                                 child))
-    proc.start()
-    try:
-        if not parent.poll(1800):
-            raise RuntimeError("profiling child gave no answer in 30 min")
-        status, payload = parent.recv()
-    finally:
-        proc.join(timeout=30)
-        if proc.is_alive():
-            proc.kill()
-    if status != "ok":
-        raise RuntimeError(payload)
+    payload = run_pinned(profile_in_child, (str(md.ir_path(precision)), precision, threads, list(batches), iters),
+                         cpus, timeout_s=1800, what=f"profiling on {threads} thread(s)")
     return payload | {"threads": threads, "cpus": cpus}
 
 

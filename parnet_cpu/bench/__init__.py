@@ -1,0 +1,20 @@
+"""Measuring and comparing: `parnet-cpu bench` and the scripts under benchmarks/.
+
+- `base`     the settings (`BenchConfig`) and the throughput loop
+- `engines`  the competing engines, each timed in a child pinned to the plan's CPUs
+- `runner`   `run_bench`: the runtime (multistream, auto) and every engine on the same cores, ratios
+- `scaling`  `bench --cost-model`: per-stage Amdahl fit at 1..N threads, 16/32/56-core predictions
+- `report`   the table, the cost-model lines, the bar chart
+- `fmnist`   Fashion-MNIST image folders for the accuracy comparisons
+
+The pinned child-process harness they use is `parnet_cpu.runtime.pinned` (the per-layer cost model of
+`parnet-cpu plan` uses it too); latency statistics come from `parnet_cpu.runtime.timing`. Nothing in
+`runtime/` or `serve/` imports this package.
+"""
+from parnet_cpu.bench.base import BenchConfig
+from parnet_cpu.bench.engines import DEFAULT_ENGINES, ENGINES, available_engines, export_onnx_for, run_pinned_engine
+from parnet_cpu.bench.report import cores_per_stream_of, format_cost_model, format_table, plot
+from parnet_cpu.bench.runner import bench_runtime, run_bench
+
+__all__ = ["BenchConfig", "DEFAULT_ENGINES", "ENGINES", "available_engines", "bench_runtime", "cores_per_stream_of",
+           "export_onnx_for", "format_cost_model", "format_table", "plot", "run_bench", "run_pinned_engine"]

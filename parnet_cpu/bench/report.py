@@ -1,0 +1,87 @@
+"""What a benchmark result looks like to a person: the table, the cost-model lines, the bar chart."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def format_cost_model(cm: dict) -> str:
+    lines = [f"cost model ({cm['caveat']}; handover {cm['handover_ms']:.2f} ms):"]
+    for p in cm["predictions"]:
+        if "multistream_ms" in p:
+            lines.append(f"  {p['cores']:>3} cores: single {p['single_ms']:.2f} ms, multi-stream {p['multistream_ms']:.2f} ms "
+                         f"(groups {'/'.join(map(str, p['groups']))}) -> ratio {p['ratio_multi_vs_single']:.2f}")
+    return "\n".join(lines)
+
+
+def format_table(result: dict) -> str:
+    head = f"{'engine':<14}{'prec':<6}{'batch':>5}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'img/s':>9}{'lat x':>7}{'thr x':>7}"
+    lines = [f"CPU: {result['machine']['cpu']} ({result['machine']['isa_level']}), CPUs {result['cpus']}, "
+             f"{result['threads']} threads; ratios are against ov-latency (single graph, same cores)", head]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"{r['engine']:<14}{r.get('precision', ''):<6}{r['batch']:>5}  error: {r['error'][:70]}")
+            continue
+        lines.append(f"{r['engine']:<14}{r['precision']:<6}{r['batch']:>5}{r['median_ms']:>9.2f}{r['p90_ms']:>9.2f}"
+                     f"{r['p99_ms']:>9.2f}{r['throughput_ips']:>9.1f}"
+                     f"{r.get('latency_ratio_vs_ov_latency', float('nan')):>7.2f}"
+                     f"{r.get('throughput_ratio_vs_ov_latency', float('nan')):>7.2f}")
+    return "\n".join(lines)
+
+
+def cores_per_stream_of(result: dict) -> float:
+    """Mean stream-group size of the multi-stream plan (all threads / 3 when there was none)."""
+    plan = result.get("plan")
+    if plan:
+        from parnet_cpu.system.cpuinfo import parse_cpu_list
+
+        sizes = [len(parse_cpu_list(w["cpus"])) for w in plan["workers"] if w["name"].startswith("stream")]
+        return sum(sizes) / len(sizes)
+    return result["threads"] / 3
+
+
+def _bar_label(res: dict, row: dict, sweeping: bool) -> str:
+    label = f"{row['engine']} {row['precision']}"
+    if sweeping and row["engine"] in ("multistream", "auto"):
+        label += f" ({cores_per_stream_of(res):g}/stream)"
+    return label
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Bar chart a person can read at a glance: median latency and throughput of every engine, one
+    group of bars per batch size, values printed on the bars, the CPU and model in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweeping = len(results) > 1
+    batches = results[0]["settings"]["batches"]
+    labels: list[str] = []
+    values: dict[tuple[str, int], tuple[float, float]] = {}
+    for res in results:
+        for r in res["rows"]:
+            if "error" in r:
+                continue
+            label = _bar_label(res, r, sweeping)
+            if label not in labels:
+                labels.append(label)
+            values[(label, r["batch"])] = (r["median_ms"], r["throughput_ips"])
+    fig, axes = plt.subplots(1, 2, figsize=(max(9.0, 1.4 * len(labels) * len(batches)), 4.6))
+    width = 0.8 / max(1, len(batches))
+    for ax, idx, title, unit in ((axes[0], 0, "median latency (lower is better)", "ms"),
+                                 (axes[1], 1, "throughput (higher is better)", "images/s")):
+        for j, b in enumerate(batches):
+            xs = [i + (j - (len(batches) - 1) / 2) * width for i in range(len(labels))]
+            ys = [values.get((lab, b), (float("nan"), float("nan")))[idx] for lab in labels]
+            bars = ax.bar(xs, ys, width, label=f"batch {b}")
+            ax.bar_label(bars, labels=[f"{y:.3g}" if y == y else "" for y in ys], fontsize=7, padding=1)
+        ax.set_xticks(range(len(labels)), labels, rotation=25, ha="right", fontsize=8)
+        ax.set(title=title, ylabel=unit)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    first = results[0]
+    fig.suptitle(f"{Path(first['model']).name} ({first['precision']}) on {first['machine']['cpu']} "
+                 f"({first['machine']['isa_level']}), CPUs {first['cpus']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
