@@ -32,7 +32,7 @@ _LAZY = {
     "export": "parnet_cpu.api",
     "quantize": "parnet_cpu.api",
     "load_images": "parnet_cpu.api",
-    "QuantizeOptions": "parnet_cpu.quantization.ptq",
+    "QuantizeOptions": "parnet_cpu.quantization.base",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

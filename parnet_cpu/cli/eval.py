@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from parnet_cpu.cli.common import positive_int
+from parnet_cpu.quantization.base import QuantizeOptions, backend_names
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="labelled image folder (any supported layout)")
     p.add_argument("--precision", choices=("fp32", "bf16", "int8"),
                    help="default: int8 if the folder has it, else fp32 (bf16 runs the FP32 IR with bf16 kernels)")
-    p.add_argument("--backend", choices=("openvino", "torch", "ipex"), default="openvino",
+    p.add_argument("--backend", choices=backend_names(), default=QuantizeOptions.backend,
                    help="engine that runs the model (torch/ipex: their INT8 artifact from `quantize --backend`)")
     p.add_argument("--limit", type=positive_int, help="evaluate only the first N images")
     p.add_argument("--batch-size", type=positive_int, default=32)
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if args.backend == "openvino":
         compiled = compile_model(ir, CompileOptions(precision=precision))
     else:
-        from parnet_cpu.quantization.ptq import QuantizationError, get_backend
+        from parnet_cpu.quantization.base import QuantizationError, get_backend
 
         if precision == "bf16":
             raise CliError("--precision bf16 is an OpenVINO option")

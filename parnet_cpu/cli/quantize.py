@@ -7,6 +7,7 @@ import os
 
 from parnet_cpu.cli.common import (add_model_args, check_out_arg, model_from_args, non_negative_int, positive_int,
                                    sigterm_as_interrupt)
+from parnet_cpu.quantization.base import QuantizeOptions, backend_class, backend_names, backends_help
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,9 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib", required=True, help="image folder (ImageNet class folders, devkit/Kaggle/Caffe "
                    "label files, or unlabelled images)")
     p.add_argument("--out", help="output model folder (default: ./<model>-int8, e.g. ./parnet_s-int8)")
-    p.add_argument("--backend", choices=("openvino", "torch", "ipex"), default="openvino",
-                   help="openvino: NNCF PTQ on the IR (default); torch: PT2E + X86InductorQuantizer + torch.compile; "
-                        "ipex: Intel Extension for PyTorch static INT8 (needs the [ipex] install)")
+    p.add_argument("--backend", choices=backend_names(), default=QuantizeOptions.backend, help=backends_help())
     p.add_argument("--subset-size", type=int, default=300, help="calibration images (default: 300)")
     p.add_argument("--preset", choices=("performance", "mixed"), default="mixed",
                    help="performance: symmetric activations; mixed: asymmetric activations (default: mixed)")
@@ -70,20 +69,15 @@ def _run(args: argparse.Namespace) -> int:
     from parnet_cpu.artifacts import ModelDirError
     from parnet_cpu.cli import CliError
     from parnet_cpu.data import DatasetError
-    from parnet_cpu.quantization.ptq import QuantizationError, QuantizeOptions, quantize_to_dir
-
-    from parnet_cpu.quantization.ptq import LEGACY_IGNORED_SCOPE
+    from parnet_cpu.quantization.ptq import QuantizationError, quantize_to_dir
     from parnet_cpu.runtime.engine import LEFTOVERS_ENV
 
     model, source = model_from_args(args)
     leftovers = args.int8_leftovers or ("f32" if args.legacy_defaults else None)
     if leftovers:
         os.environ[LEFTOVERS_ENV] = leftovers  # this process's compiles: evaluation and the profile
-    if args.ignored_scope is None:
-        default_scope = LEGACY_IGNORED_SCOPE if args.legacy_defaults else QuantizeOptions.ignored_scope
-        ignored = default_scope if args.backend == "openvino" else ()
-    else:
-        ignored = tuple(p for p in args.ignored_scope if p != "none")
+    # the backend's ignored-scope policy (OpenVINO: se + stem by default; torch/IPEX: none)
+    ignored = backend_class(args.backend).resolve_ignored_scope(args.ignored_scope, legacy=args.legacy_defaults)
     opts = QuantizeOptions(subset_size=args.subset_size, preset=args.preset,
                            fast_bias_correction=args.fast_bias_correction, ignored_scope=ignored,
                            max_drop=args.max_drop, eval_limit=args.eval_limit or None, batch_size=args.batch_size,

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from parnet_cpu.quantization.base import (QuantizationBackend, QuantizationError, QuantizeOptions, module_available,
+                                          register, reject_nncf_options)
+
 IPEX_INT8_FILE = "model_int8_ipex.pt"
 INSTALL_HINT = ("Intel Extension for PyTorch is not installed in this environment. It needs torch 2.8: "
                 "create a separate environment with `bash scripts/ipex_env.sh` (or "
@@ -22,8 +25,6 @@ def import_ipex():
     try:
         import intel_extension_for_pytorch as ipex
     except Exception as exc:  # ImportError, or IPEX's own version check against the installed torch
-        from parnet_cpu.quantization.ptq import QuantizationError
-
         raise QuantizationError(f"{INSTALL_HINT} ({type(exc).__name__}: {exc})") from None
     return ipex
 
@@ -41,16 +42,23 @@ class JitCallable:
             return [self.module(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))).numpy()]
 
 
-class IpexBackend:
+@register
+class IpexBackend(QuantizationBackend):
     name = "ipex"
+    artifact_file = IPEX_INT8_FILE
+    cli_help = "Intel Extension for PyTorch static INT8 (needs the [ipex] install)"
+    rank = 20
+    bench_engine = "ipex-int8"
 
     def __init__(self) -> None:
         self.ipex = import_ipex()
 
-    def check_options(self, opts) -> None:
-        from parnet_cpu.quantization.torch_backend import TorchBackend
+    @classmethod
+    def available(cls) -> bool:
+        return module_available("intel_extension_for_pytorch")
 
-        TorchBackend.check_options(self, opts)
+    def check_options(self, opts: QuantizeOptions) -> None:
+        reject_nncf_options(opts, self.name)
 
     def quantize(self, folder: Path, deploy, calibration, opts, validation) -> None:
         import torch
@@ -67,13 +75,13 @@ class IpexBackend:
                 prepared(torch.from_numpy(image))
             converted = ipex.quantization.convert(prepared)
             traced = torch.jit.freeze(torch.jit.trace(converted, example))
-        torch.jit.save(traced, str(folder / IPEX_INT8_FILE))
+        torch.jit.save(traced, str(folder / self.artifact_file))
 
     def compile(self, folder: Path, precision: str):
         import torch
 
         if precision == "int8":
-            module = torch.jit.freeze(torch.jit.load(str(folder / IPEX_INT8_FILE)).eval())
+            module = torch.jit.freeze(torch.jit.load(str(folder / self.artifact_file)).eval())
         else:
             from parnet_cpu.export import load_deploy_model
 

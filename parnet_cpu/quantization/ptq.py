@@ -1,69 +1,34 @@
-"""INT8 post-training quantization of the deploy-form IR with NNCF, and the `quantize` pipeline.
+"""The `quantize` pipeline, on top of the backends (`base.py` holds the contract and the registry).
 
 Pipeline (each phase timed in the report): reparameterize -> export FP32 IR -> read the image folder
--> split calibration / held-out -> NNCF PTQ (or accuracy-controlled PTQ) -> save INT8 IR ->
-evaluate FP32 and INT8 on held-out images -> read back the precision each layer runs in -> report.
-Everything is written into a temporary folder that replaces OUT only when the whole run succeeded.
+-> split calibration / held-out -> the backend's PTQ (OpenVINO + NNCF by default, `--backend`) -> its
+INT8 artifact -> evaluate FP32 and INT8 on held-out images -> read back the precision each layer runs
+in -> report. Everything is written into a temporary folder that replaces OUT only when the whole run
+succeeded. The pipeline reaches backends only by name, through the registry (`get_backend`).
 """
 from __future__ import annotations
 
-import logging
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import numpy as np
-
-from parnet_cpu.artifacts import IR_FILES, ModelDir, atomic_output_dir, check_output_dir, stamp_manifest, write_json
+from parnet_cpu.artifacts import ModelDir, atomic_output_dir, check_output_dir, stamp_manifest, write_json
 from parnet_cpu.data import (DecodeReport, Dataset, ImageDecodeError, PreprocessConfig, detect_layout, iter_batches,
                              load_and_preprocess, match_model_classes)
 from parnet_cpu.evaluation import accuracy_summary, fidelity_summary, run_models
-from parnet_cpu.runtime.engine import CompileOptions, compile_model, core, runtime_layers
+from parnet_cpu.quantization.base import (IGNORED_SCOPE_ALIASES, QuantizationError, QuantizeOptions, backend_names,
+                                          get_backend, ignored_scope_patterns)
 
-# Short names for ignored-scope patterns (regexes on OpenVINO node names of the exported IR).
-IGNORED_SCOPE_ALIASES = {
-    "se": r".*\.se\.conv/.*",  # the Skip-Squeeze-Excitation gate convs
-    "stem": r".*\.inits\.0\.0\.conv/.*",  # the very first conv (3 input channels)
-    "head": r".*\.head\.fc/.*",  # the classifier
-    "fusion": r".*\.(downsamples_2\.1|combine)\.\d\.conv/.*",  # the grouped fusion convs
-}
+# Re-exported for importers from when ptq.py held everything (benchmarks/, tests): the NNCF functions
+# live in openvino_backend.py now; nothing below uses them.
+from parnet_cpu.quantization.openvino_backend import (LEGACY_IGNORED_SCOPE, layer_precision_summary, quantize_ir,
+                                                      top1_validation)
 
-
-LEGACY_IGNORED_SCOPE = ("se", "stem")  # the default before issue 14 (`quantize --legacy-defaults`)
-
-
-class QuantizationError(RuntimeError):
-    """Quantization cannot proceed (bad data, labels that do not fit the model, ...)."""
-
-
-@dataclass(frozen=True)
-class QuantizeOptions:
-    """Defaults chosen from benchmarks/quant_quality.py on the shipped Fashion-MNIST ParNet (10,000 test
-    images): keeping the SE gate convs and the stem conv in float plus full bias correction raised
-    INT8-vs-FP32 logit SQNR from 19.2 to 24.4 dB and cut changed predictions from 83 to 47 at ~0.02 ms;
-    preset mixed beat performance in combination; 300 images matched 1000; SmoothQuant does not apply
-    to CNNs in NNCF (it needs model_type=transformer, which was worse).
-    Issue 14 (benchmarks/matrix_unit.py, ParNet-S batch 8, AVX-512 VNNI): quantizing the stem too gave
-    no speed over running the float leftovers in bf16 (the compile-time default now, see
-    `runtime.engine.float_leftovers`) and cost ~0.1 pt on Fashion-MNIST, so the scope stays."""
-
-    subset_size: int = 300
-    preset: str = "mixed"
-    fast_bias_correction: bool = False
-    ignored_scope: tuple[str, ...] = ("se", "stem")
-    max_drop: float | None = None  # top-1 percentage points; enables accuracy-controlled PTQ
-    backend: str = "openvino"  # openvino (NNCF) | torch (PT2E + X86InductorQuantizer) | ipex
-    eval_limit: int | None = 5000  # held-out images evaluated (None: all)
-    batch_size: int = 32
-    seed: int = 0
-    num_workers: int | None = None
-    progress: bool = True
-
-
-def ignored_scope_patterns(items: Sequence[str]) -> list[str]:
-    return [IGNORED_SCOPE_ALIASES.get(item, item) for item in items]
+__all__ = ["IGNORED_SCOPE_ALIASES", "LEGACY_IGNORED_SCOPE", "ImageStream", "Phases", "QuantizationError",
+           "QuantizeOptions", "backend_names", "check_calibration_decodes", "check_labels_fit", "get_backend",
+           "ignored_scope_patterns", "layer_precision_summary", "quantize_ir", "quantize_to_dir", "top1_validation"]
 
 
 class ImageStream:
@@ -90,99 +55,6 @@ class ImageStream:
         finally:
             self.failures.update(dict(report.failures))
             self.decoded = max(self.decoded, report.decoded)
-
-
-def top1_validation(compiled, items) -> tuple[float, list[float]]:
-    """NNCF accuracy-control callback: top-1 (fraction) of a compiled model on (image, label) items."""
-    hits = [float(np.asarray(compiled(image)[0]).argmax() == label) for image, label in items]
-    return (float(np.mean(hits)) if hits else 0.0), hits
-
-
-@contextmanager
-def _nncf_verbosity(progress: bool):
-    """Without progress: NNCF's info logs and its progress bars (drawn on rich's global console) off."""
-    import nncf
-    import rich
-
-    logger, console = logging.getLogger("nncf"), rich.get_console()
-    old_level, old_quiet = logger.level, console.quiet
-    if not progress:
-        nncf.set_log_level(logging.ERROR)
-        console.quiet = True
-    try:
-        yield
-    finally:
-        logger.setLevel(old_level)
-        console.quiet = old_quiet
-
-
-def quantize_ir(fp32_model, calibration: ImageStream, opts: QuantizeOptions, validation: ImageStream | None = None):
-    """NNCF PTQ of an OpenVINO model; with `validation` and `opts.max_drop`, accuracy-controlled."""
-    import nncf
-
-    kwargs = dict(preset=nncf.QuantizationPreset(opts.preset), subset_size=min(opts.subset_size, len(calibration)),
-                  fast_bias_correction=opts.fast_bias_correction, target_device=nncf.TargetDevice.CPU)
-    if opts.ignored_scope:
-        kwargs["ignored_scope"] = nncf.IgnoredScope(patterns=ignored_scope_patterns(opts.ignored_scope), validate=False)
-    dataset = nncf.Dataset(calibration)
-    with _nncf_verbosity(opts.progress):
-        if opts.max_drop is not None and validation:
-            return nncf.quantize_with_accuracy_control(
-                fp32_model, dataset, nncf.Dataset(validation), top1_validation,
-                max_drop=opts.max_drop / 100.0, drop_type=nncf.DropType.ABSOLUTE, **kwargs)
-        return nncf.quantize(fp32_model, dataset, **kwargs)
-
-
-def layer_precision_summary(compiled) -> dict:
-    """Counts of (layer type, precision, kernel) for compute layers, plus the per-layer list."""
-    layers = [l for l in runtime_layers(compiled) if l["type"] not in ("Const", "Input", "Output", "Reshape")]
-    counts: dict[str, int] = {}
-    for l in layers:
-        key = f"{l['type']}:{l['precision']}:{l['kernel']}"
-        counts[key] = counts.get(key, 0) + 1
-    return {"counts": dict(sorted(counts.items())), "layers": layers}
-
-
-class OpenVinoBackend:
-    """NNCF PTQ of the FP32 IR; runs on OpenVINO (VNNI/AMX kernels chosen by its CPU plugin)."""
-
-    name = "openvino"
-
-    def check_options(self, opts: QuantizeOptions) -> None:
-        """Every NNCF option applies."""
-
-    def quantize(self, folder: Path, deploy, calibration: ImageStream, opts: QuantizeOptions,
-                 validation: ImageStream | None) -> None:
-        from parnet_cpu.export import save_ir
-
-        int8 = quantize_ir(core().read_model(str(folder / IR_FILES["fp32"])), calibration, opts, validation)
-        save_ir(int8, folder / IR_FILES["int8"])
-
-    def compile(self, folder: Path, precision: str):
-        return compile_model(ModelDir.open(folder).ir_path(precision), CompileOptions(precision=precision))
-
-    def layer_precisions(self, compiled) -> dict:
-        return layer_precision_summary(compiled)
-
-    def versions(self) -> dict:
-        import nncf
-        import openvino as ov
-
-        return {"openvino": ov.get_version(), "nncf": nncf.__version__}
-
-
-def get_backend(name: str):
-    if name == "openvino":
-        return OpenVinoBackend()
-    if name == "torch":
-        from parnet_cpu.quantization.torch_backend import TorchBackend
-
-        return TorchBackend()
-    if name == "ipex":
-        from parnet_cpu.quantization.ipex_backend import IpexBackend
-
-        return IpexBackend()
-    raise QuantizationError(f"unknown backend {name!r}; choose openvino, torch or ipex")
 
 
 def check_labels_fit(ds: Dataset, num_classes: int) -> None:
@@ -219,7 +91,8 @@ class Phases:
         self.seconds[name] = round(time.perf_counter() - t0, 3)
 
 
-def quantize_to_dir(model, source: dict, calib_dir: str | Path, out: str | Path, opts: QuantizeOptions = QuantizeOptions(),
+def quantize_to_dir(model, source: dict, calib_dir: str | Path, out: str | Path,
+                    opts: QuantizeOptions = QuantizeOptions(),  # noqa: B008 (frozen dataclass)
                     overwrite: bool = False, log=print) -> dict:
     """The whole `parnet-cpu quantize` job; returns the report (also written to OUT/report.json)."""
     from parnet_cpu.export import write_fp32_artifacts
@@ -290,9 +163,6 @@ def quantize_to_dir(model, source: dict, calib_dir: str | Path, out: str | Path,
             "seconds": phases.seconds,
             "versions": backend.versions(),
         }
-        if backend.name == "openvino":  # where the INT8 time goes, and the float-leftover precision used
-            from parnet_cpu.runtime.profile import profile_model
-
-            report["profile"] = profile_model(tmp, "int8", batch=1, iters=5)
+        report.update(backend.report_extras(tmp))  # OpenVINO: "profile" (where the INT8 time goes)
         write_json(tmp / "report.json", report)
     return report

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from parnet_cpu.artifacts import TORCH_INT8_FILE, ModelDir
+from parnet_cpu.quantization.base import QuantizationBackend, QuantizeOptions, register, reject_nncf_options
 
 MAX_BATCH = 1024
 
@@ -88,18 +89,16 @@ def graph_precisions(module) -> dict:
             "source": "quantized FX graph (inductor lowers q/dq around these ops to oneDNN int8 kernels)"}
 
 
-class TorchBackend:
+@register
+class TorchBackend(QuantizationBackend):
     name = "torch"
+    artifact_file = TORCH_INT8_FILE  # named in artifacts.py too: the manifest stamps it (model_files)
+    cli_help = "PT2E + X86InductorQuantizer + torch.compile"
+    rank = 10
+    bench_engine = "torch-int8"
 
-    def check_options(self, opts) -> None:
-        from parnet_cpu.quantization.ptq import QuantizeOptions
-
-        # the default ignored scope is an NNCF default; only an explicit request is an error here
-        if opts.max_drop is not None or (opts.ignored_scope and opts.ignored_scope != QuantizeOptions.ignored_scope):
-            from parnet_cpu.quantization.ptq import QuantizationError
-
-            raise QuantizationError(f"--max-drop and --ignored-scope are OpenVINO/NNCF options; "
-                                    f"not available with --backend {self.name}")
+    def check_options(self, opts: QuantizeOptions) -> None:
+        reject_nncf_options(opts, self.name)
 
     def quantize(self, folder: Path, deploy, calibration, opts, validation) -> None:
         import torch
@@ -107,12 +106,12 @@ class TorchBackend:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = quantize_pt2e(deploy, calibration, opts.subset_size)
-        torch.export.save(program, str(folder / TORCH_INT8_FILE))
+        torch.export.save(program, str(folder / self.artifact_file))
 
     def compile(self, folder: Path, precision: str):
         if precision == "int8":
             in_chans = ModelDir.open(folder).input_shape()[0]
-            return load_compiled(folder / TORCH_INT8_FILE, dynamic=in_chans != 1)
+            return load_compiled(folder / self.artifact_file, dynamic=in_chans != 1)
         from parnet_cpu.export import load_deploy_model
 
         model = load_deploy_model(folder)
