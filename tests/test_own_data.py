@@ -85,6 +85,10 @@ def test_label_file_outside_the_image_folder(tmp_path):
         "--quiet")  # ...named, it is used
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["labelled"] == 6 and result["label_file"] == str(labels) and result["layout"] == "caffe_val_txt"
+    from datetime import datetime
+
+    assert result["report"] == "eval" and result["schema"] == 1
+    assert datetime.fromisoformat(result["created"]).utcoffset() is not None  # time-zone aware
 
 
 def test_custom_normalisation_is_stored_and_used(tmp_path):
@@ -114,3 +118,17 @@ def test_custom_normalisation_is_stored_and_used(tmp_path):
         out = cli("export", "--model", "parnet_s", *NARROW_ARGS, *bad, "--out", tmp_path / "bad", ok=False)
         assert out.returncode == 2 and why in out.stderr and "Traceback" not in out.stderr, (bad, out.stderr)
         assert not Path(tmp_path / "bad").exists()
+
+
+def test_quantize_reads_a_label_file_outside_the_calibration_folder(tmp_path):
+    flat = tmp_path / "images"
+    flat.mkdir()
+    for p in PHOTOS[:8]:
+        shutil.copy(p, flat / p.name)
+    labels = tmp_path / "val.txt"
+    labels.write_text("".join(f"{p.name} {i}\n" for i, p in enumerate(PHOTOS[:8])))
+    cli("quantize", "--model", "parnet_s", *NARROW_ARGS, "--calib", flat, "--labels", labels, "--subset-size", 4,
+        "--out", tmp_path / "q", "--quiet")
+    report = json.loads((tmp_path / "q" / "report.json").read_text())
+    assert report["data"]["layout"] == "caffe_val_txt" and report["data"]["labelled"]
+    assert report["evaluation"]["held_out_images"] == 4 and "top1" in report["evaluation"]["fp32"]

@@ -121,3 +121,31 @@ def test_python_api_quantize_then_runtime_on_a_folder_of_images(tmp_path):
     assert logits.shape == (24, 1000) and np.isfinite(logits).all()
     with pytest.raises(FileNotFoundError, match="nope.jpg"):
         parnet_cpu.load_images([tmp_path / "nope.jpg"], tmp_path / "int8")
+
+
+def test_the_usage_line_as_typed_in_an_empty_folder(tmp_path):
+    """`parnet-cpu quantize --calib imagenet_val` then `parnet-cpu bench --cores-per-stream 8`, nothing else."""
+    import json
+    import shutil
+    import time
+
+    from parnet_cpu.data import bundled_calibration_dir
+
+    shutil.copytree(bundled_calibration_dir(), tmp_path / "imagenet_val")
+    out = _cli(["quantize", "--calib", "imagenet_val"], tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "parnet_s-int8" in out.stdout and "RANDOM weights" in out.stderr
+    assert "INFO:nncf" not in out.stdout + out.stderr  # a short progress view, not one line per layer
+    report = json.loads((tmp_path / "parnet_s-int8" / "report.json").read_text())
+    assert report["model"] == "parnet_s" and report["random_weights"]
+    assert any("random weights" in w and "--checkpoint" in w for w in report["warnings"])
+    assert report["report"] == "quantize" and report["schema"] == 1 and report["created"].endswith("+00:00")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imagenet_val", "parnet_s-int8"]  # nothing else left
+
+    usable = len(os.sched_getaffinity(0))
+    if usable >= 24:
+        return  # the usage line's bench is possible here and would run in full: the refusal is not the answer
+    t0 = time.monotonic()
+    out = _cli(["bench", "--cores-per-stream", "8"], tmp_path)
+    assert out.returncode == 2 and time.monotonic() - t0 < 60, out.stderr
+    assert "using parnet_s-int8" in out.stdout and "--cores-per-stream 8" in out.stderr

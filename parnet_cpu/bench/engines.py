@@ -7,8 +7,9 @@ runtime itself uses is `parnet_cpu.runtime.engine`.
 - ov-throughput   OpenVINO single graph, THROUGHPUT hint (several streams), async requests
 - torch-eager     PyTorch eager FP32, deploy form, torch threads = cores
 - ort-parallel    ONNX Runtime FP32, ORT_PARALLEL (inter-op 3 = branches, intra-op = cores per stream)
-- torch-int8      PT2E INT8 program through torch.compile (`quantize --backend torch`)
-- ipex-int8       IPEX static INT8, TorchScript (`quantize --backend ipex`, IPEX environment only)
+- <backend>-int8  each quantization backend's own INT8 artifact (`quantize --backend torch|ipex`), from the
+                  backend registry (`parnet_cpu.quantization.base`): torch-int8 (PT2E + torch.compile),
+                  ipex-int8 (IPEX static INT8, IPEX environment only)
 
 `multistream` and `auto` (the runtime itself) are run in-process by `parnet_cpu.bench.runner`.
 """
@@ -20,11 +21,12 @@ import numpy as np
 
 from parnet_cpu.artifacts import ONNX_FILE, ModelDir
 from parnet_cpu.bench.base import BenchConfig, throughput
+from parnet_cpu.quantization.base import backend_for_engine, bench_engines, quantization_engines
 from parnet_cpu.runtime.pinned import PinnedChildError, run_pinned
 from parnet_cpu.runtime.timing import measure_latency
 
-ENGINES = ("multistream", "auto", "ov-latency", "ov-throughput", "torch-eager", "ort-parallel", "torch-int8", "ipex-int8")
-DEFAULT_ENGINES = ENGINES[:6]  # + torch-int8 / ipex-int8 where the model folder has their INT8 artifact
+DEFAULT_ENGINES = ("multistream", "auto", "ov-latency", "ov-throughput", "torch-eager", "ort-parallel")
+ENGINES = DEFAULT_ENGINES + quantization_engines()  # + each backend's INT8 engine (torch-int8, ipex-int8)
 ENGINE_TIMEOUT_S = 1800.0  # one engine's build and every batch's timing; a hung child is killed after this
 
 
@@ -75,13 +77,11 @@ def make_engine(engine: str, model_dir: str, precision: str, threads: int, onnx_
 
         return infer, (lambda n, x: [infer(x) for _ in range(n)]), {
             "precision": "fp32", "inter_op": 3, "intra_op": so.intra_op_num_threads, "ort": ort.__version__}
-    if engine in ("torch-int8", "ipex-int8"):
+    if engine in quantization_engines():
         import torch
 
-        from parnet_cpu.quantization.ptq import get_backend
-
         torch.set_num_threads(threads)
-        backend = get_backend(engine.split("-")[0])
+        backend = backend_for_engine(engine)
         compiled = backend.compile(Path(model_dir), "int8")
         return compiled, (lambda n, x: [compiled(x) for _ in range(n)]), {
             "precision": "int8", "torch_threads": threads, **backend.versions()}
@@ -89,17 +89,8 @@ def make_engine(engine: str, model_dir: str, precision: str, threads: int, onnx_
 
 
 def available_engines(md: ModelDir) -> tuple[str, ...]:
-    import importlib.util
-
-    from parnet_cpu.artifacts import TORCH_INT8_FILE
-    from parnet_cpu.quantization.ipex_backend import IPEX_INT8_FILE
-
-    extra = []
-    if (md.path / TORCH_INT8_FILE).is_file():
-        extra.append("torch-int8")
-    if (md.path / IPEX_INT8_FILE).is_file() and importlib.util.find_spec("intel_extension_for_pytorch"):
-        extra.append("ipex-int8")
-    return DEFAULT_ENGINES + tuple(extra)
+    """The built-in engines plus the INT8 engine of every backend whose artifact is in the folder and runs here."""
+    return DEFAULT_ENGINES + bench_engines(md.path)
 
 
 def time_engine(engine: str, model_dir: str, precision: str, threads: int, batches, cfg: BenchConfig,

@@ -61,8 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--use-smt", action="store_true", help="also use SMT siblings")
     p.add_argument("--precision", choices=("fp32", "bf16", "int8"), help="default: int8 if present, else fp32")
     p.add_argument("--batches", default="1,8", help="batch sizes (default 1,8)")
-    p.add_argument("--engines", help=f"subset of {','.join(ENGINES)} (default: the first five, plus torch-int8/"
-                                     "ipex-int8 when the model folder has their INT8 artifact)")
+    p.add_argument("--engines", help=f"subset of {','.join(ENGINES)} (default: the first six, plus a "
+                                     "backend's INT8 engine when the model folder has its INT8 artifact)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--min-seconds", type=float, default=0.2, help="minimum measuring time per row")

@@ -13,6 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="accuracy of a model folder on a labelled image folder")
     p.add_argument("--model", required=True, help="model folder written by export or quantize")
     p.add_argument("--data", required=True, help="labelled image folder (any supported layout)")
+    p.add_argument("--labels", metavar="FILE", help="a label file kept outside --data: Kaggle LOC_val_solution.csv, "
+                   "devkit ILSVRC2012_validation_ground_truth.txt or Caffe val.txt (type read from its name)")
     p.add_argument("--precision", choices=("fp32", "bf16", "int8"),
                    help="default: int8 if the folder has it, else fp32 (bf16 runs the FP32 IR with bf16 kernels)")
     p.add_argument("--backend", choices=backend_names(), default=QuantizeOptions.backend,
@@ -26,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from parnet_cpu.artifacts import ModelDir, ModelDirError, write_json
+    from parnet_cpu.artifacts import ModelDir, ModelDirError, report_stamp, write_json
     from parnet_cpu.cli import CliError
     from parnet_cpu.data import DatasetError, detect_layout, match_model_classes
     from parnet_cpu.evaluation import accuracy_summary, run_models
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         md = ModelDir.open(args.model)
         precision = args.precision or ("int8" if "int8" in md.precisions or args.backend != "openvino" else "fp32")
         ir = md.ir_path("fp32" if precision == "bf16" else precision) if args.backend == "openvino" else None
-        ds = match_model_classes(detect_layout(args.data), md.class_names)
+        ds = match_model_classes(detect_layout(args.data, label_file=args.labels), md.class_names)
     except (ModelDirError, DatasetError) as exc:
         raise CliError(str(exc)) from None
     if not ds.has_labels:
@@ -47,7 +49,9 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("this CPU has no native bf16 (needs avx512_bf16 or AMX); use fp32 or int8")
     num_classes = md.config["num_classes"]
     if ds.num_classes is not None and ds.num_classes > num_classes:
-        raise CliError(f"the data has {ds.num_classes} classes but the model predicts {num_classes}")
+        raise CliError(f"the data has {ds.num_classes} classes but the model predicts {num_classes}; for a model "
+                       "fine-tuned on some of them, name its classes in output order when exporting "
+                       "(`--classes FILE`) or put a classes.txt in the data folder")
     samples = ds.samples[: args.limit] if args.limit else ds.samples
     if args.backend == "openvino":
         compiled = compile_model(ir, CompileOptions(precision=precision))
@@ -62,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
             raise CliError(f"{exc} (run `parnet-cpu quantize --backend {args.backend}` first)") from None
     outs = run_models({precision: compiled}, samples, md.preprocess_config(), args.batch_size, args.workers,
                       progress=not args.quiet, desc=f"eval {precision}")
-    result = {"model": str(md.path), "precision": precision, "backend": args.backend, "ir": ir.name if ir else None, "data": str(ds.root), "layout": ds.layout,
+    result = {**report_stamp("eval"), "model": str(md.path), "precision": precision, "backend": args.backend, "ir": ir.name if ir else None, "data": str(ds.root), "layout": ds.layout,
+              "label_file": str(ds.label_file) if ds.label_file is not None else None,
               "label_mapping": ds.label_mapping,
               **accuracy_summary(outs.logits[precision], outs.labels, md.class_names),
               "skipped": outs.report.failures, "skipped_files": ds.skipped_files}

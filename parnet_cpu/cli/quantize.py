@@ -16,6 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--calib", required=True, help="image folder (ImageNet class folders, devkit/Kaggle/Caffe "
                    "label files, or unlabelled images)")
+    p.add_argument("--labels", metavar="FILE", help="a label file kept outside --calib: Kaggle LOC_val_solution.csv, "
+                   "devkit ILSVRC2012_validation_ground_truth.txt or Caffe val.txt (type read from its name)")
     p.add_argument("--out", help="output model folder (default: ./<model>-int8, e.g. ./parnet_s-int8)")
     p.add_argument("--backend", choices=backend_names(), default=QuantizeOptions.backend, help=backends_help())
     p.add_argument("--subset-size", type=int, default=300, help="calibration images (default: 300)")
@@ -55,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"writing the model folder to ./{args.out} (choose another with --out)")
         if args.subset_size < 1:
             raise CliError("--subset-size must be at least 1")
-        check_out_arg(args.out, args.overwrite, calib=args.calib, checkpoint=args.checkpoint)
+        check_out_arg(args.out, args.overwrite, calib=args.calib, checkpoint=args.checkpoint, labels=args.labels)
         return _run(args)
 
 
@@ -84,6 +86,7 @@ def _run(args: argparse.Namespace) -> int:
                            seed=args.seed, num_workers=args.workers, progress=not args.quiet, backend=args.backend)
     try:
         report = quantize_to_dir(model, source, args.calib, args.out, opts, overwrite=args.overwrite,
+                                 label_file=args.labels,
                                  log=(lambda *a: None) if args.quiet else print)
     except (DatasetError, QuantizationError, ModelDirError) as exc:
         raise CliError(str(exc)) from None

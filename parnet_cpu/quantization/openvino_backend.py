@@ -27,14 +27,15 @@ def top1_validation(compiled, items) -> tuple[float, list[float]]:
 
 @contextmanager
 def _nncf_verbosity(progress: bool):
-    """Without progress: NNCF's info logs and its progress bars (drawn on rich's global console) off."""
+    """NNCF's INFO lines (one per layer it leaves alone) are never shown: the progress view is its bars.
+    Without progress the bars (drawn on rich's global console) are off too."""
     import nncf
     import rich
 
     logger, console = logging.getLogger("nncf"), rich.get_console()
     old_level, old_quiet = logger.level, console.quiet
+    nncf.set_log_level(logging.WARNING if progress else logging.ERROR)
     if not progress:
-        nncf.set_log_level(logging.ERROR)
         console.quiet = True
     try:
         yield

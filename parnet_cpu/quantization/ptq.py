@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from parnet_cpu.artifacts import ModelDir, atomic_output_dir, check_output_dir, stamp_manifest, write_json
+from parnet_cpu.artifacts import ModelDir, atomic_output_dir, check_output_dir, report_stamp, stamp_manifest, write_json
 from parnet_cpu.data import (DecodeReport, Dataset, ImageDecodeError, PreprocessConfig, detect_layout, iter_batches,
                              load_and_preprocess, match_model_classes)
 from parnet_cpu.evaluation import accuracy_summary, fidelity_summary, run_models
@@ -93,19 +93,20 @@ class Phases:
 
 def quantize_to_dir(model, source: dict, calib_dir: str | Path, out: str | Path,
                     opts: QuantizeOptions = QuantizeOptions(),  # noqa: B008 (frozen dataclass)
-                    overwrite: bool = False, log=print) -> dict:
-    """The whole `parnet-cpu quantize` job; returns the report (also written to OUT/report.json)."""
+                    overwrite: bool = False, log=print, label_file: str | Path | None = None) -> dict:
+    """The whole `parnet-cpu quantize` job; returns the report (also written to OUT/report.json).
+    `label_file`: labels kept outside `calib_dir` (Kaggle CSV, devkit ground truth, Caffe val.txt)."""
     from parnet_cpu.export import write_fp32_artifacts
     from parnet_cpu.reparam.fuse import reparameterize
 
-    inputs = {"--calib": calib_dir}
+    inputs = {"--calib": calib_dir, "--labels": label_file}
     check_output_dir(out, overwrite, inputs)  # before any work: never replace what this tool did not write
     backend = get_backend(opts.backend)  # fails early (e.g. IPEX not installed) before any work
     backend.check_options(opts)
     phases = Phases()
     planned = ModelDir(Path(out), {"config": model.cfg.to_dict()})  # class names and preprocessing, before writing
     with phases("read_data"):
-        ds = match_model_classes(detect_layout(calib_dir), planned.class_names)
+        ds = match_model_classes(detect_layout(calib_dir, label_file=label_file), planned.class_names)
         check_labels_fit(ds, model.cfg.num_classes)
         calib, holdout = ds.split(opts.subset_size, seed=opts.seed)
         if opts.eval_limit is not None:
@@ -147,6 +148,7 @@ def quantize_to_dir(model, source: dict, calib_dir: str | Path, out: str | Path,
                           "int8": accuracy_summary(outs.logits["int8"], outs.labels, md.class_names),
                           "int8_vs_fp32": fidelity_summary(outs.logits["fp32"], outs.logits["int8"], outs.labels)}
         report = {
+            **report_stamp("quantize"), "warnings": report_warnings(source),
             "model": source.get("model"), "config": model.cfg.to_dict(),
             "checkpoint": source.get("checkpoint"), "random_weights": source.get("checkpoint") is None,
             "data": {"root": str(ds.root), "layout": ds.layout, "images": len(ds), "labelled": ds.has_labels,
@@ -166,3 +168,13 @@ def quantize_to_dir(model, source: dict, calib_dir: str | Path, out: str | Path,
         report.update(backend.report_extras(tmp))  # OpenVINO: "profile" (where the INT8 time goes)
         write_json(tmp / "report.json", report)
     return report
+
+
+RANDOM_WEIGHTS_WARNING = ("random weights (no checkpoint given): speed figures are valid, accuracy figures mean "
+                          "nothing; pass the authors' checkpoint with --checkpoint parnet_s.pth.tar (Python: "
+                          "create_model(name, checkpoint=...))")
+
+
+def report_warnings(source: dict) -> list[str]:
+    """What a reader of report.json must know before trusting its figures."""
+    return [RANDOM_WEIGHTS_WARNING] if source.get("checkpoint") is None else []
