@@ -25,7 +25,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import IO, Iterator, Mapping
 
 MANIFEST = "parnet.json"
 FORMAT = "parnet-cpu/1"
@@ -253,13 +253,16 @@ class ModelDir:
     def precisions(self) -> list[str]:
         return [p for p, f in IR_FILES.items() if (self.path / f).is_file()]
 
+    @property
+    def default_precision(self) -> str:
+        """The precision a loader uses when none is asked for: int8 where the folder has it, else fp32
+        (the one rule for Runtime, serve, eval, bench, profile and plan)."""
+        return "int8" if (self.path / IR_FILES["int8"]).is_file() else "fp32"
+
     def ir_path(self, precision: str | None = None) -> Path:
-        """IR of the given precision; default: the most optimized one present (int8 > bf16 > fp32)."""
+        """IR of the given precision (default: `default_precision`)."""
         if precision is None:
-            for candidate in ("int8", "bf16", "fp32"):
-                if (self.path / IR_FILES[candidate]).is_file():
-                    return self.ir_path(candidate)
-            raise ModelDirError(f"{self.path}: no OpenVINO IR found")
+            precision = self.default_precision
         if precision not in IR_FILES:
             raise ModelDirError(f"unknown precision {precision!r}; choose from {', '.join(IR_FILES)}")
         p = self.path / IR_FILES[precision]
@@ -294,14 +297,18 @@ class ModelDir:
         return (c["in_chans"], c["input_size"], c["input_size"])
 
 
-def write_json(path: Path, obj: dict) -> None:
-    """Atomic: a uniquely named temporary file in the same folder, then os.replace, so readers (and
-    concurrent writers) only ever see a whole file."""
+@contextmanager
+def atomic_write(path: str | os.PathLike[str], mode: str = "w", encoding: str | None = None) -> Iterator[IO]:
+    """Write `path` atomically: yields a file object on a uniquely named temporary file in the same folder,
+    which replaces `path` (os.replace) only when the block ends without an error, so readers (and concurrent
+    writers) only ever see a whole file; on an error or interruption the temporary file is removed.
+    The one way this project writes a file that others may read meanwhile (JSON, checkpoints)."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o644)  # as a plain write would leave it (mkstemp makes 0600)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+        with os.fdopen(fd, mode, encoding=encoding) as f:
+            yield f
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -309,6 +316,12 @@ def write_json(path: Path, obj: dict) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Atomic (see `atomic_write`): readers only ever see a whole file."""
+    with atomic_write(path) as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 # Temporary folders of this tool: `.parnet-cpu-tmp-<pid>-<host tag>-<random>`, so a later run can tell its
@@ -468,3 +481,17 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+REPORT_SCHEMA = 1  # version of the JSON reports (quantize's report.json, eval --json, bench --json)
+
+
+def report_stamp(kind: str) -> dict:
+    """What every JSON report starts with: what it is, its schema version, the tool version and a
+    time-zone-aware UTC timestamp, so a report read months later says what wrote it and when."""
+    from datetime import datetime, timezone
+
+    from parnet_cpu import __version__
+
+    return {"report": kind, "schema": REPORT_SCHEMA, "parnet_cpu": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}

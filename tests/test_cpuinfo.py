@@ -175,6 +175,19 @@ def test_spr_topology() -> None:
     assert smt[0] == [0, 112] and smt[56] == [56, 168] and len(smt) == 112
 
 
+def test_machine_summary_is_the_one_machine_description() -> None:
+    """What every report records about the machine (bench, demo, train): one function, from describe_machine."""
+    from parnet_cpu.system.cpuinfo import machine_summary
+
+    info = describe_machine(SPR)
+    summary = machine_summary(info)
+    assert summary["cpu"] == info.model_name and summary["isa_level"] == info.isa_level
+    assert (summary["sockets"], summary["physical_cores"], summary["logical_cpus"]) == (2, 112, 224)
+    assert summary["usable_cpus"] == list(range(224)) and summary["openvino"] is None  # a captured tree
+    assert {"python", "system"} <= set(summary)
+    json.dumps(summary)  # goes into JSON reports as it is
+
+
 def test_alderlake_hybrid() -> None:
     info = describe_machine(ADL)
     assert info.core_types == {CORE_PERFORMANCE: list(range(16)), CORE_EFFICIENCY: list(range(16, 24))}

@@ -268,7 +268,7 @@ def test_worker_dying_at_start_is_reported_at_once(model_dir):
 def test_corrupt_plan_cache_is_ignored_and_rewritten(model_dir):
     """A torn plan_cache.json no longer breaks every `plan="auto"` start; it is replaced by whole JSON."""
     from parnet_cpu.runtime import Runtime
-    from parnet_cpu.runtime.runtime import PLAN_CACHE, PlanCacheWarning
+    from parnet_cpu.runtime.plan import PLAN_CACHE, PlanCacheWarning
 
     cache = Path(model_dir) / PLAN_CACHE
     cache.write_text('{"["torn')
@@ -300,12 +300,12 @@ def test_busy_cpus_are_seen_as_busy():
 def test_cache_entry_from_another_core_set_or_machine_is_ignored(model_dir):
     """The cache key holds the machine id and the core set: a planted entry for other CPUs is not used."""
     from parnet_cpu.runtime import Runtime
-    from parnet_cpu.runtime.runtime import PLAN_CACHE
+    from parnet_cpu.runtime.plan import PLAN_CACHE, PlanCache
 
     cache = Path(model_dir) / PLAN_CACHE
     groups = [[CPUS[0]], [CPUS[-1]], [CPUS[0]]]
     with Runtime(model_dir, precision="fp32", cores=groups, plan="multistream") as rt:  # no measurement
-        key = json.loads(rt._cache_key())
+        key = json.loads(PlanCache(rt.model_dir).key(rt.plan.cpus, rt.precision, rt.ir_path))
     planted = {}
     for i, value in ((1, [4095]), (5, "another-machine")):  # core set, machine id
         other = list(key)

@@ -120,8 +120,8 @@ def test_closed_runtime_and_bad_inputs(model_dir):
     rt = Runtime(model_dir, cores=GROUPS, plan="multistream", max_batch=2)
     with pytest.raises(ValueError, match=r"expected images of shape \(N, 3, 64, 64\)"):
         rt.infer(np.zeros((1, 3, 32, 32), np.float32))
-    with pytest.raises(ValueError, match="takes 1..2"):
-        rt.infer(images(3))
+    with pytest.raises(ValueError, match="at least one image"):
+        rt.infer(np.zeros((0, 3, 64, 64), np.float32))
     rt.close()
     with pytest.raises(RuntimeClosedError, match="closed"):
         rt.infer(images(1))
@@ -173,3 +173,50 @@ def test_runtime_side_imports_no_torch():
     code = ("import sys, parnet_cpu.runtime, parnet_cpu.data, parnet_cpu.evaluation, parnet_cpu.system.cpuinfo; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("plan", ["multistream", "single"])
+def test_batches_larger_than_max_batch_are_split_in_order(model_dir, plan):
+    """A batch of 2 * max_batch + 1 images runs as chunks of max_batch: the same logits, in the same order,
+    as the chunks sent one by one (infer and submit alike)."""
+    x = images(5, seed=7)
+    cores = GROUPS if plan == "multistream" else None
+    with Runtime(model_dir, cores=cores, precision="fp32", plan=plan, max_batch=2) as rt:
+        chunks = np.concatenate([rt.infer(x[0:2]), rt.infer(x[2:4]), rt.infer(x[4:5])])
+        whole = rt.infer(x)
+        submitted = rt.submit(x).result()
+    assert whole.shape == submitted.shape == (5, chunks.shape[1])
+    np.testing.assert_array_equal(whole, chunks)
+    np.testing.assert_array_equal(submitted, chunks)
+
+
+GUARDLESS = """\
+import numpy as np
+from parnet_cpu.runtime import Runtime
+
+rt = Runtime({model!r}, cores={cores!r}, plan="multistream")
+print(rt.infer(np.zeros((1, 3, 64, 64), np.float32)).shape)
+rt.close()
+"""
+
+
+def test_script_without_main_guard_fails_at_once_naming_the_guard(model_dir, tmp_path):
+    """Worker processes are spawned, so each imports the main script again: a script that creates the Runtime
+    at its top level, without `if __name__ == "__main__":`, must fail at once and name the line to add
+    (not hang until the start timeout). The same script with the guard runs."""
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "embed.py"
+    script.write_text(GUARDLESS.format(model=str(model_dir), cores=GROUPS))
+    t0 = time.monotonic()
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert run.returncode != 0 and time.monotonic() - t0 < 60
+    assert 'if __name__ == "__main__":' in run.stderr and "embed.py, line 4" in run.stderr, run.stderr
+
+    body = GUARDLESS.format(model=str(model_dir), cores=GROUPS).split("\n\n", 1)
+    guarded = body[0] + "\n\nif __name__ == \"__main__\":\n" + "".join(f"    {ln}\n" for ln in body[1].splitlines())
+    script.write_text(guarded)
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 0 and "(1, " in run.stdout, run.stderr

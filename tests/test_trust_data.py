@@ -366,6 +366,40 @@ def test_c10_one_image_format_allow_list_on_decoded_content(tmp_path):
             decode_image_bytes(blob, cfg, 10**7)
 
 
+def test_one_decoder_for_files_uploads_and_file_objects(tmp_path):
+    """`decode_image` is the one set of decoding rules: a path (load_image), bytes (the server's uploads) and a
+    binary file object decode to the same pixels; an image over the pixel limit is ImageTooLargeError, which
+    the server answers with 413."""
+    import io
+
+    import numpy as np
+
+    from parnet_cpu.data import ImageDecodeError, ImageTooLargeError, PreprocessConfig, decode_image, load_image
+    from parnet_cpu.serve.app import ApiError, decode_image_bytes
+
+    img = Image.new("RGBA", (40, 30), (10, 200, 30, 128))  # alpha: composited the same way everywhere
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    blob = buf.getvalue()
+    path = tmp_path / "x.png"
+    path.write_bytes(blob)
+    ref = np.asarray(load_image(path))
+    assert np.array_equal(np.asarray(decode_image(blob)), ref)
+    with open(path, "rb") as fh:
+        assert np.array_equal(np.asarray(decode_image(fh, name=str(path))), ref)
+    with pytest.raises(ImageTooLargeError, match="40x30 pixels is larger than the limit of 1000"):
+        decode_image(blob, max_pixels=1000)
+    with pytest.raises(ImageTooLargeError, match="x.png"):
+        load_image(path, max_pixels=1000)
+    with pytest.raises(ImageDecodeError, match="empty file"):
+        decode_image(b"")
+    cfg = PreprocessConfig(input_size=32)
+    assert decode_image_bytes(blob, cfg, 1200).shape == (1, 3, 32, 32)
+    with pytest.raises(ApiError) as err:
+        decode_image_bytes(blob, cfg, 1000)
+    assert err.value.status == 413 and "limit of 1000" in err.value.message
+
+
 def test_c10_eval_json_names_every_skipped_file(tmp_path, fmnist_dir):
     data = _class_name_folders(tmp_path / "data", ("Trouser", "Bag"))
     (data / "Bag" / "notes.txt").write_text("x")

@@ -193,3 +193,21 @@ def test_digest_cost_is_small(good):
     for _ in range(20):
         ModelDir.open(good).ir_path("int8")
     assert (time.perf_counter() - t0) / 20 < 0.05
+
+
+def test_atomic_write_replaces_whole_files_or_nothing(tmp_path):
+    """The one atomic file write (JSON, checkpoints): the old file stays whole when writing fails, and no
+    temporary file is left behind either way."""
+    from parnet_cpu.artifacts import atomic_write, write_json
+
+    target = tmp_path / "x.json"
+    write_json(target, {"a": 1})
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_write(target) as f:
+            f.write('{"a": ')
+            raise RuntimeError("boom")
+    assert json.loads(target.read_text()) == {"a": 1}
+    with atomic_write(tmp_path / "w.bin", "wb") as f:
+        f.write(b"\0\1")
+    assert (tmp_path / "w.bin").read_bytes() == b"\0\1" and oct((tmp_path / "w.bin").stat().st_mode & 0o777) == "0o644"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.bin", "x.json"]

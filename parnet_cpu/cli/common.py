@@ -5,7 +5,9 @@ import argparse
 import signal
 import sys
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Sequence
+
+from parnet_cpu.cli import CliError
 
 
 def positive_int(text: str) -> int:
@@ -51,7 +53,6 @@ def sigterm_as_interrupt() -> Iterator[None]:
 def check_out_arg(out: str, overwrite: bool, **inputs: str | None) -> None:
     """Refuse a bad --out before any work (see `artifacts.check_output_dir`); inputs: flag name -> path."""
     from parnet_cpu.artifacts import ModelDirError, check_output_dir
-    from parnet_cpu.cli import CliError
 
     try:
         check_output_dir(out, overwrite, {f"--{k}": v for k, v in inputs.items()})
@@ -110,8 +111,6 @@ def crop_fraction(text: str) -> float:
 
 def read_class_names(path: str) -> tuple[str, ...]:
     """A classes file: one name per line in the model's output order; blank lines and # comments skipped."""
-    from parnet_cpu.cli import CliError
-
     try:
         lines = [ln.strip() for ln in open(path, encoding="utf-8").read().splitlines()]
     except (OSError, UnicodeDecodeError) as exc:
@@ -127,8 +126,6 @@ def read_class_names(path: str) -> tuple[str, ...]:
 
 def config_overrides(args: argparse.Namespace) -> dict:
     """The ParNetConfig fields the model and preprocessing flags set (None: not given)."""
-    from parnet_cpu.cli import CliError
-
     names = read_class_names(args.classes) if getattr(args, "classes", None) else None
     num_classes = args.num_classes
     if names is not None:
@@ -141,28 +138,45 @@ def config_overrides(args: argparse.Namespace) -> dict:
                 crop_fraction=getattr(args, "crop_pct", None), interpolation=getattr(args, "interpolation", None))
 
 
-def model_from_args(args: argparse.Namespace):
-    """Build (and load) the training-form model the arguments describe; returns (model, source)."""
-    from parnet_cpu.cli import CliError
+def model_from_args(args: argparse.Namespace, *, data_classes: int | None = None,
+                    data_class_names: Sequence[str] | None = None, seed: int | None = None, fresh: bool = False):
+    """Build (and load) the training-form model the arguments describe; returns (model, source).
+
+    For training: `data_classes` / `data_class_names` (what the training set has) fill the class count and
+    names the flags leave open, `seed` seeds the initialisation, and `fresh` means a model without
+    --checkpoint starts from random weights on purpose (no shipped weights, no warning)."""
+    from dataclasses import replace
+
     from parnet_cpu.models.checkpoint import CheckpointError, load_checkpoint
     from parnet_cpu.models.parnet import build_model, resolve_config, shipped_weights
 
     try:
-        cfg = resolve_config(args.model, **config_overrides(args))
-        check_preprocessing(cfg)
+        overrides = config_overrides(args)
+        cfg = resolve_config(args.model, **overrides)
+        if data_classes is not None and overrides["num_classes"] is None and cfg.num_classes != data_classes:
+            print(f"note: the data has {data_classes} classes: num_classes set to {data_classes}", file=sys.stderr)
+            cfg = replace(cfg, num_classes=data_classes, class_names=None)
+        if data_class_names is not None and len(data_class_names) == cfg.num_classes and cfg.class_names is None:
+            cfg = replace(cfg, class_names=tuple(data_class_names))
+        if not fresh:  # a model folder is written from it (training writes a checkpoint, as it always did)
+            check_preprocessing(cfg)
     except (ValueError, TypeError) as exc:
         raise CliError(str(exc)) from None
+    if seed is not None:
+        import torch
+
+        torch.manual_seed(seed)  # deterministic initialisation
     model = build_model(cfg)
     source = {"model": args.model, "config": cfg.to_dict(), "checkpoint": None}
     checkpoint = args.checkpoint
-    if checkpoint is None and cfg == resolve_config(args.model):
+    if checkpoint is None and not fresh and cfg == resolve_config(args.model):
         checkpoint = shipped_weights(args.model)  # e.g. parnet_fmnist: its weights ship with the package
     if checkpoint:
         try:
             source["checkpoint"] = load_checkpoint(model, checkpoint, use_ema=args.ema)
         except CheckpointError as exc:
             raise CliError(str(exc)) from None
-    else:
+    elif not fresh:
         warn_random_weights()
     return model, source
 

@@ -13,6 +13,7 @@ import signal
 import socket
 import sys
 
+from parnet_cpu.cli import CliError
 from parnet_cpu.cli.bench import cores_per_stream_arg
 
 
@@ -80,8 +81,6 @@ def replicas_arg(text: str) -> int | str:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    from parnet_cpu.cli import CliError
-
     for name in ("max_batch", "max_queue", "inflight"):
         if getattr(args, name) < 1:
             raise CliError(f"--{name.replace('_', '-')} must be at least 1")
@@ -105,8 +104,6 @@ def _validate(args: argparse.Namespace) -> None:
 
 def _bind(host: str, port: int) -> socket.socket:
     """Bind before the runtime starts: a taken port fails fast, and nothing accepts until uvicorn listens."""
-    from parnet_cpu.cli import CliError
-
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, kind, proto)
@@ -129,7 +126,6 @@ def _start_runtime(config):
     """Start the runtime's worker processes with SIGINT ignored, which they inherit: Ctrl-C then reaches
     only the server, which drains in-flight requests before it stops the workers itself."""
     from parnet_cpu.artifacts import ModelDirError
-    from parnet_cpu.cli import CliError
     from parnet_cpu.runtime.cores import CoreSpecError
     from parnet_cpu.serve.app import open_runtime
 
@@ -148,7 +144,6 @@ def _start_runtime(config):
 
 def run(args: argparse.Namespace) -> int:
     from parnet_cpu.artifacts import ModelDir, ModelDirError
-    from parnet_cpu.cli import CliError
 
     _validate(args)
     try:
@@ -207,8 +202,6 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m parnet_cpu.cli.serve`: the same command without the `parnet-cpu` entry point."""
-    from parnet_cpu.cli import CliError
-
     parser = argparse.ArgumentParser(prog="parnet-cpu serve", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)

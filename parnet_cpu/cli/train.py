@@ -8,7 +8,8 @@ import shlex
 import sys
 import time
 
-from parnet_cpu.cli.common import add_model_args
+from parnet_cpu.cli import CliError
+from parnet_cpu.cli.common import add_model_args, model_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,40 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run)
 
 
-def _build(args: argparse.Namespace, num_classes_from_data: int | None, class_names):
-    from dataclasses import replace
-
-    import torch
-
-    from parnet_cpu.cli import CliError
-    from parnet_cpu.models.checkpoint import CheckpointError, load_checkpoint
-    from parnet_cpu.models.parnet import build_model, resolve_config
-
-    num_classes = args.num_classes
-    try:
-        cfg = resolve_config(args.model, num_classes=num_classes, planes=args.planes, num_blocks=args.blocks,
-                             input_size=args.input_size, in_chans=args.in_chans, activation=args.activation,
-                             stem_stride=args.stem_stride)
-        if num_classes_from_data is not None and num_classes is None and cfg.num_classes != num_classes_from_data:
-            print(f"note: the data has {num_classes_from_data} classes: num_classes set to {num_classes_from_data}",
-                  file=sys.stderr)
-            cfg = replace(cfg, num_classes=num_classes_from_data, class_names=None)
-        if class_names is not None and len(class_names) == cfg.num_classes and cfg.class_names is None:
-            cfg = replace(cfg, class_names=tuple(class_names))
-    except (ValueError, TypeError) as exc:
-        raise CliError(str(exc)) from None
-    torch.manual_seed(args.seed)  # deterministic initialisation
-    model = build_model(cfg)
-    if args.checkpoint:
-        try:
-            load_checkpoint(model, args.checkpoint, use_ema=args.ema)
-        except CheckpointError as exc:
-            raise CliError(str(exc)) from None
-    return model
-
-
 def run(args: argparse.Namespace) -> int:
-    from parnet_cpu.cli import CliError
     from parnet_cpu.data import DatasetError, ImageDecodeError, detect_layout
     from parnet_cpu.models.parnet import MODEL_CONFIGS
     from parnet_cpu.training.idx import FASHION_MNIST_CLASSES, IdxError
@@ -100,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         if fmnist:
             if args.val:
                 raise CliError("--val is for --data DIR; Fashion-MNIST validates on its own test images")
-            model = _build(args, None, FASHION_MNIST_CLASSES)
+            model, _ = model_from_args(args, data_class_names=FASHION_MNIST_CLASSES, seed=args.seed, fresh=True)
             cfg = model.cfg
             if cfg.in_chans != 1 or cfg.num_classes != 10:
                 raise CliError(f"Fashion-MNIST needs a 1-channel, 10-class model (have in_chans={cfg.in_chans}, "
@@ -113,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
             source = {"data": "fashion-mnist", "train_images": len(train_arrays[0]), "val": "test split"}
         else:
             ds = detect_layout(args.data)
-            model = _build(args, ds.num_classes, ds.class_names)
+            model, _ = model_from_args(args, data_classes=ds.num_classes, data_class_names=ds.class_names,
+                                       seed=args.seed, fresh=True)
             train_arrays = image_folder_arrays(args.data, model.cfg, args.limit_train, not args.quiet)[:2]
             val_arrays = None
             if args.val:

@@ -15,10 +15,11 @@ rounding of the normalisation (< 1e-6).
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping, Sequence
+from typing import Any, BinaryIO, Mapping, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
@@ -29,7 +30,9 @@ __all__ = [
     "IMAGENET_STD",
     "INTERPOLATIONS",
     "ImageDecodeError",
+    "ImageTooLargeError",
     "PreprocessConfig",
+    "decode_image",
     "load_image",
     "load_and_preprocess",
     "preprocess",
@@ -64,6 +67,11 @@ class ImageDecodeError(Exception):
 
     def __reduce__(self):  # keep picklable (used across process pools by callers)
         return (type(self), (self.path, self.reason))
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """An image larger than the caller's pixel limit, or than Pillow's decompression-bomb limit
+    (the server answers it with HTTP 413)."""
 
 
 @dataclass(frozen=True)
@@ -186,13 +194,26 @@ def _per_channel(values: Sequence[float] | float, channels: int, name: str) -> t
 # decoding
 # --------------------------------------------------------------------------------------------
 
-def load_image(
-    path: str | os.PathLike[str],
+def _refuse_truncated_loading(name: str) -> None:
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise ImageDecodeError(
+            name, "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process; truncated images would be "
+            "silently accepted. Reset it to False before loading evaluation/calibration data.")
+
+
+ImageSource = Union[bytes, bytearray, memoryview, BinaryIO]
+
+
+def decode_image(
+    source: ImageSource,
     *,
+    name: str = "<bytes>",
+    max_pixels: int | None = None,
     exif_transpose: bool = True,
     alpha_background: tuple[int, int, int] | None = (255, 255, 255),
 ) -> Image.Image:
-    """Decode ``path`` fully and return an ``"RGB"`` or ``"L"`` (grayscale source) image.
+    """Decode image bytes (or a binary file object) fully into an ``"RGB"`` or ``"L"`` image: the one set of
+    decoding rules for files (:func:`load_image`), calibration/evaluation data and the server's uploads.
 
     Handling (documented decisions):
 
@@ -210,32 +231,30 @@ def load_image(
     * Only the formats of :data:`IMAGE_FORMATS`, recognised by content; any other file (PPM, ICO, EPS,
       ... whatever its extension) is refused with the list of accepted formats.
     * Multi-frame files (GIF, TIFF, WebP, ...): first frame.
-    * Truncated or corrupt files raise :class:`ImageDecodeError`. ``PIL.ImageFile.
-      LOAD_TRUNCATED_IMAGES`` is never set by this package; if some other code set it to True,
-      truncated JPEGs would decode with a grey lower part, so this function refuses to run then.
-    * Empty files, missing files and non-images raise :class:`ImageDecodeError`.
+    * An image of more than ``max_pixels`` pixels (read from its header, before any pixel is decoded),
+      or one Pillow refuses as a decompression bomb, raises :class:`ImageTooLargeError`.
+    * Truncated or corrupt data raise :class:`ImageDecodeError` (``name`` is the path it names).
+      ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is never set by this package; if some other code set it to
+      True, truncated JPEGs would decode with a grey lower part, so this function refuses to run then.
+    * Empty data and non-images raise :class:`ImageDecodeError`.
     """
-    p = os.fspath(path)
-    if ImageFile.LOAD_TRUNCATED_IMAGES:
-        raise ImageDecodeError(
-            p, "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process; truncated images would be "
-            "silently accepted. Reset it to False before loading evaluation/calibration data.")
+    _refuse_truncated_loading(name)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if not len(source):
+            raise ImageDecodeError(name, "empty file (0 bytes)")
+        source = io.BytesIO(source)
     try:
-        size = os.stat(p).st_size
-    except FileNotFoundError:
-        raise ImageDecodeError(p, "file not found") from None
-    except OSError as exc:
-        raise ImageDecodeError(p, f"cannot stat file: {exc}") from None
-    if size == 0:
-        raise ImageDecodeError(p, "empty file (0 bytes)")
-    try:
-        with open(p, "rb") as fh:
-            img = Image.open(fh, formats=IMAGE_FORMATS)
-            img.load()
+        img = Image.open(source, formats=IMAGE_FORMATS)
+        if max_pixels is not None and img.width * img.height > max_pixels:
+            raise ImageTooLargeError(name, f"image of {img.width}x{img.height} pixels is larger than the limit "
+                                           f"of {max_pixels}")
+        img.load()
+    except ImageTooLargeError:
+        raise
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(p, f"image too large: {exc}") from None
+        raise ImageTooLargeError(name, f"image too large: {exc}") from None
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
-        raise ImageDecodeError(p, _reason(exc)) from None
+        raise ImageDecodeError(name, _reason(exc)) from None
     if exif_transpose:
         try:
             ImageOps.exif_transpose(img, in_place=True)
@@ -246,7 +265,35 @@ def load_image(
     except ImageDecodeError:
         raise
     except Exception as exc:
-        raise ImageDecodeError(p, f"unsupported image mode {img.mode!r}: {_reason(exc)}") from None
+        raise ImageDecodeError(name, f"unsupported image mode {img.mode!r}: {_reason(exc)}") from None
+
+
+def load_image(
+    path: str | os.PathLike[str],
+    *,
+    exif_transpose: bool = True,
+    alpha_background: tuple[int, int, int] | None = (255, 255, 255),
+    max_pixels: int | None = None,
+) -> Image.Image:
+    """Decode the file at ``path`` fully and return an ``"RGB"`` or ``"L"`` (grayscale source) image, by
+    the rules of :func:`decode_image`; missing and empty files raise :class:`ImageDecodeError`."""
+    p = os.fspath(path)
+    _refuse_truncated_loading(p)
+    try:
+        size = os.stat(p).st_size
+    except FileNotFoundError:
+        raise ImageDecodeError(p, "file not found") from None
+    except OSError as exc:
+        raise ImageDecodeError(p, f"cannot stat file: {exc}") from None
+    if size == 0:
+        raise ImageDecodeError(p, "empty file (0 bytes)")
+    try:
+        fh = open(p, "rb")
+    except OSError as exc:
+        raise ImageDecodeError(p, _reason(exc)) from None
+    with fh:
+        return decode_image(fh, name=p, max_pixels=max_pixels, exif_transpose=exif_transpose,
+                            alpha_background=alpha_background)
 
 
 def _reason(exc: BaseException) -> str:
@@ -356,15 +403,24 @@ def preprocess(img: Image.Image, cfg: PreprocessConfig | None = None, out: np.nd
     return out
 
 
-def load_and_preprocess(path: str | os.PathLike[str], cfg: PreprocessConfig | None = None,
-                        out: np.ndarray | None = None) -> np.ndarray:
-    """``preprocess(load_image(path))`` honouring the config's EXIF / alpha options."""
+def load_and_preprocess(source: str | os.PathLike[str] | ImageSource, cfg: PreprocessConfig | None = None,
+                        out: np.ndarray | None = None, *, name: str | None = None,
+                        max_pixels: int | None = None) -> np.ndarray:
+    """``preprocess(load_image(path))`` (or of :func:`decode_image` for bytes or a binary file object, named
+    ``name`` in errors) honouring the config's EXIF / alpha options."""
     cfg = cfg or DEFAULT_CONFIG
-    img = load_image(path, exif_transpose=cfg.exif_transpose, alpha_background=cfg.alpha_background)
+    if isinstance(source, (str, os.PathLike)):
+        name = name or os.fspath(source)
+        img = load_image(source, exif_transpose=cfg.exif_transpose, alpha_background=cfg.alpha_background,
+                         max_pixels=max_pixels)
+    else:
+        name = name or "<bytes>"
+        img = decode_image(source, name=name, max_pixels=max_pixels, exif_transpose=cfg.exif_transpose,
+                           alpha_background=cfg.alpha_background)
     try:
         return preprocess(img, cfg, out)
     except Exception as exc:  # e.g. a 0-pixel-wide image that Pillow decoded
-        raise ImageDecodeError(path, f"preprocessing failed: {_reason(exc)}") from None
+        raise ImageDecodeError(name, f"preprocessing failed: {_reason(exc)}") from None
 
 
 DEFAULT_CONFIG = PreprocessConfig()

@@ -15,6 +15,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from parnet_cpu.artifacts import atomic_write
+
 # The one place where the authors' module names map to ours (their blocks wrap a RepVGGBlock in `.block`).
 _AUTHOR_TO_OURS: tuple[tuple[re.Pattern, str], ...] = tuple(
     (re.compile(pattern), repl)
@@ -156,7 +158,5 @@ def save_checkpoint(model: nn.Module, path: str | Path, **extra) -> None:
     cfg = getattr(model, "cfg", None)
     obj = {"format": OUR_FORMAT, "state_dict": model.state_dict(),
            "config": cfg.to_dict() if cfg is not None else None, **extra}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    with atomic_write(path, "wb") as f:
+        torch.save(obj, f)

@@ -20,8 +20,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from parnet_cpu.data.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from parnet_cpu.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
+
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "silu": nn.SiLU}
 
@@ -95,9 +96,8 @@ MODEL_CONFIGS: dict[str, ParNetConfig] = {
     # type; class order = the dataset's label order. Weights: parnet_cpu/assets/parnet_fmnist.pt.
     "parnet_fmnist": ParNetConfig(planes=(16, 32, 64, 128), num_blocks=(3, 4, 4, 1), num_classes=10, in_chans=1,
                                   input_size=32, activation="silu", stem_stride=1, crop_fraction=1.0,
-                                  interpolation="bilinear", mean=(0.286,), std=(0.353,),
-                                  class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
-                                               "Shirt", "Sneaker", "Bag", "Ankle boot")),
+                                  interpolation="bilinear", mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD,
+                                  class_names=FASHION_MNIST_CLASSES),
 }
 # Variants whose weights ship inside the package (file names under parnet_cpu/assets/).
 SHIPPED_WEIGHTS: dict[str, str] = {"parnet_fmnist": "parnet_fmnist.pt"}

@@ -1,4 +1,9 @@
-"""Torch-free inference side: OpenVINO compilation helpers and the multi-stream runtime."""
+"""Torch-free inference side: OpenVINO compilation helpers and the multi-stream runtime.
+
+`runtime.Runtime` runs a plan (`plan.Plan`: single graph, or the streams on their own core groups, chosen
+by `plan.make_plan` and, for `plan="auto"`, `plan.PlanCache`) on worker processes (`worker`) that run
+stages cut from the IR (`partition`), compiled by `engine`; `cores` leases and places core groups.
+"""
 
 from parnet_cpu.runtime.runtime import (InferenceTimeout, Runtime, RuntimeBrokenError,  # noqa: E402
                                        RuntimeClosedError, StageError)

@@ -19,6 +19,9 @@ class Stage:
     outputs: tuple[str, ...]
 
 
+NUM_STREAMS = 3  # ParNet's parallel streams: one core group (worker) each in the multi-stream plan
+STREAM_STAGES = tuple(f"stream{i}" for i in range(1, NUM_STREAMS + 1))  # ("stream1", "stream2", "stream3")
+
 # inits1 is recomputed by streams 2 and 3 (as the authors' multi-GPU code does) ...
 RECOMPUTE_STAGES = (
     Stage("stem", (INPUT_NAME,), ("stem",)),

@@ -6,14 +6,15 @@ cores together; a single-graph plan that owns every CPU of the process runs in t
 Several requests can be in flight (`inflight` slots), so the stem of request k+1 can
 run while the streams of request k do. With workers, the parent only moves small messages and copies the
 input in and the logits out.
+
+Which stages run on which CPUs, and `plan="auto"`'s cached choice, is `plan.py`; what travels between
+this process and the workers is declared in `worker.py`. This module starts a plan and runs calls on it.
 """
 from __future__ import annotations
 
-import json
 import math
 import multiprocessing as mp
 import os
-import platform
 import queue
 import signal
 import struct
@@ -28,16 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
-from parnet_cpu.artifacts import INPUT_NAME, OUTPUT_NAME, ModelDir, write_json
-from parnet_cpu.runtime.cores import (QUIET_LOAD, CoreLease, CoreSpecError, available_cores, lease_transaction,
-                                      no_free_cores_message, other_load, plan_groups, validate_groups,
-                                      wait_for_quiet)
-from parnet_cpu.runtime.partition import RECOMPUTE_STAGES, SHARE_STAGES, SINGLE_STAGES, Stage
-from parnet_cpu.runtime.planner import stage_macs, stream_group_sizes  # noqa: F401 (stage_macs: public name)
-from parnet_cpu.runtime.worker import SYNC_REPLY, TensorSlot, WorkerSpec, thread_affinities, worker_main
-
-PLAN_CACHE = "plan_cache.json"
-STREAM_STAGES = ("stream1", "stream2", "stream3")
+from parnet_cpu.artifacts import INPUT_NAME, OUTPUT_NAME, STAGE_TENSORS, ModelDir
+from parnet_cpu.runtime.cores import CoreLease, CoreSpecError, lease_transaction, other_load, parse_groups, wait_for_quiet
+from parnet_cpu.runtime.partition import RECOMPUTE_STAGES, SHARE_STAGES, SINGLE_STAGES
+from parnet_cpu.runtime.plan import Plan, PlanCache, choose, make_plan, single_plan
+from parnet_cpu.runtime.timing import measure_latency
+from parnet_cpu.runtime.worker import (ERROR, PING, READY, RUN, STOP, SYNC, SYNC_REPLY, THREADS, Reply, RunStage,
+                                       TensorSlot, WorkerSpec, thread_affinities, unguarded_main_problem, worker_main)
 
 
 class RuntimeClosedError(RuntimeError):
@@ -58,104 +56,6 @@ class InferenceTimeout(TimeoutError):
     the slot is resynchronised before its next use, so a late answer is never handed to another call."""
 
 
-@dataclass
-class Plan:
-    """Which stages run on which CPUs."""
-
-    kind: str  # "multistream" | "single"
-    workers: list[tuple[str, list[int], tuple[Stage, ...]]]  # (name, cpus, stages)
-    inits1: str = "recompute"
-    reason: str = ""
-
-    @property
-    def cpus(self) -> list[int]:
-        return sorted({c for _, cpus, _ in self.workers for c in cpus})
-
-    def describe(self) -> dict:
-        from parnet_cpu.system.cpuinfo import format_cpu_list
-
-        return {"kind": self.kind, "inits1": self.inits1, "reason": self.reason,
-                "workers": [{"name": n, "cpus": format_cpu_list(c), "stages": [s.name for s in st]}
-                            for n, c, st in self.workers]}
-
-
-def make_plan(md: ModelDir, ir_path: Path, cores_per_stream: int | str | None, cores: list[list[int]] | None,
-              use_smt: bool, inits1: str, kind: str, share: bool = False) -> Plan:
-    """Core groups for the streams (explicit, fixed size, or in proportion to cost) and the stage layout.
-    Without explicit `cores`, only cores no other Runtime holds (all usable ones with `share`)."""
-    stages = SHARE_STAGES if inits1 == "share" else RECOMPUTE_STAGES
-    if kind == "single":
-        if cores:
-            validate_groups(cores)  # a CPU that does not exist fails here, not in a worker after a timeout
-            cpus = sorted({c for g in cores for c in g})
-        elif isinstance(cores_per_stream, int):
-            cpus = sorted(c for g in plan_groups(3, cores_per_stream, use_smt, share=share) for c in g)
-        else:
-            cpus = sorted(c for core in available_cores(use_smt, share=share) for c in core)
-        if not cpus:
-            raise CoreSpecError(no_free_cores_message())
-        return Plan("single", [("model", cpus, SINGLE_STAGES)], inits1, "single graph on all given cores")
-    if cores:
-        if len(cores) != 3:
-            raise CoreSpecError(f"--cores needs 3 groups (one per stream), got {len(cores)}")
-        validate_groups(cores)
-        groups, reason = [sorted(g) for g in cores], "explicit core groups"
-    elif isinstance(cores_per_stream, int):
-        groups, reason = plan_groups(3, cores_per_stream, use_smt, share=share), f"{cores_per_stream} cores per stream"
-    else:
-        total = len(available_cores(use_smt, share=share))
-        if total < 3:
-            raise CoreSpecError(f"multi-stream needs at least 3 physical cores, {total} usable")
-        sizes, costs = stream_group_sizes(ir_path, stages, total)
-        groups = plan_groups(3, sizes, use_smt, share=share)
-        reason = f"cores in proportion to stream cost (MACs {', '.join(f'{c / 1e6:.0f}M' for c in costs)})"
-    union = sorted({c for g in groups for c in g})
-    by_name = {s.name: s for s in stages}
-    workers = [("stem+tail", union, (by_name["stem"], by_name["tail"])),
-               ("stream1", groups[0], (by_name["stream1"],)),
-               ("stream2", groups[1], tuple(by_name[n] for n in ("inits1", "stream2") if n in by_name)),
-               ("stream3", groups[2], (by_name["stream3"],))]
-    return Plan("multistream", workers, inits1, reason)
-
-
-class PlanCacheWarning(UserWarning):
-    """plan_cache.json could not be read; it is ignored and rewritten."""
-
-
-def read_plan_cache(path: Path) -> tuple[dict, bool]:
-    """(cache, corrupt): a torn or foreign file is ignored with a warning instead of failing every start."""
-    if not path.is_file():
-        return {}, False
-    try:
-        cache = json.loads(path.read_text())
-        if not isinstance(cache, dict):
-            raise ValueError(f"expected a JSON object, got {type(cache).__name__}")
-        return cache, False
-    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        import warnings
-
-        warnings.warn(f"{path}: unreadable plan cache ({exc}); ignoring it (it will be rewritten)", PlanCacheWarning,
-                      stacklevel=3)
-        return {}, True
-
-
-def machine_id() -> str:
-    """This machine's identity for the plan cache: /etc/machine-id where there is one, else the host name."""
-    try:
-        return Path("/etc/machine-id").read_text().strip() or platform.node()
-    except OSError:
-        return platform.node()
-
-
-def plan_cache_entry(choice: str, multi_s: float, single_s: float, cpus: list[int], load_before: dict,
-                     load_after: dict) -> dict:
-    """What a cached decision records: the timings, and when, where and under what load they were taken."""
-    return {"choice": choice, "multistream_ms": multi_s * 1e3, "single_ms": single_s * 1e3,
-            "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(), "machine_id": machine_id(),
-            "cpus": cpus, "other_load_before": {str(c): round(v, 3) for c, v in load_before.items()},
-            "other_load_after": {str(c): round(v, 3) for c, v in load_after.items()}}
-
-
 def _tensor_shapes(ir_path: Path, max_batch: int) -> dict[str, tuple[int, ...]]:
     from parnet_cpu.runtime.engine import core
 
@@ -165,7 +65,7 @@ def _tensor_shapes(ir_path: Path, max_batch: int) -> dict[str, tuple[int, ...]]:
         for out in op.outputs():
             for name in out.get_names():
                 ps = out.get_partial_shape()
-                if name in (INPUT_NAME, OUTPUT_NAME, "stem", "inits1", *STREAM_STAGES) and op.get_type_name() != "Result":
+                if name in (INPUT_NAME, OUTPUT_NAME, *STAGE_TENSORS) and op.get_type_name() != "Result":
                     shapes[name] = (max_batch,) + tuple(d.get_length() for d in list(ps)[1:])
     return shapes
 
@@ -224,8 +124,6 @@ class Runtime:
         if inits1 not in ("recompute", "share"):
             raise ValueError("inits1 must be 'recompute' or 'share'")
         if isinstance(cores, str):
-            from parnet_cpu.runtime.cores import parse_groups
-
             cores = parse_groups(cores)
         if isinstance(cores_per_stream, str) and cores_per_stream != "auto":
             raise CoreSpecError(f"cores_per_stream must be a positive integer or 'auto', got {cores_per_stream!r}")
@@ -234,7 +132,7 @@ class Runtime:
         if max_batch < 1 or inflight < 1:
             raise ValueError("max_batch and inflight must be >= 1")
         self.model_dir = ModelDir.open(model_dir)
-        self.precision = precision or ("int8" if "int8" in self.model_dir.precisions else "fp32")
+        self.precision = precision or self.model_dir.default_precision
         self.ir_path = self.model_dir.ir_path(self.precision)
         self.input_shape = self.model_dir.input_shape()
         self.max_batch, self.inflight = max_batch, inflight
@@ -297,8 +195,11 @@ class Runtime:
         self._inproc = self._in_process(plan)  # decided once: the process's affinity may change later
         if self._inproc:
             return self._start_in_process(plan)
+        problem = unguarded_main_problem()
+        if problem:
+            raise RuntimeError(problem)
         shapes = _tensor_shapes(self.ir_path, self.max_batch)
-        names = sorted({t for _, _, stages in plan.workers for s in stages for t in s.inputs + s.outputs})
+        names = sorted({t for w in plan.workers for s in w.stages for t in s.inputs + s.outputs})
         layout, views = [], []
         for _ in range(self.inflight):
             sizes = {n: int(np.prod(shapes[n])) * 4 for n in names}
@@ -312,15 +213,15 @@ class Runtime:
             layout.append(slot_layout)
             views.append(slot_views)
         ctx = mp.get_context("spawn")
-        pipes = {name: [ctx.Pipe() for _ in range(self.inflight)] for name, _, _ in plan.workers}
-        for name, cpus, stages in plan.workers:
-            spec = WorkerSpec(name, tuple(cpus), str(self.ir_path), self.precision, stages, tuple(layout))
-            proc = ctx.Process(target=worker_main, args=(spec, [child for _, child in pipes[name]]),
-                               name=f"parnet-{name}", daemon=True)
+        pipes = {w.name: [ctx.Pipe() for _ in range(self.inflight)] for w in plan.workers}
+        for w in plan.workers:
+            spec = WorkerSpec(w.name, tuple(w.cpus), str(self.ir_path), self.precision, w.stages, tuple(layout))
+            proc = ctx.Process(target=worker_main, args=(spec, [child for _, child in pipes[w.name]]),
+                               name=f"parnet-{w.name}", daemon=True)
             proc.start()
             self._procs.append(proc)
-        self._stage_worker = {s.name: name for name, _, stages in plan.workers for s in stages}
-        self._stages = [s for _, _, stages in plan.workers for s in stages]
+        self._stage_worker = {s.name: w.name for w in plan.workers for s in w.stages}
+        self._stages = [s for w in plan.workers for s in w.stages]
         order = [st.name for st in SHARE_STAGES + RECOMPUTE_STAGES + SINGLE_STAGES]
         self._stages.sort(key=lambda s: order.index(s.name))
         self._stage_by_name = {s.name: s for s in self._stages}
@@ -331,8 +232,8 @@ class Runtime:
         for slot in self._slot_list:
             self._slots.put(slot)
         deadline = time.monotonic() + self._start_timeout
-        for (name, _, _), proc in zip(plan.workers, self._procs):
-            conn = pipes[name][0][0]
+        for w, proc in zip(plan.workers, self._procs):
+            name, conn = w.name, pipes[w.name][0][0]
             # a worker that dies before answering (killed, out of memory) ends the wait at once
             if not wait([conn, proc.sentinel], max(0.0, deadline - time.monotonic())):
                 raise RuntimeError(f"worker {name} did not start within {self._start_timeout:.0f} s")
@@ -340,15 +241,15 @@ class Runtime:
                 proc.join(1)
                 raise RuntimeError(f"worker {name} (pid {proc.pid}) exited with code {proc.exitcode} while starting; "
                                    "its own error is on this process's stderr")
-            msg = conn.recv()
-            if msg[0] != "ready":
+            msg: Reply = conn.recv()
+            if msg[0] != READY:
                 raise RuntimeError(f"worker {name} failed to start:\n{msg[2]}")
 
     def _stop_workers(self) -> None:
         for slot in getattr(self, "_slot_list", []):
             for conn in slot.conns.values():
                 try:
-                    conn.send(None)
+                    conn.send(STOP)
                 except (OSError, ValueError):
                     pass
         for proc in self._procs:
@@ -374,72 +275,40 @@ class Runtime:
         same (leased) cores. The decision is cached in the model folder per machine, core set, precision
         and model, with when, where and under what load it was measured; a measurement taken while other
         work kept those CPUs busy (or on shared cores) decides this start only and is not cached."""
-        key = self._cache_key()
-        cache_path = self.model_dir.path / PLAN_CACHE
-        cache, corrupt = read_plan_cache(cache_path)
-        entry = cache.get(key)
-        if entry is not None and entry.get("choice") in ("single", "multistream"):
-            choice = entry["choice"]
-        else:
+        cache = PlanCache(self.model_dir)
+        key = cache.key(self.plan.cpus, self.precision, self.ir_path)
+        entry = cache.lookup(key)
+        if entry is None:
             cpus = self.plan.cpus
             load_before = wait_for_quiet(cpus)
             x = np.zeros((1, *self.input_shape), np.float32)
             multi = self._measure(x)
             self._stop_workers()
-            single_plan = Plan("single", [("model", cpus, SINGLE_STAGES)], inits1, "")
-            self._start(single_plan)
+            self._start(single_plan(cpus, inits1, ""))
             single = self._measure(x)
-            load_after = other_load(cpus)
-            choice = "multistream" if multi < single else "single"
-            busy = max([*load_before.values(), *load_after.values()], default=0.0)
-            cacheable = busy <= QUIET_LOAD and not (self._claim and self._claim.shared)
-            note = "" if cacheable else (" (not cached: " + ("shared cores" if self._claim and self._claim.shared else
-                                                           f"CPUs busy with other work, load {busy:.2f}") + ")")
-            if cacheable:
-                cache[key] = plan_cache_entry(choice, multi, single, cpus, load_before, load_after)
-            if cacheable or corrupt:
-                try:
-                    write_json(cache_path, cache)
-                except OSError:
-                    pass  # read-only model folder: decide again next time
-            if choice == "single":
-                self.plan = Plan("single", single_plan.workers, inits1,
-                                 f"auto: single graph measured faster ({single * 1e3:.2f} vs {multi * 1e3:.2f} ms)"
-                                 + note)
+            verdict = choose(multi, single, cpus, load_before, other_load(cpus),
+                             bool(self._claim and self._claim.shared))
+            cache.record(key, verdict.entry)
+            if verdict.choice == "single":
+                self.plan = single_plan(cpus, inits1, f"auto: single graph measured faster ({single * 1e3:.2f} vs "
+                                                      f"{multi * 1e3:.2f} ms)" + verdict.note)
                 return
             self._stop_workers()
             self._start(self.plan)
             self.plan.reason += (f"; auto: multi-stream measured faster ({multi * 1e3:.2f} vs {single * 1e3:.2f} ms)"
-                                 + note)
+                                 + verdict.note)
             return
-        if choice == "single":
+        if entry["choice"] == "single":
             cpus = self.plan.cpus
             self._stop_workers()
-            self.plan = Plan("single", [("model", cpus, SINGLE_STAGES)], inits1,
-                             f"auto (cached {entry.get('measured', '?')}): single graph faster")
+            self.plan = single_plan(cpus, inits1, f"auto (cached {entry.get('measured', '?')}): single graph faster")
             self._start(self.plan)
         else:
             self.plan.reason += f"; auto (cached {entry.get('measured', '?')}): multi-stream faster"
 
-    def _cache_key(self) -> str:
-        import openvino as ov
-
-        from parnet_cpu.system.cpuinfo import describe_machine
-
-        info = describe_machine(query_openvino=False)
-        digest = self.model_dir.file_sha256(self.ir_path.with_suffix(".bin").name)[:16]
-        return json.dumps([info.model_name, self.plan.cpus, self.precision, digest, ov.get_version(),
-                           machine_id()])
-
     def _measure(self, x: np.ndarray, iters: int = 10) -> float:
-        for _ in range(3):
-            self._run(x)
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            self._run(x)
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times))
+        """Median seconds of one call (after 3 warm-up calls)."""
+        return measure_latency(lambda: self._run(x), warmup=3, iters=iters)["median_ms"] / 1e3
 
     # ------------------------------------------------------------------ hot path
     def _check(self, batch: np.ndarray) -> np.ndarray:
@@ -453,9 +322,8 @@ class Runtime:
         if batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_shape:
             raise ValueError(f"expected images of shape (N, {', '.join(map(str, self.input_shape))}), "
                              f"got {tuple(batch.shape)}")
-        if not 1 <= batch.shape[0] <= self.max_batch:
-            raise ValueError(f"batch of {batch.shape[0]} images; this Runtime takes 1..{self.max_batch} "
-                             "(raise max_batch)")
+        if batch.shape[0] < 1:
+            raise ValueError("batch of 0 images: a batch needs at least one image")
         if not np.issubdtype(batch.dtype, np.floating):
             raise ValueError(f"expected float32 images, got {batch.dtype}")
         return batch
@@ -483,8 +351,9 @@ class Runtime:
                 for st in self._stages:
                     if st.name not in sent and all(t in done for t in st.inputs):
                         worker = self._stage_worker[st.name]
+                        msg: RunStage = (RUN, slot.index, st.name, n)
                         try:  # inline, not self._send: this loop is the per-call cost
-                            slot.conns[worker].send(("run", slot.index, st.name, n))
+                            slot.conns[worker].send(msg)
                         except (OSError, ValueError):  # BrokenPipeError: the worker is gone
                             raise self._worker_died(worker) from None
                         sent.add(st.name)
@@ -498,32 +367,43 @@ class Runtime:
                 for conn in ready:
                     worker = slot.names[conn]
                     try:
-                        msg = conn.recv()
+                        reply: Reply = conn.recv()  # StageDone or Failure
                     except (EOFError, OSError):
                         raise self._worker_died(worker) from None
-                    if msg[0] == "error":
-                        raise StageError(f"stage {msg[1]} failed in runtime worker '{worker}' (this call only; "
-                                         f"the runtime stays usable):\n{msg[2]}")
+                    if reply[0] == ERROR:
+                        raise StageError(f"stage {reply[1]} failed in runtime worker '{worker}' (this call only; "
+                                         f"the runtime stays usable):\n{reply[2]}")
                     outstanding[worker] -= 1
-                    done.update(self._stage_by_name[msg[1]].outputs)
-                    self.stats.add(msg[1], msg[2])
+                    done.update(self._stage_by_name[reply[1]].outputs)
+                    self.stats.add(reply[1], reply[2])
             out = slot.views[OUTPUT_NAME][:n].copy()
             slot.dirty = False
             return out
         finally:
             self._slots.put(slot)
 
+    def _run_chunks(self, batch: np.ndarray, timeout: float | None = None) -> np.ndarray:
+        """A batch larger than `max_batch`: chunks of `max_batch` images one after another, logits in order."""
+        m = self.max_batch
+        return np.concatenate([self._run(batch[i:i + m], timeout) for i in range(0, batch.shape[0], m)])
+
     def infer(self, batch: np.ndarray, timeout: float | None = None) -> np.ndarray:
         """Logits for a batch of preprocessed images (N, C, H, W); blocks until done, at most `timeout`
-        seconds (default: the Runtime's `timeout`; `math.inf`: no limit), then raises `InferenceTimeout`."""
-        return self._run(self._check(batch), timeout)
+        seconds (default: the Runtime's `timeout`; `math.inf`: no limit), then raises `InferenceTimeout`.
+        A batch of more than `max_batch` images runs as chunks of `max_batch` (the timeout applies to each
+        chunk); the logits come back in the order of the images."""
+        batch = self._check(batch)
+        if batch.shape[0] <= self.max_batch:
+            return self._run(batch, timeout)
+        return self._run_chunks(batch, timeout)
 
     def submit(self, batch: np.ndarray, timeout: float | None = None) -> Future:
-        """Queue a batch; returns a Future of its logits. Up to `inflight` batches run pipelined.
-        The batch is copied now, so the answer belongs to the images as they were when submitted,
-        whatever the caller does with its array afterwards."""
+        """Queue a batch; returns a Future of its logits. Up to `inflight` batches run pipelined; a batch
+        larger than `max_batch` is split as in `infer`. The batch is copied now, so the answer belongs to
+        the images as they were when submitted, whatever the caller does with its array afterwards."""
         batch = np.array(self._check(batch), dtype=np.float32, order="C", copy=True)
-        return self._executor.submit(self._run, batch, timeout)
+        return self._executor.submit(self._run if batch.shape[0] <= self.max_batch else self._run_chunks, batch,
+                                     timeout)
 
     # ------------------------------------------------------------------ failures: timeouts, dead workers, resync
     def _deadline(self, timeout: float | None) -> float:
@@ -560,7 +440,7 @@ class Runtime:
         markers = {}
         for worker in slot.conns:
             token = os.urandom(16)
-            self._send(slot, worker, ("sync", token))
+            self._send(slot, worker, (SYNC, token))
             markers[worker] = struct.pack("!i", len(SYNC_REPLY) + 16) + SYNC_REPLY + token  # Connection framing
         for worker, marker in markers.items():
             conn, tail = slot.conns[worker], b""
@@ -603,7 +483,7 @@ class Runtime:
                                                          if -code == signal.SIGKILL else "")
                     else:
                         how = f"exited with code {code}"
-                cpus = next((c for n, c, _ in self.plan.workers if n == worker), [])
+                cpus = self.plan.worker_cpus(worker)
                 self._broken = (f"runtime worker '{worker}' (pid {getattr(proc, 'pid', '?')}, CPUs "
                                 f"{','.join(map(str, cpus))}) {how}; this Runtime cannot answer any more: close it "
                                 "and create a new one")
@@ -653,10 +533,10 @@ class Runtime:
             return {"model": {"cpus": self.plan.cpus, "pid": os.getpid(), "threads": thread_affinities()}}
         out = {}
         with self._control_slot() as slot:
-            for name, cpus, _ in self.plan.workers:
-                self._send(slot, name, ("threads",))
-                msg = self._recv(slot.conns[name], name)
-                out[name] = {"cpus": cpus, "pid": msg[1], "threads": msg[2]}
+            for w in self.plan.workers:
+                self._send(slot, w.name, (THREADS,))
+                msg = self._recv(slot.conns[w.name], w.name)
+                out[w.name] = {"cpus": w.cpus, "pid": msg[1], "threads": msg[2]}
         return out
 
     def message_round_trip_ms(self, n: int = 200) -> float:
@@ -665,11 +545,11 @@ class Runtime:
         if self._inproc:
             return 0.0
         with self._control_slot() as slot:
-            conn = slot.conns[self.plan.workers[-1][0]]
+            conn = slot.conns[self.plan.workers[-1].name]
             times = []
             for _ in range(n):
                 t0 = time.perf_counter()
-                conn.send(("ping",))
+                conn.send((PING,))
                 conn.recv()
                 times.append(time.perf_counter() - t0)
         return float(np.median(times) * 1e3)

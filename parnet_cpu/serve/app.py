@@ -17,7 +17,6 @@ pool, inference in the runtime's worker processes via the `DynamicBatcher`.
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
 import math
@@ -31,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -41,8 +39,8 @@ from starlette.routing import Route
 
 from parnet_cpu import __version__
 from parnet_cpu.artifacts import INPUT_NAME, OUTPUT_NAME
-from parnet_cpu.data.preprocess import (IMAGE_FORMATS, ImageDecodeError, PreprocessConfig, _reason, _to_rgb_or_l,
-                                        preprocess)
+from parnet_cpu.data.preprocess import (IMAGE_FORMATS, ImageDecodeError, ImageTooLargeError, PreprocessConfig,
+                                        load_and_preprocess)
 from parnet_cpu.serve.batcher import BatcherClosedError, DynamicBatcher, QueueFullError
 from parnet_cpu.serve.metrics import CONTENT_TYPE_LATEST, ServeMetrics
 
@@ -339,33 +337,14 @@ def encode_infer_response(model: ModelInfo, req: InferRequest, logits: np.ndarra
 # ---------------------------------------------------------------------------------------------- images
 
 def decode_image_bytes(data: bytes, cfg: PreprocessConfig, max_pixels: int) -> np.ndarray:
-    """Uploaded image bytes (IMAGE_FORMATS) -> (1, C, H, W) float32, with exactly `load_image`'s conversion rules
-    (EXIF orientation, grey/CMYK/palette/alpha handling, truncation refused) and the model's preprocessing."""
-    if ImageFile.LOAD_TRUNCATED_IMAGES:
-        raise ImageDecodeError(UPLOAD, "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process")
-    if not data:
-        raise ImageDecodeError(UPLOAD, "empty file (0 bytes)")
-    try:
-        img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-        if img.width * img.height > max_pixels:
-            raise ApiError(413, f"image of {img.width}x{img.height} pixels is larger than the limit of {max_pixels}")
-        img.load()
-    except ApiError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise ApiError(413, f"image too large: {exc}") from None
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error...
-        raise ImageDecodeError(UPLOAD, _reason(exc)) from None  # names the accepted formats
-    if cfg.exif_transpose:
-        try:
-            ImageOps.exif_transpose(img, in_place=True)
-        except Exception:
-            pass  # unreadable EXIF: keep the stored orientation, as load_image does
+    """Uploaded image bytes (IMAGE_FORMATS) -> (1, C, H, W) float32, by `data.decode_image`'s rules (the same
+    as for files: EXIF orientation, grey/CMYK/palette/alpha handling, truncation refused) and the model's
+    preprocessing; an image over `max_pixels` (or a decompression bomb) is refused with 413."""
     out = np.empty((1, *cfg.output_shape), np.float32)
     try:
-        preprocess(_to_rgb_or_l(img, cfg.alpha_background), cfg, out[0])
-    except Exception as exc:
-        raise ImageDecodeError(UPLOAD, f"preprocessing failed: {_reason(exc)}") from None
+        load_and_preprocess(data, cfg, out[0], name=UPLOAD, max_pixels=max_pixels)
+    except ImageTooLargeError as exc:
+        raise ApiError(413, exc.reason) from None
     return out
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -666,6 +667,17 @@ def describe_machine(
         psutil_physical=physical,
         warnings=warnings,
     )
+
+
+def machine_summary(info: MachineInfo | None = None) -> dict[str, Any]:
+    """The machine a figure was measured on, in the few fields every report records (bench, demo, train,
+    plan): CPU model, ISA level, sockets, physical and logical CPUs, the CPUs this process may use, the
+    OpenVINO version (when `info` asked OpenVINO), Python and the OS. `info` defaults to `describe_machine()`."""
+    info = info or describe_machine()
+    return {"cpu": info.model_name or platform.processor() or platform.machine(), "isa_level": info.isa_level,
+            "sockets": info.sockets, "physical_cores": info.physical_cores, "logical_cpus": info.logical_cpus,
+            "usable_cpus": list(info.usable_cpus), "openvino": info.openvino.version if info.openvino else None,
+            "python": platform.python_version(), "system": platform.system()}
 
 
 # --------------------------------------------------------------------------- placement helpers

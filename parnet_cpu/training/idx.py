@@ -15,6 +15,9 @@ from typing import Sequence
 
 import numpy as np
 
+from parnet_cpu.data.datasets import (FASHION_MNIST_CLASSES, FASHION_MNIST_FOLDERS, FASHION_MNIST_MEAN,
+                                      FASHION_MNIST_STD)
+
 __all__ = [
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_FOLDERS",
@@ -28,18 +31,6 @@ __all__ = [
     "read_idx",
     "write_idx",
 ]
-
-# label order of the dataset (0..9)
-FASHION_MNIST_CLASSES: tuple[str, ...] = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)
-# ImageFolder names that sort in label order (and are safe file names)
-FASHION_MNIST_FOLDERS: tuple[str, ...] = (
-    "0_tshirt-top", "1_trouser", "2_pullover", "3_dress", "4_coat",
-    "5_sandal", "6_shirt", "7_sneaker", "8_bag", "9_ankle-boot",
-)
-FASHION_MNIST_MEAN: tuple[float, ...] = (0.2860,)
-FASHION_MNIST_STD: tuple[float, ...] = (0.3530,)
 
 FMNIST_ENV = "PARNET_FMNIST_DIR"
 DEBIAN_FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")

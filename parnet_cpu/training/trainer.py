@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from parnet_cpu.artifacts import atomic_write
+from parnet_cpu.system.cpuinfo import describe_machine, machine_summary
 
 __all__ = [
     "TrainConfig",
@@ -269,17 +271,9 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray | None = N
 
 
 def machine_description() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "system": platform.system()}
+    """`system.cpuinfo.machine_summary` plus the torch side (version, threads)."""
+    return {**machine_summary(describe_machine(query_openvino=False)), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__}
 
 
 def _save(path: Path, ema: ModelEma, model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig,
@@ -316,9 +310,8 @@ def export_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], 
         out["history"] = history
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    torch.save(out, tmp)
-    tmp.replace(dst)
+    with atomic_write(dst, "wb") as f:
+        torch.save(out, f)
     return dst
 
 
