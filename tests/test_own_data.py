@@ -44,7 +44,8 @@ def test_fine_tune_on_a_few_synsets_uses_its_own_class_order(synset_folder, tmp_
     cli("export", "--model", "parnet_s", *NARROW_ARGS, "--classes", classes, "--out", tmp_path / "ft")
     manifest = json.loads((tmp_path / "ft" / "parnet.json").read_text())
     assert manifest["config"]["num_classes"] == 3 and manifest["config"]["class_names"] == SYNSETS
-    cli("eval", "--model", tmp_path / "ft", "--data", synset_folder, "--json", tmp_path / "r.json", "--quiet")
+    # folder commands name the folder --model-dir (--model, the old name, still works below)
+    cli("eval", "--model-dir", tmp_path / "ft", "--data", synset_folder, "--json", tmp_path / "r.json", "--quiet")
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["label_mapping"] == {s: SYNSETS.index(s) for s in SYNSETS}  # the model's order, not sorted
     assert result["labelled"] == 9

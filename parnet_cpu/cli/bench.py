@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("bench", help="benchmark the multi-stream runtime against single-graph engines",
                        description="Latency (p50/p90/p99) and throughput of every engine on the same cores.")
-    p.add_argument("--model", help="model folder (export or quantize output); default: the newest one in the "
+    p.add_argument("--model-dir", "--model", dest="model", metavar="DIR", help="model folder (export or quantize output); default: the newest one in the "
                                    "current directory")
     p.add_argument("--cores-per-stream", type=cores_per_stream_arg, default="auto",
                    help="physical cores per stream, or auto (proportional to stream cost; default)")

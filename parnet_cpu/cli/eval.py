@@ -11,7 +11,7 @@ from parnet_cpu.quantization.base import QuantizeOptions, backend_names
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="accuracy of a model folder on a labelled image folder")
-    p.add_argument("--model", required=True, help="model folder written by export or quantize")
+    p.add_argument("--model-dir", "--model", dest="model", metavar="DIR", required=True, help="model folder written by export or quantize")
     p.add_argument("--data", required=True, help="labelled image folder (any supported layout)")
     p.add_argument("--labels", metavar="FILE", help="a label file kept outside --data: Kaggle LOC_val_solution.csv, "
                    "devkit ILSVRC2012_validation_ground_truth.txt or Caffe val.txt (type read from its name)")

@@ -13,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "group's MACs, and the cost model's latency for the multi-stream and single-graph plans at "
                        "batch 1 and 8, with the plan `auto` would choose. The cost model is fitted on a 1-thread "
                        "profile measured here (or read with --fit): a first-order prediction, not a measurement.")
-    p.add_argument("--model", required=True, metavar="DIR", help="model folder (from export or quantize)")
+    p.add_argument("--model-dir", "--model", dest="model", required=True, metavar="DIR", help="model folder (from export or quantize)")
     p.add_argument("--precision", choices=("int8", "bf16", "fp32"), help="default: int8 if present, else fp32")
     p.add_argument("--cpus", type=int, metavar="N", help="physical cores of a simulated machine (with --machine: "
                    "use only its first N usable physical cores); default: this machine")

@@ -11,7 +11,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "performance counters on, and report where the time goes: per layer, per op class and per "
                        "kernel, the share on the matrix unit (AMX) and on VNNI/int8 kernels, reorders and precision "
                        "conversions, and achieved GMAC/s against the CPU's peak.")
-    p.add_argument("--model", required=True, metavar="DIR", help="model folder (from export or quantize)")
+    p.add_argument("--model-dir", "--model", dest="model", required=True, metavar="DIR", help="model folder (from export or quantize)")
     p.add_argument("--precision", choices=("int8", "bf16", "fp32"), help="default: int8 if present, else fp32")
     p.add_argument("--batch", type=int, default=8, help="images per inference (default 8)")
     p.add_argument("--plan", choices=("single", "multistream"), default="single",
