@@ -70,7 +70,7 @@ def main() -> int:
     args = ap.parse_args()
 
     md = ModelDir.open(args.model)
-    precision = args.precision or ("int8" if "int8" in md.precisions else "fp32")
+    precision = args.precision or md.default_precision
     free = len(available_cores())
     counts = replica_counts(free)
     clients = args.clients or 2 * max(counts)

@@ -15,7 +15,7 @@ from parnet_cpu.export import export_model_dir
 from parnet_cpu.models.parnet import create_model
 from parnet_cpu.reparam.fuse import reparameterize
 from parnet_cpu.runtime.partition import RECOMPUTE_STAGES, SHARE_STAGES
-from parnet_cpu.runtime.planner import stage_macs, stream_costs, stream_group_sizes
+from parnet_cpu.runtime.plan import stage_macs, stream_costs, stream_group_sizes
 
 MACHINES = Path(__file__).resolve().parent / "data" / "machines"
 

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from parnet_cpu.artifacts import ModelDir
+from parnet_cpu.artifacts import ModelDir, report_stamp
 from parnet_cpu.bench.base import BenchConfig, throughput
 from parnet_cpu.bench.engines import available_engines, export_onnx_for, run_pinned_engine
 from parnet_cpu.runtime.timing import measure_latency
@@ -54,10 +53,10 @@ def bench_runtime(rt, cfg: BenchConfig, engine: str = "multistream") -> list[dic
 def run_bench(model_dir: str | Path, cores_per_stream, cores, precision: str | None, cfg: BenchConfig,
               use_smt: bool = False, with_cost_model: bool = False, log=print) -> dict:
     from parnet_cpu.runtime.runtime import Runtime
-    from parnet_cpu.system.cpuinfo import describe_machine, format_cpu_list
+    from parnet_cpu.system.cpuinfo import describe_machine, format_cpu_list, machine_summary
 
     md = ModelDir.open(model_dir)
-    precision = precision or ("int8" if "int8" in md.precisions else "fp32")
+    precision = precision or md.default_precision
     engines = cfg.engines or available_engines(md)
     rows: list[dict] = []
     plan_info, cpus = None, None
@@ -107,8 +106,6 @@ def run_bench(model_dir: str | Path, cores_per_stream, cores, precision: str | N
         model = cost_model(md.path, precision, handover_ms=3 * rtt if rtt is not None else 0.0)
         model["handover_source"] = ("3 x measured parent-worker message round trip" if rtt is not None
                                     else "not measured (no multi-stream run): 0")
-    return {"cost_model": model, "model": str(md.path), "config": md.config, "precision": precision, "cpus": format_cpu_list(cpus),
+    return {**report_stamp("bench"), "cost_model": model, "model": str(md.path), "config": md.config, "precision": precision, "cpus": format_cpu_list(cpus),
             "threads": len(cpus), "plan": plan_info, "settings": asdict(cfg),
-            "machine": {"cpu": info.model_name, "isa_level": info.isa_level, "usable_cpus": info.usable_cpus,
-                        "physical_cores": info.physical_cores, "openvino": info.openvino.version if info.openvino else None},
-            "rows": rows, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "machine": machine_summary(info), "rows": rows}

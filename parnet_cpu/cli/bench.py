@@ -30,6 +30,7 @@ def check_cores_feasible(sweep: list, cores, use_smt: bool) -> None:
     """Refuse an explicit core request this machine cannot meet before any engine starts (it would
     otherwise run every other engine for minutes and report the failure as a table row)."""
     from parnet_cpu.runtime.cores import CoreSpecError, available_cores, plan_groups, validate_groups
+    from parnet_cpu.runtime.partition import NUM_STREAMS
 
     if cores:
         validate_groups(cores)
@@ -37,10 +38,10 @@ def check_cores_feasible(sweep: list, cores, use_smt: bool) -> None:
     for cps in sweep:
         if isinstance(cps, int):
             try:
-                plan_groups(3, cps, use_smt)
+                plan_groups(NUM_STREAMS, cps, use_smt)
             except CoreSpecError as exc:
                 usable = len(available_cores(use_smt))
-                largest = (f"the largest valid --cores-per-stream here is {usable // 3}" if usable >= 3 else
+                largest = (f"the largest valid --cores-per-stream here is {usable // NUM_STREAMS}" if usable >= NUM_STREAMS else
                            "multi-stream needs at least 3 cores: use --cores to give overlapping groups, or "
                            "--engines without multistream")
                 raise CoreSpecError(f"--cores-per-stream {cps}: {exc}; {usable} usable physical cores, "

@@ -81,7 +81,7 @@ def speed_half(out: Path, log, batches: tuple[int, ...] = (1, 8), min_seconds: f
     from parnet_cpu.runtime.engine import CompileOptions, compile_model, precision_supported, runtime_layers
     from parnet_cpu.runtime.runtime import Runtime
     from parnet_cpu.runtime.timing import measure_latency
-    from parnet_cpu.system.cpuinfo import describe_machine, format_cpu_list
+    from parnet_cpu.system.cpuinfo import describe_machine, format_cpu_list, machine_summary
 
     import torch
 
@@ -116,7 +116,7 @@ def speed_half(out: Path, log, batches: tuple[int, ...] = (1, 8), min_seconds: f
     info = describe_machine()
     return {"model": str(model_dir), "precision": "int8", "cpus": format_cpu_list(cpus), "threads": len(cpus),
             "settings": {"batches": list(batches)}, "rows": rows,
-            "machine": {"cpu": info.model_name, "isa_level": info.isa_level, "physical_cores": info.physical_cores}}
+            "machine": machine_summary(info)}
 
 
 def run_demo(out: str | Path = "parnet-demo", test_limit: int | None = None, log=print,

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         check_json_target(Path(args.json))
     try:
         md = ModelDir.open(args.model)
-        precision = args.precision or ("int8" if "int8" in md.precisions or args.backend != "openvino" else "fp32")
+        precision = args.precision or ("int8" if args.backend != "openvino" else md.default_precision)
         ir = md.ir_path("fp32" if precision == "bf16" else precision) if args.backend == "openvino" else None
         ds = match_model_classes(detect_layout(args.data, label_file=args.labels), md.class_names)
     except (ModelDirError, DatasetError) as exc:

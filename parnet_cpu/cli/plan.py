@@ -62,13 +62,13 @@ def make_report(args) -> dict:
     from parnet_cpu.runtime.cores import CoreSpecError, place_stream_groups, single_graph_cores
     from parnet_cpu.runtime.costmodel import fit_layer_model, predict_plan, profile_stages, stage_ms
     from parnet_cpu.runtime.partition import RECOMPUTE_STAGES
-    from parnet_cpu.runtime.planner import stage_macs, stream_costs
+    from parnet_cpu.runtime.plan import stage_macs, stream_costs
     from parnet_cpu.system.cpuinfo import format_cpu_list
 
     info = target_machine(args)
     try:
         md = ModelDir.open(args.model)
-        precision = args.precision or ("int8" if "int8" in md.precisions else "fp32")
+        precision = args.precision or md.default_precision
         ir = md.ir_path(precision)
     except ModelDirError as exc:
         raise CliError(str(exc)) from None

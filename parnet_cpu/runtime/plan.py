@@ -4,6 +4,10 @@ A plan is either the single graph on one set of CPUs, or ParNet's stream stages 
 (one worker each) with the stem and the tail on their union. `make_plan` lays it out; `PlanCache` keeps,
 in the model folder, which of the two measured faster on this machine, these CPUs, this precision and
 these weights, so later starts skip the measurement. Running a plan is `runtime.Runtime`'s job.
+
+Group sizes follow each stream group's MACs counted from the IR (`macs.op_macs`: a Convolution's weights
+are [C_out, C_in, kH, kW], so one output costs C_in*kH*kW MACs; GroupConvolution C_in/G*kH*kW), so the most
+expensive stream gets the most cores (a count that ignored C_in once did the opposite).
 """
 from __future__ import annotations
 
@@ -13,13 +17,27 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 from parnet_cpu.artifacts import ModelDir, write_json
-from parnet_cpu.runtime.cores import (QUIET_LOAD, CoreSpecError, available_cores, no_free_cores_message, plan_groups,
-                                      validate_groups)
-from parnet_cpu.runtime.partition import NUM_STREAMS, RECOMPUTE_STAGES, SHARE_STAGES, SINGLE_STAGES, Stage
-from parnet_cpu.runtime.planner import stream_group_sizes
+from parnet_cpu.runtime.cores import (
+    QUIET_LOAD,
+    CoreSpecError,
+    available_cores,
+    no_free_cores_message,
+    plan_groups,
+    proportional_sizes,
+    validate_groups,
+)
+from parnet_cpu.runtime.macs import model_macs
+from parnet_cpu.runtime.partition import (
+    NUM_STREAMS,
+    RECOMPUTE_STAGES,
+    SHARE_STAGES,
+    SINGLE_STAGES,
+    STREAM_STAGES,
+    Stage,
+)
 from parnet_cpu.system.cpuinfo import describe_machine, format_cpu_list
 
 PLAN_CACHE = "plan_cache.json"
@@ -190,3 +208,27 @@ class PlanCache:
                 write_json(self.path, self.entries)
             except OSError:
                 pass  # read-only model folder: decide again next time
+
+
+# ----------------------------------------------------------------------------- stream costs
+
+
+def stage_macs(ir_path: str | Path, stages: Sequence[Stage]) -> dict[str, float]:
+    """MACs per image of each stage (convolutions and the classifier), counted on the cut subgraph."""
+    from parnet_cpu.runtime.partition import cut_stage
+
+    return {stage.name: model_macs(cut_stage(ir_path, stage)) for stage in stages}
+
+
+def stream_costs(macs: dict[str, float]) -> list[float]:
+    """Work of the three stream groups. With a shared `inits1` stage (SHARE_STAGES) stream 2's group
+    computes it; with RECOMPUTE_STAGES it is already inside the stream2 and stream3 stages."""
+    return [macs["stream1"], macs["stream2"] + macs.get("inits1", 0.0), macs["stream3"]]
+
+
+def stream_group_sizes(ir_path: str | Path, stages: Sequence[Stage], total: int) -> tuple[list[int], list[float]]:
+    """(cores per stream group, MACs per stream group) for `total` physical cores, sizes in proportion
+    to the MACs (largest remainder, at least one core each)."""
+    macs = stage_macs(ir_path, [s for s in stages if s.name in STREAM_STAGES or s.name == "inits1"])
+    costs = stream_costs(macs)
+    return proportional_sizes(costs, total), costs

@@ -262,7 +262,7 @@ def profile_model(model_dir: str | Path, precision: str | None = None, batch: in
     if batch < 1 or iters < 1:
         raise ValueError("batch and iters must be >= 1")
     md = ModelDir.open(model_dir)
-    precision = precision or ("int8" if "int8" in md.precisions else "fp32")
+    precision = precision or md.default_precision
     ir = md.ir_path(precision)
     info = describe_machine(query_openvino=False)
     cores = threads or max(1, len(usable_physical_cores(info)))
