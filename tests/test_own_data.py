@@ -62,6 +62,10 @@ def test_fine_tune_on_a_few_synsets_uses_its_own_class_order(synset_folder, tmp_
     cli("eval", "--model", tmp_path / "nonames", "--data", data, "--json", tmp_path / "r2.json", "--quiet")
     assert json.loads((tmp_path / "r2.json").read_text())["label_mapping"] == {s: SYNSETS.index(s) for s in SYNSETS}
 
+    # a model folder given where a variant name is expected: told which flag takes what
+    out = cli("export", "--model", tmp_path / "ft", "--out", tmp_path / "again", ok=False)
+    assert out.returncode == 2 and "--model-dir" in out.stderr and "Traceback" not in out.stderr
+
     # a folder that is not one of the model's classes is an error that lists it
     extra = tmp_path / "extra_val"
     shutil.copytree(synset_folder, extra)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from contextlib import contextmanager
@@ -150,6 +151,10 @@ def model_from_args(args: argparse.Namespace, *, data_classes: int | None = None
     from parnet_cpu.models.checkpoint import CheckpointError, load_checkpoint
     from parnet_cpu.models.parnet import build_model, resolve_config, shipped_weights
 
+    if os.path.isfile(os.path.join(args.model, "parnet.json")):  # a model folder, not a variant name
+        raise CliError(f"--model {args.model} is a model folder; this command builds a model from a variant name "
+                       "(parnet_s, parnet_m, ...: `parnet-cpu models`). Folders go to eval, bench, serve, plan and "
+                       "profile as --model-dir")
     try:
         overrides = config_overrides(args)
         cfg = resolve_config(args.model, **overrides)
