@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from parnet_cpu.cli import main
 from parnet_cpu.data import load_and_preprocess
@@ -20,6 +21,7 @@ NARROW_ARGS = ["--model", "parnet_s", "--planes", "16,32,64,128", "--input-size"
 @pytest.fixture(scope="module")
 def torch_int8(tmp_path_factory):
     out = tmp_path_factory.mktemp("torch") / "m"
+    torch.manual_seed(0)  # the random weights (no checkpoint) must not depend on which tests ran before
     assert main(["quantize", *NARROW_ARGS, "--calib", str(REPO / "calibration" / "sample"), "--out", str(out),
                  "--subset-size", "16", "--backend", "torch", "--quiet"]) == 0
     return out
