@@ -144,7 +144,7 @@ def compile_config(ir: Path, precision: str, leftovers: str | None, threads: int
                                             leftovers=leftovers, perf_count=perf))
 
 
-def interleaved(requests: dict, x: np.ndarray, rounds: int, iters: int) -> dict[str, list[float]]:
+def interleaved(requests: dict, x: np.ndarray, rounds: int, iters: int, clock=time.perf_counter) -> dict[str, list[float]]:
     """images/s of each request, `rounds` times, configurations alternating within each round."""
     out: dict[str, list[float]] = {k: [] for k in requests}
     for r in requests.values():
@@ -153,9 +153,9 @@ def interleaved(requests: dict, x: np.ndarray, rounds: int, iters: int) -> dict[
         for name, r in requests.items():
             times = []
             for _ in range(iters):
-                t0 = time.perf_counter()
+                t0 = clock()
                 r.infer({0: x}, share_inputs=True)
-                times.append(time.perf_counter() - t0)
+                times.append(clock() - t0)
             out[name].append(x.shape[0] / float(np.median(times)))
     return out
 
@@ -164,18 +164,7 @@ def interleaved_cpu(requests: dict, x: np.ndarray, rounds: int, iters: int) -> d
     """images per CPU-second of each 1-thread request: with one inference thread OpenVINO runs on the
     calling thread, so `time.thread_time` counts only the inference's own CPU time, whatever else runs on
     the machine (wall time on this shared 2-core VM varied 2.5x between identical runs; thread time <1 %)."""
-    out: dict[str, list[float]] = {k: [] for k in requests}
-    for r in requests.values():
-        r.infer({0: x}, share_inputs=True)
-    for _ in range(rounds):
-        for name, r in requests.items():
-            times = []
-            for _ in range(iters):
-                t0 = time.thread_time()
-                r.infer({0: x}, share_inputs=True)
-                times.append(time.thread_time() - t0)
-            out[name].append(x.shape[0] / float(np.median(times)))
-    return out
+    return interleaved(requests, x, rounds, iters, clock=time.thread_time)
 
 
 def stats(values: list[float]) -> dict:

@@ -52,3 +52,16 @@ def narrow_model(narrow_cfg):
     model = build_model(narrow_cfg)
     randomize_bn(model)
     return model
+
+
+@pytest.fixture(scope="module")
+def own_lease_namespace(tmp_path_factory):
+    """A module's own core-lease namespace (leases are machine-wide): nothing another module left running
+    can make its runtimes fail. Servers and workers the module starts inherit the variable."""
+    old = os.environ.get("PARNET_CPU_LEASE_DIR")
+    os.environ["PARNET_CPU_LEASE_DIR"] = str(tmp_path_factory.mktemp("leases"))
+    yield
+    if old is None:
+        os.environ.pop("PARNET_CPU_LEASE_DIR", None)
+    else:
+        os.environ["PARNET_CPU_LEASE_DIR"] = old

@@ -27,16 +27,7 @@ GROUPS = [[CPUS[0]], [CPUS[-1]], [CPUS[0]]]  # three stream groups on 2 cores: o
 SHAPE = (3, NARROW["input_size"], NARROW["input_size"])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def own_lease_namespace(tmp_path_factory):
-    """Core leases are machine-wide; other test sessions on this machine must not make ours fail."""
-    old = os.environ.get("PARNET_CPU_LEASE_DIR")
-    os.environ["PARNET_CPU_LEASE_DIR"] = str(tmp_path_factory.mktemp("leases"))
-    yield
-    if old is None:
-        os.environ.pop("PARNET_CPU_LEASE_DIR", None)
-    else:
-        os.environ["PARNET_CPU_LEASE_DIR"] = old
+pytestmark = pytest.mark.usefixtures("own_lease_namespace")  # conftest: leases are machine-wide
 
 
 @pytest.fixture(scope="module")

@@ -29,17 +29,7 @@ HEADER_TIMEOUT, BODY_TIMEOUT, MAX_CONNECTIONS = 1.5, 2.0, 6
 OVERFLOW_INPUT = 1e10  # the model's logits overflow float32 for inputs this large (finite ones)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def own_lease_namespace(tmp_path_factory):
-    """Core leases are machine-wide; other test sessions on this machine must not make ours fail.
-    The servers inherit the variable."""
-    old = os.environ.get("PARNET_CPU_LEASE_DIR")
-    os.environ["PARNET_CPU_LEASE_DIR"] = str(tmp_path_factory.mktemp("leases"))
-    yield
-    if old is None:
-        os.environ.pop("PARNET_CPU_LEASE_DIR", None)
-    else:
-        os.environ["PARNET_CPU_LEASE_DIR"] = old
+pytestmark = pytest.mark.usefixtures("own_lease_namespace")  # conftest: leases are machine-wide
 
 
 @pytest.fixture(scope="module")

@@ -111,18 +111,13 @@ def crop_fraction(text: str) -> float:
 
 
 def read_class_names(path: str) -> tuple[str, ...]:
-    """A classes file: one name per line in the model's output order; blank lines and # comments skipped."""
+    """--classes FILE: the model's class names in output order (the classes.txt format)."""
+    from parnet_cpu.data import DatasetError, read_classes_file
+
     try:
-        lines = [ln.strip() for ln in open(path, encoding="utf-8").read().splitlines()]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CliError(f"--classes {path}: cannot read it ({exc})") from None
-    names = tuple(ln for ln in lines if ln and not ln.startswith("#"))
-    if not names:
-        raise CliError(f"--classes {path}: the file lists no class names")
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise CliError(f"--classes {path}: duplicate class names {dup[:5]}")
-    return names
+        return read_classes_file(path)
+    except DatasetError as exc:
+        raise CliError(f"--classes: {exc}") from None
 
 
 def config_overrides(args: argparse.Namespace) -> dict:

@@ -29,6 +29,7 @@ from .layouts import (
     list_images,
     load_devkit_mapping,
     match_model_classes,
+    read_classes_file,
     split_calibration_holdout,
     synset_to_index,
 )
@@ -52,7 +53,7 @@ from .preprocess import (
 __all__ = [
     "IMAGE_EXTENSIONS", "LAYOUTS", "Dataset", "DatasetError", "DatasetWarning", "bundled_calibration_dir",
     "count_images", "detect_layout", "imagenet_class_names", "imagenet_synsets", "imagenet_val_labels",
-    "is_image_file", "list_images", "load_devkit_mapping", "match_model_classes", "split_calibration_holdout", "synset_to_index",
+    "is_image_file", "list_images", "load_devkit_mapping", "match_model_classes", "read_classes_file", "split_calibration_holdout", "synset_to_index",
     "Batch", "BatchLoader", "DecodeReport", "default_num_workers", "iter_batches", "load_paths", "take",
     "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_FORMATS", "INTERPOLATIONS", "ImageDecodeError", "ImageTooLargeError", "PreprocessConfig",
     "center_crop", "decode_image", "load_and_preprocess", "load_image", "preprocess", "resize_shorter_side",

@@ -486,7 +486,7 @@ def _class_folders(root: Path, class_dirs: list[tuple[Path, list[Path]]], flat_i
                      class_names=imagenet_class_names(), label_space="imagenet1k", notes=notes)
     else:  # a classes.txt says the label order (even over synset names: a fine-tune on a subset)
         if classes_txt is not None:
-            classes = _read_classes_txt(classes_txt)
+            classes = read_classes_file(classes_txt)
             label_file: Path | None = classes_txt
         else:
             classes = tuple(sorted(d.name for d, _ in class_dirs))  # empty ones too: they keep their index
@@ -549,8 +549,14 @@ def match_model_classes(ds: Dataset, class_names: Sequence[str] | None) -> Datas
     return out
 
 
-def _read_classes_txt(path: Path) -> tuple[str, ...]:
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+def read_classes_file(path: str | os.PathLike[str]) -> tuple[str, ...]:
+    """A classes file (classes.txt, `--classes FILE`): one name per line, in label order; blank lines and
+    # comments skipped; empty, duplicated or unreadable is a DatasetError."""
+    path = Path(path)
+    try:
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path}: cannot read the class names ({exc})") from None
     classes = tuple(ln for ln in lines if ln and not ln.startswith("#"))
     if not classes:
         raise DatasetError(f"{path} lists no classes")
