@@ -88,6 +88,8 @@ def test_label_file_outside_the_image_folder(tmp_path):
     assert out.returncode == 2 and "no labels" in out.stderr  # not found by itself...
     cli("eval", "--model", tmp_path / "m", "--data", flat, "--labels", labels, "--json", tmp_path / "r.json",
         "--quiet")  # ...named, it is used
+    out = cli("eval", "--model", tmp_path / "m", "--data", flat, "--labels", PHOTOS[0], ok=False)  # not a text file
+    assert out.returncode == 2 and "not a text label file" in out.stderr and "Traceback" not in out.stderr
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["labelled"] == 6 and result["label_file"] == str(labels) and result["layout"] == "caffe_val_txt"
     from datetime import datetime

@@ -595,12 +595,13 @@ class _ImageIndex:
 
 
 def _flat_labelled(root: Path, images: list[Path], label_file: Path, kind: str) -> Dataset:
-    if kind == "kaggle":
-        layout, labels = "kaggle_loc_csv", _parse_kaggle_csv(label_file, images)
-    elif kind == "devkit":
-        layout, labels = "devkit_ground_truth", _parse_devkit(label_file, images)
-    else:
-        layout, labels = "caffe_val_txt", _parse_caffe(label_file, images)
+    parse = {"kaggle": ("kaggle_loc_csv", _parse_kaggle_csv), "devkit": ("devkit_ground_truth", _parse_devkit)}
+    layout, parser = parse.get(kind, ("caffe_val_txt", _parse_caffe))
+    try:
+        labels = parser(label_file, images)
+    except UnicodeDecodeError:
+        raise DatasetError(f"{label_file} is not a text label file (it does not decode as UTF-8); expected a "
+                           "Kaggle CSV, devkit ground truth or Caffe val.txt") from None
     notes: list[str] = []
     entries, missing = labels
     samples = [(p, entries[p]) for p in images if p in entries]
