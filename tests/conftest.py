@@ -65,3 +65,17 @@ def own_lease_namespace(tmp_path_factory):
         os.environ.pop("PARNET_CPU_LEASE_DIR", None)
     else:
         os.environ["PARNET_CPU_LEASE_DIR"] = old
+
+
+def export_narrow(folder, seed: int = 0):
+    """The narrow ParNet-S (every block type) with seeded random weights and BN statistics, exported as an
+    FP32 model folder: what most runtime, serving and lease tests run on."""
+    import torch
+
+    from parnet_cpu.export import export_model_dir
+    from parnet_cpu.models.parnet import create_model
+
+    torch.manual_seed(seed)
+    model = create_model("parnet_s", **NARROW)
+    randomize_bn(model)
+    return export_model_dir(model, folder)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import NARROW, randomize_bn
+from conftest import export_narrow
 
 REPO = Path(__file__).resolve().parents[1]
 CPUS = sorted(os.sched_getaffinity(0))
@@ -44,15 +44,7 @@ rt.close()
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    import torch
-
-    from parnet_cpu.export import export_model_dir
-    from parnet_cpu.models.parnet import create_model
-
-    torch.manual_seed(0)
-    model = create_model("parnet_s", **NARROW)
-    randomize_bn(model)
-    return export_model_dir(model, tmp_path_factory.mktemp("leases") / "narrow")
+    return export_narrow(tmp_path_factory.mktemp("leases") / "narrow")
 
 
 class Holder:

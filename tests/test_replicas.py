@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import NARROW, randomize_bn, rel_l2
+from conftest import NARROW, export_narrow, rel_l2
 
 REPO = Path(__file__).resolve().parents[1]
 CPUS = sorted(os.sched_getaffinity(0))
@@ -23,15 +23,7 @@ SHAPE = (3, NARROW["input_size"], NARROW["input_size"])
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    import torch
-
-    from parnet_cpu.export import export_model_dir
-    from parnet_cpu.models.parnet import create_model
-
-    torch.manual_seed(0)
-    model = create_model("parnet_s", **NARROW)
-    randomize_bn(model)
-    return export_model_dir(model, tmp_path_factory.mktemp("replicas") / "narrow")
+    return export_narrow(tmp_path_factory.mktemp("replicas") / "narrow")
 
 
 def reference(model_dir: Path, x: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import NARROW, randomize_bn
+from conftest import NARROW, export_narrow
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = sorted((REPO / "calibration" / "sample").glob("*.jpg"))
@@ -111,15 +111,7 @@ def wait_until(cond, timeout: float = 10.0, what: str = "condition") -> None:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    import torch
-
-    from parnet_cpu.export import export_model_dir
-    from parnet_cpu.models.parnet import create_model
-
-    torch.manual_seed(0)
-    model = create_model("parnet_s", **NARROW)
-    randomize_bn(model)
-    return export_model_dir(model, tmp_path_factory.mktemp("serve") / "narrow")
+    return export_narrow(tmp_path_factory.mktemp("serve") / "narrow")
 
 
 @pytest.fixture(scope="module")

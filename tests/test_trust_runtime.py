@@ -20,7 +20,7 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import NARROW, randomize_bn, rel_l2
+from conftest import NARROW, export_narrow, rel_l2
 
 CPUS = sorted(os.sched_getaffinity(0))
 GROUPS = [[CPUS[0]], [CPUS[-1]], [CPUS[0]]]  # three stream groups on 2 cores: overlapping, explicitly given
@@ -32,15 +32,7 @@ pytestmark = pytest.mark.usefixtures("own_lease_namespace")  # conftest: leases 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    import torch
-
-    from parnet_cpu.export import export_model_dir
-    from parnet_cpu.models.parnet import create_model
-
-    torch.manual_seed(0)
-    model = create_model("parnet_s", **NARROW)
-    randomize_bn(model)
-    return export_model_dir(model, tmp_path_factory.mktemp("trust_rt") / "narrow")
+    return export_narrow(tmp_path_factory.mktemp("trust_rt") / "narrow")
 
 
 def images(n: int, seed: int = 0) -> np.ndarray:
