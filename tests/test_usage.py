@@ -149,3 +149,11 @@ def test_the_usage_line_as_typed_in_an_empty_folder(tmp_path):
     out = _cli(["bench", "--cores-per-stream", "8"], tmp_path)
     assert out.returncode == 2 and time.monotonic() - t0 < 60, out.stderr
     assert "using parnet_s-int8" in out.stdout and "--cores-per-stream 8" in out.stderr
+
+
+def test_a_missing_calibration_folder_is_said_first(tmp_path):
+    (tmp_path / "parnet_s-int8").mkdir()  # an existing default output must not hide the real problem
+    (tmp_path / "parnet_s-int8" / "x").write_text("x")
+    out = _cli(["quantize", "--calib", "imagenet_val"], tmp_path)
+    assert out.returncode == 2 and "--calib imagenet_val: folder not found" in out.stderr, out.stderr
+    assert (tmp_path / "parnet_s-int8" / "x").read_text() == "x"

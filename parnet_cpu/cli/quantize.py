@@ -52,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
     from parnet_cpu.cli import CliError
 
     with sigterm_as_interrupt():
+        if not os.path.isdir(args.calib):  # said first: nothing else matters until the data is there
+            raise CliError(f"--calib {args.calib}: " + ("is a file; give the folder of calibration images"
+                                                         if os.path.exists(args.calib) else "folder not found"))
         if args.out is None:
             args.out = default_out(args.model)
             print(f"writing the model folder to ./{args.out} (choose another with --out)")
