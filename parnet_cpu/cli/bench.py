@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from parnet_cpu.cli.common import add_model_dir_arg
+
 
 def cores_per_stream_arg(text: str):
     if text == "auto":
@@ -53,8 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("bench", help="benchmark the multi-stream runtime against single-graph engines",
                        description="Latency (p50/p90/p99) and throughput of every engine on the same cores.")
-    p.add_argument("--model-dir", "--model", dest="model", metavar="DIR", help="model folder (export or quantize output); default: the newest one in the "
-                                   "current directory")
+    add_model_dir_arg(p, required=False, extra_help="; default: the newest one in the current directory")
     p.add_argument("--cores-per-stream", type=cores_per_stream_arg, default="auto",
                    help="physical cores per stream, or auto (proportional to stream cost; default)")
     p.add_argument("--cores", help="explicit groups, one per stream, separated by ':' e.g. 0-7:8-15:16-23")

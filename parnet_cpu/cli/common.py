@@ -68,6 +68,13 @@ def int_tuple(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def add_model_dir_arg(p: argparse.ArgumentParser, required: bool = True, extra_help: str = "") -> None:
+    """--model-dir DIR for the commands that read a model folder; --model, its old name, stays an alias
+    (the commands that build a model take --model NAME, a variant)."""
+    p.add_argument("--model-dir", "--model", dest="model", metavar="DIR", required=required,
+                   help="model folder written by export or quantize" + extra_help)
+
+
 def add_model_args(p: argparse.ArgumentParser, default: str = "parnet_s") -> None:
     """--model NAME [--checkpoint FILE] plus overrides that build any ParNet configuration."""
     g = p.add_argument_group("model")

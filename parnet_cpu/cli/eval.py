@@ -5,13 +5,13 @@ import argparse
 import os
 from pathlib import Path
 
-from parnet_cpu.cli.common import positive_int
+from parnet_cpu.cli.common import add_model_dir_arg, positive_int
 from parnet_cpu.quantization.base import QuantizeOptions, backend_names
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="accuracy of a model folder on a labelled image folder")
-    p.add_argument("--model-dir", "--model", dest="model", metavar="DIR", required=True, help="model folder written by export or quantize")
+    add_model_dir_arg(p)
     p.add_argument("--data", required=True, help="labelled image folder (any supported layout)")
     p.add_argument("--labels", metavar="FILE", help="a label file kept outside --data: Kaggle LOC_val_solution.csv, "
                    "devkit ILSVRC2012_validation_ground_truth.txt or Caffe val.txt (type read from its name)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from parnet_cpu.cli.common import add_model_dir_arg
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="core groups, their MACs and predicted latency on a machine of N cores",
@@ -13,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "group's MACs, and the cost model's latency for the multi-stream and single-graph plans at "
                        "batch 1 and 8, with the plan `auto` would choose. The cost model is fitted on a 1-thread "
                        "profile measured here (or read with --fit): a first-order prediction, not a measurement.")
-    p.add_argument("--model-dir", "--model", dest="model", required=True, metavar="DIR", help="model folder (from export or quantize)")
+    add_model_dir_arg(p)
     p.add_argument("--precision", choices=("int8", "bf16", "fp32"), help="default: int8 if present, else fp32")
     p.add_argument("--cpus", type=int, metavar="N", help="physical cores of a simulated machine (with --machine: "
                    "use only its first N usable physical cores); default: this machine")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from parnet_cpu.cli.common import add_model_dir_arg
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("profile", help="per-layer time, kernels (AMX/VNNI/AVX2), matrix-unit share, GMAC/s vs peak",
@@ -11,7 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "performance counters on, and report where the time goes: per layer, per op class and per "
                        "kernel, the share on the matrix unit (AMX) and on VNNI/int8 kernels, reorders and precision "
                        "conversions, and achieved GMAC/s against the CPU's peak.")
-    p.add_argument("--model-dir", "--model", dest="model", required=True, metavar="DIR", help="model folder (from export or quantize)")
+    add_model_dir_arg(p)
     p.add_argument("--precision", choices=("int8", "bf16", "fp32"), help="default: int8 if present, else fp32")
     p.add_argument("--batch", type=int, default=8, help="images per inference (default 8)")
     p.add_argument("--plan", choices=("single", "multistream"), default="single",

@@ -15,11 +15,11 @@ import sys
 
 from parnet_cpu.cli import CliError
 from parnet_cpu.cli.bench import cores_per_stream_arg
+from parnet_cpu.cli.common import add_model_dir_arg
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model-dir", "--model", dest="model", metavar="DIR", required=True,
-                   help="model folder written by export or quantize")
+    add_model_dir_arg(p)
     p.add_argument("--name", default="parnet", help="model name in the v2 API (default: parnet)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000; 0 = any free port)")
