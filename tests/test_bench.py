@@ -59,3 +59,42 @@ def test_bench_errors(model_dir, capsys):
     assert "bad core spec" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "--model", str(model_dir), "--cores-per-stream", "0"])
+
+
+@pytest.fixture
+def busy_loop():
+    """A real process spinning on the bench's CPUs (pinned to them), what another user's job looks like."""
+    import subprocess
+    import sys
+    import time
+
+    code = f"import os\nos.sched_setaffinity(0, {CPUS!r})\nwhile True:\n    pass\n"
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    time.sleep(0.5)
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def test_busy_machine_is_marked_or_refused(model_dir, tmp_path, capsys, busy_loop):
+    """A busy loop on the measured CPUs: the numbers come out marked with the load recorded, and
+    --require-quiet refuses with exit status 3 before measuring anything."""
+    js = tmp_path / "busy.json"
+    common = ["bench", "--model", str(model_dir), "--engines", "ov-latency", "--batches", "1", "--iters", "2",
+              "--warmup", "0", "--min-seconds", "0", "--quiet-wait", "0.5"]
+    assert main([*common, "--json", str(js)]) == 0
+    out = capsys.readouterr().out
+    res = json.loads(js.read_text())
+    assert res["machine_was_quiet"] is False and res["other_load"]["max"] > res["other_load"]["threshold"]
+    assert all(r["machine_was_quiet"] is False for r in res["rows"])
+    assert "WARNING" in out and "NOT QUIET" in out
+    assert main([*common, "--require-quiet", "--json", str(tmp_path / "refused.json")]) == 3
+    assert "not quiet" in capsys.readouterr().err and not (tmp_path / "refused.json").exists()
+
+
+@pytest.mark.parametrize("command", [["profile", "--batch", "1", "--iters", "1"], ["plan", "--cpus", "16"]])
+def test_every_measuring_command_refuses_a_busy_machine(model_dir, capsys, busy_loop, command):
+    """The same guard holds for profile and plan's profiling, not only bench."""
+    assert main([command[0], "--model-dir", str(model_dir), *command[1:], "--require-quiet",
+                 "--quiet-wait", "0.5"]) == 3
+    assert "not quiet" in capsys.readouterr().err

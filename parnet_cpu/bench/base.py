@@ -12,6 +12,8 @@ class BenchConfig:
     iters: int = 10
     min_seconds: float = 0.2
     engines: tuple[str, ...] | None = None  # None: DEFAULT_ENGINES plus the INT8 artifacts present
+    require_quiet: bool = False  # refuse (NotQuietError) instead of marking a run on a busy machine
+    quiet_wait_s: float = 10.0  # how long to wait for a busy machine to go quiet first
 
 
 def throughput(run_many, n_requests: int, batch: int) -> float:

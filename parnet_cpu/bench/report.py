@@ -17,6 +17,10 @@ def format_table(result: dict) -> str:
     head = f"{'engine':<14}{'prec':<6}{'batch':>5}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'img/s':>9}{'lat x':>7}{'thr x':>7}"
     lines = [f"CPU: {result['machine']['cpu']} ({result['machine']['isa_level']}), CPUs {result['cpus']}, "
              f"{result['threads']} threads; ratios are against ov-latency (single graph, same cores)", head]
+    if not result.get("machine_was_quiet", True):
+        lines.insert(1, f"NOT QUIET: other work used these CPUs (up to {result['other_load']['max']:.2f} of a CPU; "
+                        f"quiet is <= {result['other_load']['threshold']}): these numbers are marked "
+                        "machine_was_quiet: false")
     for r in result["rows"]:
         if "error" in r:
             lines.append(f"{r['engine']:<14}{r.get('precision', ''):<6}{r['batch']:>5}  error: {r['error'][:70]}")

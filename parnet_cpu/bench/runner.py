@@ -20,6 +20,7 @@ import numpy as np
 from parnet_cpu.artifacts import ModelDir, report_stamp
 from parnet_cpu.bench.base import BenchConfig, throughput
 from parnet_cpu.bench.engines import available_engines, export_onnx_for, run_pinned_engine
+from parnet_cpu.bench.quiet import LoadWatch
 from parnet_cpu.runtime.timing import measure_latency
 
 
@@ -58,6 +59,9 @@ def run_bench(model_dir: str | Path, cores_per_stream, cores, precision: str | N
     md = ModelDir.open(model_dir)
     precision = precision or md.default_precision
     engines = cfg.engines or available_engines(md)
+    # the CPUs the engines will run on: the explicit groups, else every CPU this process may use
+    watched = sorted({c for g in cores for c in g}) if cores else sorted(os.sched_getaffinity(0))
+    watch = LoadWatch(watched, cfg.require_quiet, cfg.quiet_wait_s, "benchmark", log).settle()
     rows: list[dict] = []
     plan_info, cpus = None, None
     if "multistream" in engines:
@@ -67,6 +71,7 @@ def run_bench(model_dir: str | Path, cores_per_stream, cores, precision: str | N
                          plan="multistream", use_smt=use_smt, max_batch=max(cfg.batches)) as rt:
                 plan_info, cpus = rt.plan.describe(), rt.plan.cpus
                 rows += bench_runtime(rt, cfg)
+            watch.sample()
         except Exception as exc:
             rows += [{"engine": "multistream", "batch": b, "error": str(exc)} for b in cfg.batches]
     if "auto" in engines:
@@ -76,6 +81,7 @@ def run_bench(model_dir: str | Path, cores_per_stream, cores, precision: str | N
                          plan="auto", use_smt=use_smt, max_batch=max(cfg.batches)) as rt:
                 cpus = cpus or rt.plan.cpus
                 rows += bench_runtime(rt, cfg, "auto")
+            watch.sample()
         except Exception as exc:
             rows += [{"engine": "auto", "batch": b, "error": str(exc)} for b in cfg.batches]
     if cpus is None:
@@ -87,6 +93,8 @@ def run_bench(model_dir: str | Path, cores_per_stream, cores, precision: str | N
                 continue
             log(f"{engine}: pinned to CPUs {format_cpu_list(cpus)} ...")
             rows += run_pinned_engine(engine, md.path, precision, cpus, cfg, onnx_path)
+            watch.sample()
+    load = watch.finish(rows)
     for r in rows:
         r.setdefault("precision", precision)
     baseline = {r["batch"]: r for r in rows if r["engine"] == "ov-latency" and "error" not in r}
@@ -108,4 +116,5 @@ def run_bench(model_dir: str | Path, cores_per_stream, cores, precision: str | N
                                     else "not measured (no multi-stream run): 0")
     return {**report_stamp("bench"), "cost_model": model, "model": str(md.path), "config": md.config, "precision": precision, "cpus": format_cpu_list(cpus),
             "threads": len(cpus), "plan": plan_info, "settings": asdict(cfg),
-            "machine": machine_summary(info), "rows": rows}
+            "machine": machine_summary(info), "other_load": load, "machine_was_quiet": load["machine_was_quiet"],
+            "rows": rows}

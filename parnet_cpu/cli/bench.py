@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from parnet_cpu.bench.quiet import add_quiet_args
 from parnet_cpu.cli.common import add_model_dir_arg
 
 
@@ -71,6 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cost-model", action="store_true",
                    help="also time every stage at 1..N threads and predict 16/32/56-core latency")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    add_quiet_args(p)
     p.add_argument("--plot", metavar="PNG", help="write latency/throughput vs cores per stream as PNG")
     p.set_defaults(handler=run)
 
@@ -78,6 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from parnet_cpu.artifacts import ModelDirError, write_json
     from parnet_cpu.bench import ENGINES, BenchConfig, format_cost_model, format_table, plot, run_bench
+    from parnet_cpu.bench.quiet import NotQuietError, refuse
     from parnet_cpu.cli import CliError
     from parnet_cpu.runtime.cores import CoreSpecError, parse_groups
 
@@ -92,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, argparse.ArgumentTypeError, CoreSpecError) as exc:
         raise CliError(str(exc)) from None
     cfg = BenchConfig(batches=batches, warmup=args.warmup, iters=args.iters, min_seconds=args.min_seconds,
-                      engines=engines)
+                      engines=engines, require_quiet=args.require_quiet, quiet_wait_s=args.quiet_wait)
     if args.model is None:
         found = newest_model_dir()
         if found is None:
@@ -116,10 +119,15 @@ def run(args: argparse.Namespace) -> int:
             results.append(res)
     except (ModelDirError, CoreSpecError) as exc:
         raise CliError(str(exc)) from None
+    except NotQuietError as exc:
+        return refuse("bench", exc)
     if args.json:
         write_json(Path(args.json), results[0] if len(results) == 1 else {"sweep": results})
     if args.plot:
         plot(results, Path(args.plot))
+    if args.require_quiet and not all(res["machine_was_quiet"] for res in results):
+        return refuse("bench", NotQuietError("other work used the measured CPUs during the run (see other_load in "
+                                             "the JSON); the numbers above are marked and not valid"))
     failed = [r for res in results for r in res["rows"] if "error" in r]
     if failed and len(failed) == sum(len(res["rows"]) for res in results):
         print("parnet-cpu bench: error: every engine failed (see the table)", file=sys.stderr)

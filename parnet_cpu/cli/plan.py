@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from parnet_cpu.bench.quiet import add_quiet_args
 from parnet_cpu.cli.common import add_model_dir_arg
 
 
@@ -29,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--handover-ms", type=float, default=0.3,
                    help="assumed cost of the stem->streams->tail messages per call (default 0.3 ms)")
     p.add_argument("--json", metavar="FILE", help="also write the plan (and the fitted cost model) as JSON")
+    add_quiet_args(p)
     p.set_defaults(handler=run)
 
 
@@ -83,7 +85,14 @@ def make_report(args) -> dict:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CliError(f"--fit {args.fit}: not a `plan --json` file with a cost model ({exc})") from None
     elif not args.no_latency:
+        import os
+
+        from parnet_cpu.bench.quiet import LoadWatch
+
+        watch = LoadWatch(sorted(os.sched_getaffinity(0)), args.require_quiet, args.quiet_wait, "profiling").settle()
         model = fit_layer_model(profile_stages(md.path, precision, 1, (1, 8)), 0.0)
+        model["other_load"] = watch.finish()
+        watch.check()
     group_time = None
     if model is not None:
         group_time = lambda i, n: stage_ms(model["stages"][f"stream{i + 1}"]["1"], n, model["sync_ms"])  # noqa: E731
@@ -131,7 +140,12 @@ def format_report(r: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = make_report(args)
+    from parnet_cpu.bench.quiet import NotQuietError, refuse
+
+    try:
+        report = make_report(args)
+    except NotQuietError as exc:
+        return refuse("plan", exc)
     print(format_report(report))
     if args.json:
         with open(args.json, "w") as f:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from parnet_cpu.bench.quiet import add_quiet_args
 from parnet_cpu.cli.common import add_model_dir_arg
 
 
@@ -24,25 +25,37 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="precision of the ops an INT8 IR keeps in float (default auto: bf16 where the CPU has it)")
     p.add_argument("--top", type=int, default=25, help="slowest layers listed in the table (default 25)")
     p.add_argument("--json", metavar="FILE", help="also write the full profile (every layer) as JSON")
+    add_quiet_args(p)
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
     from pathlib import Path
 
     from parnet_cpu.artifacts import ModelDirError
+    from parnet_cpu.bench.quiet import LoadWatch, NotQuietError, refuse
     from parnet_cpu.cli import CliError
     from parnet_cpu.runtime.profile import format_table, profile_model
 
     if args.batch < 1 or args.iters < 1 or (args.threads is not None and args.threads < 1):
         raise CliError("--batch, --iters and --threads must be at least 1")
     try:
+        watch = LoadWatch(sorted(os.sched_getaffinity(0)), args.require_quiet, args.quiet_wait, "profile").settle()
         report = profile_model(args.model, args.precision, args.batch, args.plan, args.iters, args.threads,
                                args.int8_leftovers)
     except (ModelDirError, ValueError) as exc:
         raise CliError(str(exc)) from None
+    except NotQuietError as exc:
+        return refuse("profile", exc)
+    report["other_load"] = watch.finish()
+    report["machine_was_quiet"] = watch.quiet
     print(format_table(report, args.top))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
         print(f"wrote {args.json}")
+    try:
+        watch.check()
+    except NotQuietError as exc:
+        return refuse("profile", exc)
     return 0
