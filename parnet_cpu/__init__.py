@@ -10,6 +10,16 @@ Public API (everything in `__all__`)::
         images, paths = load_images("photos/", "parnet_s-int8/")
         logits = rt.infer(images)
 
+Embedding (torch-free; see the README's "Embedding" section)::
+
+    rt = Runtime("parnet_s-int8/")                    # or cores="share:N" in each of N server workers
+    rt.preprocess(upload_bytes)                       # bytes, path, PIL image or uint8 array -> (C, H, W)
+    rt.classify(["a.jpg", upload_bytes], top_k=5)     # [TopK(labels, indices, probabilities), ...]
+    await rt.infer_async(batch); await rt.classify_async(image)   # asyncio, cancellation-safe
+    batcher = Batcher(rt, max_batch=8, max_wait_ms=2)  # serve's dynamic batcher for any asyncio server
+    await batcher.classify(upload_bytes)               # concurrent calls share batches
+    rt.class_names, rt.input_shape, rt.preprocess_config, rt.healthy()
+
 Importing this package is cheap and torch-free; the torch side (models, reparameterization, export,
 quantization) loads on first use, so a serving install without torch can still use the runtime.
 """
@@ -29,6 +39,8 @@ _LAZY = {
     "load_checkpoint": "parnet_cpu.models.checkpoint",
     "reparameterize": "parnet_cpu.reparam.fuse",
     "Runtime": "parnet_cpu.runtime.runtime",
+    "Batcher": "parnet_cpu.serve.batcher",
+    "TopK": "parnet_cpu.runtime.classify",
     "export": "parnet_cpu.api",
     "quantize": "parnet_cpu.api",
     "load_images": "parnet_cpu.api",

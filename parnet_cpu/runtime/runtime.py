@@ -12,6 +12,7 @@ this process and the workers is declared in `worker.py`. This module starts a pl
 """
 from __future__ import annotations
 
+import asyncio
 import math
 import multiprocessing as mp
 import os
@@ -22,6 +23,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import cached_property
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
 from multiprocessing.connection import wait
@@ -34,6 +36,8 @@ from parnet_cpu.runtime.cores import CoreLease, CoreSpecError, lease_transaction
 from parnet_cpu.runtime.partition import RECOMPUTE_STAGES, SHARE_STAGES, SINGLE_STAGES
 from parnet_cpu.runtime.plan import Plan, PlanCache, choose, make_plan, single_plan
 from parnet_cpu.runtime.timing import measure_latency
+from parnet_cpu.runtime.classify import TopK, check_top_k, softmax_top_k
+from parnet_cpu.data.inputs import MAX_IMAGE_PIXELS, ImageInput, preprocess_batch, preprocess_input
 from parnet_cpu.runtime.worker import (ERROR, PING, READY, RUN, STOP, SYNC, SYNC_REPLY, THREADS, Reply, RunStage,
                                        TensorSlot, WorkerSpec, thread_affinities, unguarded_main_problem, worker_main)
 
@@ -579,3 +583,42 @@ class Runtime:
             self.close()
         except Exception:
             pass
+
+    # ------------------------------------------------------------------ embedding API: images in, labels out
+    @cached_property
+    def preprocess_config(self):
+        """The model folder's preprocessing (`data.PreprocessConfig`: resize, crop, mean/std, channels)."""
+        return self.model_dir.preprocess_config()
+
+    @cached_property
+    def class_names(self) -> tuple[str, ...] | None:
+        """Class names in output order (from the model folder; ImageNet's for 1000 classes), or None."""
+        return self.model_dir.class_names
+
+    @cached_property
+    def num_classes(self) -> int:
+        return int(self.model_dir.config["num_classes"])
+
+    def preprocess(self, image: ImageInput, max_pixels: int | None = MAX_IMAGE_PIXELS) -> np.ndarray:
+        """One image (encoded bytes, a path, a PIL image or a uint8 RGB array) -> float32 (C, H, W), by the
+        decoding rules and limits of `serve` and `eval` (`data.inputs.preprocess_input`)."""
+        return preprocess_input(image, self.preprocess_config, max_pixels=max_pixels)
+
+    def classify(self, images, top_k: int = 5, timeout: float | None = None) -> list[TopK]:
+        """The `top_k` most probable classes (labels, indices, softmax probabilities) of each image: one
+        image, a list of images (as `preprocess` takes), or a preprocessed float batch (N, C, H, W)."""
+        check_top_k(top_k, self.num_classes)
+        batch = preprocess_batch(images, self.preprocess_config)
+        return softmax_top_k(self.infer(batch, timeout), top_k, self.class_names)
+
+    async def infer_async(self, batch: np.ndarray, timeout: float | None = None) -> np.ndarray:
+        """`infer` for asyncio code: awaits `submit`'s future without blocking the loop. Cancelling the
+        await abandons this call only: a batch not started yet never runs, one already running finishes
+        into its own future, so its logits can never reach another call."""
+        return await asyncio.wrap_future(self.submit(batch, timeout))
+
+    async def classify_async(self, images, top_k: int = 5, timeout: float | None = None) -> list[TopK]:
+        """`classify` for asyncio code: decoding runs in a thread, inference as `infer_async`."""
+        check_top_k(top_k, self.num_classes)
+        batch = await asyncio.to_thread(preprocess_batch, images, self.preprocess_config)
+        return softmax_top_k(await self.infer_async(batch, timeout), top_k, self.class_names)

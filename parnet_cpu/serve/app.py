@@ -41,6 +41,8 @@ from parnet_cpu import __version__
 from parnet_cpu.artifacts import INPUT_NAME, OUTPUT_NAME
 from parnet_cpu.data.preprocess import (IMAGE_FORMATS, ImageDecodeError, ImageTooLargeError, PreprocessConfig,
                                         load_and_preprocess)
+from parnet_cpu.data.inputs import MAX_IMAGE_PIXELS
+from parnet_cpu.runtime.classify import softmax_top_k
 from parnet_cpu.serve.batcher import BatcherClosedError, DynamicBatcher, QueueFullError
 from parnet_cpu.serve.metrics import CONTENT_TYPE_LATEST, ServeMetrics
 
@@ -73,7 +75,7 @@ class ServeConfig:
     max_queue: int = 256  # images waiting; more -> 503
     inflight: int = 2  # batches inside the runtime at once
     max_body_bytes: int = 32 * 1024 * 1024
-    max_image_pixels: int = 40_000_000  # decoded size limit for /v1/classify (decompression bombs)
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # decoded size limit for /v1/classify (decompression bombs)
     cpu_threads: int | None = None  # body parsing / image decoding pool; default min(4, usable CPUs)
     retry_after_s: int = 1
     access_log: bool = True
@@ -359,12 +361,7 @@ def require_finite(logits: np.ndarray) -> None:
 def top_k(model: ModelInfo, logits: np.ndarray, k: int) -> list[dict]:
     """Softmax probabilities of the k best classes (ties: lower index first)."""
     require_finite(logits)
-    z = logits.astype(np.float64)
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    order = np.argsort(-p, kind="stable")[:k]
-    names = model.class_names
-    return [{"index": int(i), "label": names[i] if names else None, "probability": float(p[i])} for i in order]
+    return softmax_top_k(logits, k, model.class_names)[0].predictions()  # the ranking Runtime.classify gives
 
 
 # ---------------------------------------------------------------------------------------------- service

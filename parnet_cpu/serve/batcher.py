@@ -10,10 +10,14 @@ Everything here runs on the event loop except the inference itself: the runtime'
 on its own thread and hands the logits back with `call_soon_threadsafe`. A full queue is refused at
 once (`QueueFullError`), and a request cancelled before it is batched (client gone) is dropped
 without running.
+
+`Batcher` is the public face of the same collector for any asyncio server (FastAPI, Starlette, aiohttp...):
+built on a `Runtime`, with `await batcher.infer(images)` and `await batcher.classify(images)`.
 """
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from concurrent.futures import Future as ThreadFuture
@@ -22,7 +26,10 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["BatcherClosedError", "DynamicBatcher", "QueueFullError"]
+from parnet_cpu.data.inputs import preprocess_batch
+from parnet_cpu.runtime.classify import TopK, check_top_k, softmax_top_k
+
+__all__ = ["Batcher", "BatcherClosedError", "DynamicBatcher", "QueueFullError"]
 
 SubmitFn = Callable[[np.ndarray], ThreadFuture]
 BatchHook = Callable[[int, float], None]  # (images in the batch, seconds in the runtime)
@@ -275,3 +282,57 @@ class DynamicBatcher:
         for item in items:
             if not item.future.done():
                 item.future.set_exception(exc)
+
+
+class Batcher(DynamicBatcher):
+    """Dynamic batching onto a `Runtime` for any asyncio server: the collector `parnet-cpu serve` runs.
+
+    Concurrent `await batcher.infer(x)` / `await batcher.classify(images)` calls are grouped into batches of
+    up to `max_batch` images, waiting at most `max_wait_ms` for a batch to fill; at most the runtime's
+    `inflight` batches run at once. Cancelling an await drops its images if they are not batched yet and
+    otherwise discards their logits: no other call ever receives them. Start and stop it on the server's
+    event loop (`async with Batcher(rt) as b:`, or `await b.start()` / `await b.close()` in a lifespan);
+    the first call starts it if nobody did. `close()` runs what is queued and leaves the runtime open.
+    """
+
+    def __init__(self, runtime, max_batch: int | None = None, max_wait_ms: float = 2.0, max_queue: int = 256,
+                 on_batch: BatchHook | None = None) -> None:
+        if not isinstance(max_wait_ms, (int, float)) or not math.isfinite(max_wait_ms) or max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be a finite number >= 0, got {max_wait_ms!r}")
+        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
+            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        limit = int(runtime.max_batch)
+        super().__init__(runtime.submit, max_batch=min(max_batch or limit, limit), max_wait_s=max_wait_ms / 1e3,
+                         max_queue=max_queue, inflight=int(runtime.inflight), on_batch=on_batch)
+        self.runtime = runtime
+        self._shape = tuple(runtime.input_shape)
+
+    async def __aenter__(self) -> "Batcher":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def infer(self, images: np.ndarray) -> np.ndarray:
+        """Logits (N, classes) for preprocessed float images (N, C, H, W) or one (C, H, W), batched with
+        whatever else is queued. Raises `QueueFullError` at once when `max_queue` images already wait."""
+        if self._task is None:
+            await self.start()
+        x = np.asarray(images)
+        if x.ndim == 3:
+            x = x[None]
+        if x.ndim != 4 or tuple(x.shape[1:]) != self._shape or x.shape[0] < 1:
+            raise ValueError(f"expected images of shape (N, {', '.join(map(str, self._shape))}), got "
+                             f"{tuple(np.shape(images))}")
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(f"expected float32 preprocessed images, got {x.dtype} (classify() takes raw images)")
+        return await self.enqueue(np.ascontiguousarray(x, dtype=np.float32))
+
+    async def classify(self, images, top_k: int = 5) -> list[TopK]:
+        """`Runtime.classify` through the batcher: images as `Runtime.preprocess` takes them (one or a list),
+        or a preprocessed float batch; decoding runs in a thread, off the event loop."""
+        rt = self.runtime
+        check_top_k(top_k, rt.num_classes)  # refused before any decoding
+        batch = await asyncio.to_thread(preprocess_batch, images, rt.preprocess_config)
+        return softmax_top_k(await self.infer(batch), top_k, rt.class_names)
