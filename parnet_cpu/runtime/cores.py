@@ -193,8 +193,12 @@ def no_free_cores_message() -> str:
     return (f"no free core for this runtime: this process may use CPUs {format_cpu_list(info.usable_cpus)}"
             + (f", and they are already used by another Runtime ({_describe_holders(held)})" if held else "")
             + "; close that Runtime, give this one other cores, or opt in to sharing (share=True, "
-              "--share-cores: both run slower)")
+              "--share-cores: both run slower)" + POOL_HINT)
 
+
+# said wherever cores are refused: the fix when the other holder is a sibling worker of the same server
+POOL_HINT = ("; for N worker processes of one server (uvicorn/gunicorn --workers N), give each Runtime "
+             "cores='share:N' to lease each worker its own part of the free cores")
 
 QUIET_LOAD = 0.25  # other work above a quarter of a CPU on a measured CPU makes a measurement unreliable
 
@@ -325,7 +329,8 @@ class CoreLease:
                 self.release()
                 raise CoreSpecError(f"CPUs {format_cpu_list(busy)} are already used by another Runtime "
                                     f"({_describe_holders(held) or 'holder unknown'}); give each model its own "
-                                    "cores, close the other Runtime, or opt in to sharing (share=True, --share-cores)")
+                                    "cores, close the other Runtime, or opt in to sharing (share=True, --share-cores)"
+                                    + POOL_HINT)
             others = current_leases(busy) if busy else []
             for cpu, fd in self._fds.items():
                 _write_holder(fd, "shared" if share else "exclusive")
@@ -463,3 +468,77 @@ def single_graph_cores(info, use_smt: bool = False, include_efficiency: bool = F
     stream on one socket / NUMA node: crossing sockets costs more than it gains at batch 1)."""
     domains = socket_domains(info, use_smt, include_efficiency)
     return sorted(c for core in max(domains, key=len) for c in core) if domains else []
+
+
+# --------------------------------------------------------------------------- worker pools: cores="share:N"
+# N worker processes of one server (uvicorn/gunicorn --workers N) each start the same code and cannot know
+# their index. Each takes, under the machine-wide lease transaction, an equal part of the cores still free
+# for the pool: free cores // (N - members already holding a share). The members are found through their
+# lease records (a "pool" key: the parent process and N), so a restarted worker gets its predecessor's cores.
+
+POOL_SPEC_PREFIX = "share:"
+POOL_ENV = "PARNET_CPU_POOL"  # names the pool where workers have no common parent (e.g. separate services)
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    workers: int  # N
+    key: str  # which pool: $PARNET_CPU_POOL or the parent's pid, and N
+
+
+def parse_pool_spec(cores: object) -> PoolSpec | None:
+    """`"share:N"` -> this process's pool; anything else (explicit groups, None) -> None."""
+    if not isinstance(cores, str) or not cores.strip().lower().startswith(POOL_SPEC_PREFIX):
+        return None
+    n = cores.strip()[len(POOL_SPEC_PREFIX):].strip()
+    if not n.isdigit() or int(n) < 1:
+        raise CoreSpecError(f"cores='share:N' takes N, the number of worker processes that share the free cores, "
+                            f"as a positive integer; got {cores!r}")
+    owner = os.environ.get(POOL_ENV) or f"parent {os.getppid()}"
+    return PoolSpec(int(n), f"{owner}/{int(n)}")
+
+
+def pool_members(key: str) -> dict[int, list[int]]:
+    """pid -> CPUs of every live lease recorded as a share of pool `key` (this process included)."""
+    members: dict[int, list[int]] = {}
+    for p in sorted(lease_dir().glob("cpu*.lock")):
+        if not p.stem[3:].isdigit():
+            continue
+        cpu = int(p.stem[3:])
+        h = _holder(cpu)
+        if h.get("pool") == key and _is_held(cpu):
+            members.setdefault(h.get("pid"), []).append(cpu)
+    return members
+
+
+def pool_share(pool: PoolSpec, use_smt: bool = False) -> list[int]:
+    """The logical CPUs this worker of `pool` should lease: an equal part of the free physical cores among
+    the shares not taken yet (remainders go to the last workers to start). Call it inside
+    `lease_transaction` and lease the result there, then `mark_pool`, so no two workers get the same cores."""
+    with lease_transaction():
+        members = pool_members(pool.key)
+        left = pool.workers - len(members)
+        held = "; ".join(f"pid {pid}: CPUs {format_cpu_list(c)}" for pid, c in sorted(members.items(), key=str))
+        if left < 1:
+            raise CoreSpecError(f"all {pool.workers} shares of this worker pool ({pool.key}) are taken ({held}); "
+                                f"start at most {pool.workers} workers, or give the Runtime cores='share:M' with M "
+                                "the number of workers")
+        free = available_cores(use_smt)
+        per = len(free) // left
+        if per < 1:
+            raise CoreSpecError(f"{no_free_cores_message()}. Worker pool {pool.key}: {len(free)} free physical "
+                                f"core(s) for the {left} share(s) not taken yet" + (f" ({held})" if held else ""))
+        return sorted(c for core in free[:per] for c in core)
+
+
+def mark_pool(lease: CoreLease, pool: PoolSpec) -> None:
+    """Record in each of `lease`'s CPU files that it is a share of `pool` (read by `pool_members`)."""
+    for fd in lease._fds.values():
+        try:
+            record = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            record["pool"] = pool.key
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(record).encode(), 0)
+        except (OSError, ValueError) as exc:
+            raise CoreSpecError(f"cannot record the worker pool in the core lease files of {lease_dir()}: {exc}") \
+                from None

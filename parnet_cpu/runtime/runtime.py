@@ -33,6 +33,7 @@ import numpy as np
 
 from parnet_cpu.artifacts import INPUT_NAME, OUTPUT_NAME, STAGE_TENSORS, ModelDir
 from parnet_cpu.runtime.cores import CoreLease, CoreSpecError, lease_transaction, other_load, parse_groups, wait_for_quiet
+from parnet_cpu.runtime.cores import mark_pool, parse_pool_spec, pool_share
 from parnet_cpu.runtime.partition import RECOMPUTE_STAGES, SHARE_STAGES, SINGLE_STAGES
 from parnet_cpu.runtime.plan import Plan, PlanCache, choose, make_plan, single_plan
 from parnet_cpu.runtime.timing import measure_latency
@@ -117,6 +118,11 @@ class Runtime:
     Its cores are leased machine-wide (`cores.CoreLease`): by default it takes only cores no other Runtime,
     in any process, holds, and refuses explicit `cores` that another holds (naming its pid); `share=True`
     allows it, with a warning. The model folder is verified first (`ModelDir.verify`).
+    In each of N worker processes of one server (uvicorn/gunicorn `--workers N`), `cores="share:N"` leases
+    that worker an equal, disjoint part of the free cores without it knowing its index (`cores.pool_share`).
+
+    Embedding: `preprocess`, `classify`, `infer_async`, `classify_async`, `class_names`, `input_shape`,
+    `preprocess_config`, `healthy`; `parnet_cpu.Batcher` batches concurrent asyncio calls onto it.
     """
 
     def __init__(self, model_dir: str | Path, cores_per_stream: int | str | None = "auto",
@@ -127,6 +133,12 @@ class Runtime:
             raise ValueError(f"plan must be auto, multistream or single, got {plan!r}")
         if inits1 not in ("recompute", "share"):
             raise ValueError("inits1 must be 'recompute' or 'share'")
+        pool = parse_pool_spec(cores)  # "share:N": one of N server workers, each on its own share of the cores
+        if pool is not None:
+            if plan == "multistream":
+                raise ValueError("cores='share:N' runs the single graph on each worker's share (as serve --replicas "
+                                 "does); use plan='auto' or 'single'")
+            cores, plan = None, "single"
         if isinstance(cores, str):
             cores = parse_groups(cores)
         if isinstance(cores_per_stream, str) and cores_per_stream != "auto":
@@ -152,16 +164,24 @@ class Runtime:
 
         kind = "single" if plan == "single" else "multistream"
         with lease_transaction():  # plan on free cores and lease them, with no other runtime in between
+            if pool is not None:
+                cores = [pool_share(pool, use_smt)]
+            fallback = None
             try:
                 self.plan = make_plan(self.model_dir, self.ir_path, cores_per_stream, cores, use_smt, inits1, kind,
                                       share)
             except CoreSpecError as exc:
                 if plan != "auto" or cores:
                     raise
+                fallback = f"single graph: {exc}"
+            if fallback is not None:  # out of the except: its refusal must not be chained to the multi-stream one
                 self.plan = make_plan(self.model_dir, self.ir_path, cores_per_stream, None, use_smt, inits1,
                                       "single", share)
-                self.plan.reason = f"single graph: {exc}"
+                self.plan.reason = fallback
             self._claim = CoreLease(self.plan.cpus, share=share)
+            if pool is not None:
+                mark_pool(self._claim, pool)
+                self.plan.reason = f"worker pool {pool.key}: this worker's share; " + self.plan.reason
         try:
             self._start(self.plan)
             if plan == "auto" and self.plan.kind == "multistream":
