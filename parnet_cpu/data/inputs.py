@@ -92,10 +92,11 @@ def _from_pil(img: Image.Image, cfg: PreprocessConfig, out: np.ndarray | None, m
         except Exception as exc:
             raise ImageDecodeError(name, f"preprocessing failed: {type(exc).__name__}: {exc}") from None
     # Alpha, palette, CMYK, 16-bit, float...: the decoder's mode rules, through a lossless re-encoding
-    for fmt in ("PNG", "TIFF"):
+    # (a mode no lossless format stores, such as PA, goes through RGBA, as the decoder converts it)
+    for fmt, im in (("PNG", img), ("TIFF", img), ("PNG", None)):
         buf = io.BytesIO()
         try:
-            img.save(buf, fmt)
+            (im or img.convert("RGBA")).save(buf, fmt)
         except Exception:
             continue
         return load_and_preprocess(buf.getvalue(), cfg, out, name=name, max_pixels=max_pixels)
