@@ -145,18 +145,23 @@ def compile_config(ir: Path, precision: str, leftovers: str | None, threads: int
 
 
 def interleaved(requests: dict, x: np.ndarray, rounds: int, iters: int, clock=time.perf_counter) -> dict[str, list[float]]:
-    """images/s of each request, `rounds` times, configurations alternating within each round."""
-    out: dict[str, list[float]] = {k: [] for k in requests}
+    """images/s of each request, `rounds` times, configurations alternating within each round
+    (`parnet_cpu.bench.rounds.interleaved_rounds`, the loop `bench` and the demo use)."""
+    from parnet_cpu.bench.rounds import interleaved_rounds
+
+    def block(r) -> float:
+        times = []
+        for _ in range(iters):
+            t0 = clock()
+            r.infer({0: x}, share_inputs=True)
+            times.append(clock() - t0)
+        return x.shape[0] / float(np.median(times))
+
     for r in requests.values():
         r.infer({0: x}, share_inputs=True)
-    for _ in range(rounds):
-        for name, r in requests.items():
-            times = []
-            for _ in range(iters):
-                t0 = clock()
-                r.infer({0: x}, share_inputs=True)
-                times.append(clock() - t0)
-            out[name].append(x.shape[0] / float(np.median(times)))
+    out, failed = interleaved_rounds({k: (lambda r=r: block(r)) for k, r in requests.items()}, rounds)
+    if failed:
+        raise RuntimeError(f"configurations failed: {failed}")
     return out
 
 

@@ -33,7 +33,7 @@ def test_bench_all_engines_json_and_plot(model_dir, tmp_path, capsys):
     res = json.loads(js.read_text())
     rows = {(r["engine"], r["batch"]): r for r in res["rows"]}
     assert set(rows) == {(e, b) for e in ("multistream", "auto", "ov-latency", "ov-throughput", "torch-eager",
-                                                      "ort-parallel")
+                                                      "ort-parallel", "ort-int8")
                          for b in (1, 2)}
     for (engine, batch), r in rows.items():
         assert "error" not in r, r
@@ -41,6 +41,13 @@ def test_bench_all_engines_json_and_plot(model_dir, tmp_path, capsys):
         if engine == "ov-latency":
             assert r["latency_ratio_vs_ov_latency"] == pytest.approx(1.0)
     assert rows[("torch-eager", 1)]["precision"] == "fp32" and rows[("ov-latency", 1)]["precision"] == "fp32"
+    # ONNX Runtime's own static INT8, calibrated on the shipped photos
+    assert rows[("ort-int8", 1)]["precision"] == "int8" and rows[("ort-int8", 1)]["calibration_images"] > 0
+    # interleaved rounds: every engine timed in each round, ratios taken per round with their range
+    for r in rows.values():
+        assert r["rounds"] == 5 and len(r["round_median_ms"]["values"]) == 5
+        lo, hi = r["latency_ratio_range"]
+        assert lo <= r["latency_ratio_vs_ov_latency"] <= hi
     assert res["plan"]["kind"] == "multistream" and res["machine"]["cpu"]
     assert set(rows[("multistream", 1)]["stage_median_ms"]) == {"stem", "stream1", "stream2", "stream3", "tail"}
     # auto measured both plans at load, kept one, and cached the decision in the model folder, unless other
@@ -98,3 +105,41 @@ def test_every_measuring_command_refuses_a_busy_machine(model_dir, capsys, busy_
     assert main([command[0], "--model-dir", str(model_dir), *command[1:], "--require-quiet",
                  "--quiet-wait", "0.5"]) == 3
     assert "not quiet" in capsys.readouterr().err
+
+
+def test_report_folder_speaks_benchmark_apps_language(model_dir, tmp_path, capsys):
+    """--report-folder writes benchmark_report.json whose sections and keys are those benchmark_app itself
+    writes (checked against a real benchmark_app run on the same IR), one entry per engine and batch, next
+    to the project's own JSON; -b/-t/-niter mean what they mean to benchmark_app."""
+    import subprocess
+    import sys
+
+    from parnet_cpu.artifacts import ModelDir
+
+    folder = tmp_path / "report"
+    assert main(["bench", "--model", str(model_dir), "--engines", "ov-latency,ov-throughput,ort-int8", "-b", "1,2",
+                 "-t", "0", "-niter", "2", "--warmup", "0", "--rounds", "2", "--report-folder", str(folder)]) == 0
+    ours = json.loads((folder / "benchmark_report.json").read_text())
+    own = json.loads((folder / "parnet_bench.json").read_text())
+    assert set(ours) == {f"{e} batch {b}" for e in ("ov-latency", "ov-throughput", "ort-int8") for b in (1, 2)}
+    assert {r["batch"] for r in own["rows"]} == {1, 2} and own["settings"]["min_seconds"] == 0
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    launcher = ["benchmark_app"] if subprocess.run(["which", "benchmark_app"], capture_output=True).returncode == 0 \
+        else [sys.executable, "-c", "import sys; from openvino.tools.benchmark.main import main; main()"]
+    md = ModelDir.open(model_dir)
+    shape = "[" + ",".join(map(str, (2, *md.input_shape()))) + "]"
+    subprocess.run([*launcher, "-m", str(md.ir_path("fp32")), "-shape", shape, "-d", "CPU", "-t", "1",
+                    "-hint", "latency", "-report_type", "no_counters", "-json_stats", "-report_folder", str(app_dir)],
+                   check=True, capture_output=True, timeout=300)
+    theirs = json.loads((app_dir / "benchmark_report.json").read_text())
+    entry = ours["ov-latency batch 2"]
+    assert set(theirs) == set(entry) == {"cmd_options", "configuration_setup", "execution_results"}
+    load_phase = {"first inference time (ms)", "read model time (ms)", "reshape model time (ms)",
+                  "compile model time (ms)"}  # loading, not measuring: bench does not time its builds
+    assert set(theirs["execution_results"]) - load_phase <= set(entry["execution_results"])
+    assert set(theirs["configuration_setup"]) <= set(entry["configuration_setup"])
+    assert "error" not in theirs["execution_results"]
+    assert entry["configuration_setup"]["batch size"] == "2" and float(entry["execution_results"]["throughput"]) > 0
+    assert ours["ov-throughput batch 1"]["configuration_setup"]["API"] == "async"
+    assert ours["ort-int8 batch 1"]["configuration_setup"]["precision"] == "INT8"

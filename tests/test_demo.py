@@ -29,6 +29,11 @@ def test_demo_end_to_end(tmp_path, capsys):
     for label in ("OpenVINO FP32", "OpenVINO INT8", "parnet-cpu Runtime INT8"):
         assert label in printed
     assert all(r["median_ms"] > 0 for r in speed["rows"])
+    # timed in alternating rounds like bench: each speed-up is a per-round ratio with its range, and the
+    # other load on the CPUs is recorded
+    for r in speed["rows"]:
+        assert r["rounds"] == 5 and r["throughput_ratio_vs_fp32"]["min"] <= r["throughput_ratio_vs_fp32"]["median"]
+    assert isinstance(speed["machine_was_quiet"], bool) and "during" in speed["other_load"]
     if real:
         acc = summary["accuracy_half"]["accuracy"]
         # the shipped model: 94.6% on test images 0..999 (parnet_fmnist.json); INT8 stays within a point

@@ -3,6 +3,8 @@
 - `base`     the settings (`BenchConfig`) and the throughput loop
 - `engines`  the competing engines, each timed in a child pinned to the plan's CPUs
 - `runner`   `run_bench`: the runtime (multistream, auto) and every engine on the same cores, ratios
+- `rounds`   the one interleaved timing loop (A B C A B C ...), ratios per round with median and range
+- `quiet`    quiet or refuse: other load on the measured CPUs before and during a run
 - `scaling`  `bench --cost-model`: per-stage Amdahl fit at 1..N threads, 16/32/56-core predictions
 - `report`   the table, the cost-model lines, the bar chart
 - `fmnist`   Fashion-MNIST image folders for the accuracy comparisons
@@ -14,7 +16,7 @@ The pinned child-process harness they use is `parnet_cpu.runtime.pinned` (the pe
 from parnet_cpu.bench.base import BenchConfig
 from parnet_cpu.bench.engines import DEFAULT_ENGINES, ENGINES, available_engines, export_onnx_for, run_pinned_engine
 from parnet_cpu.bench.report import cores_per_stream_of, format_cost_model, format_table, plot
-from parnet_cpu.bench.runner import bench_runtime, run_bench
+from parnet_cpu.bench.runner import run_bench
 
-__all__ = ["BenchConfig", "DEFAULT_ENGINES", "ENGINES", "available_engines", "bench_runtime", "cores_per_stream_of",
+__all__ = ["BenchConfig", "DEFAULT_ENGINES", "ENGINES", "available_engines", "cores_per_stream_of",
            "export_onnx_for", "format_cost_model", "format_table", "plot", "run_bench", "run_pinned_engine"]

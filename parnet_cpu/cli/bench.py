@@ -63,15 +63,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sweep", help="comma-separated cores-per-stream values to sweep (for the plot)")
     p.add_argument("--use-smt", action="store_true", help="also use SMT siblings")
     p.add_argument("--precision", choices=("fp32", "bf16", "int8"), help="default: int8 if present, else fp32")
-    p.add_argument("--batches", default="1,8", help="batch sizes (default 1,8)")
+    p.add_argument("--batches", "-b", default="1,8", help="batch sizes (default 1,8; -b as in benchmark_app)")
     p.add_argument("--engines", help=f"subset of {','.join(ENGINES)} (default: the first six, plus a "
                                      "backend's INT8 engine when the model folder has its INT8 artifact)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--min-seconds", type=float, default=0.2, help="minimum measuring time per row")
+    p.add_argument("--iters", "-niter", type=int, default=10,
+                   help="at least this many timed calls per row (default 10)")
+    p.add_argument("--min-seconds", "-t", type=float, default=0.2,
+                   help="minimum measuring time per row in seconds (benchmark_app's -t; default 0.2)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="engines are timed in alternating rounds (A B C A B C ...), --iters and --min-seconds "
+                        "split over them; ratios are taken within a round (default 5)")
+    p.add_argument("--calib", metavar="DIR", help="images ort-int8 calibrates on (default: the shipped photos; "
+                   "give the folder the model folder's INT8 was calibrated on for a like-for-like comparison)")
     p.add_argument("--cost-model", action="store_true",
                    help="also time every stage at 1..N threads and predict 16/32/56-core latency")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    p.add_argument("--report-folder", "-report_folder", metavar="DIR",
+                   help="write benchmark_report.json (benchmark_app's sections cmd_options, configuration_setup, "
+                        "execution_results, one entry per engine and batch) and parnet_bench.json (this tool's "
+                        "own JSON) into DIR")
     add_quiet_args(p)
     p.add_argument("--plot", metavar="PNG", help="write latency/throughput vs cores per stream as PNG")
     p.set_defaults(handler=run)
@@ -95,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, argparse.ArgumentTypeError, CoreSpecError) as exc:
         raise CliError(str(exc)) from None
     cfg = BenchConfig(batches=batches, warmup=args.warmup, iters=args.iters, min_seconds=args.min_seconds,
-                      engines=engines, require_quiet=args.require_quiet, quiet_wait_s=args.quiet_wait)
+                      engines=engines, require_quiet=args.require_quiet, quiet_wait_s=args.quiet_wait,
+                      rounds=args.rounds, calib_dir=args.calib)
     if args.model is None:
         found = newest_model_dir()
         if found is None:
@@ -121,8 +133,21 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     except NotQuietError as exc:
         return refuse("bench", exc)
+    payload = results[0] if len(results) == 1 else {"sweep": results}
     if args.json:
-        write_json(Path(args.json), results[0] if len(results) == 1 else {"sweep": results})
+        write_json(Path(args.json), payload)
+    if args.report_folder:
+        from parnet_cpu.bench.report import benchmark_app_report
+
+        folder = Path(args.report_folder)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            options = {k: v for k, v in vars(args).items() if k != "handler"}
+            write_json(folder / "benchmark_report.json", benchmark_app_report(results, options))
+            write_json(folder / "parnet_bench.json", payload)
+        except OSError as exc:
+            raise CliError(f"--report-folder {folder}: {exc}") from None
+        print(f"wrote {folder / 'benchmark_report.json'} and {folder / 'parnet_bench.json'}")
     if args.plot:
         plot(results, Path(args.plot))
     if args.require_quiet and not all(res["machine_was_quiet"] for res in results):

@@ -21,6 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="parnet-demo", help="working folder (default: ./parnet-demo)")
     p.add_argument("--test-limit", type=int, help="evaluate only the first N test images (default: all 10,000)")
     p.add_argument("--quick", action="store_true", help="time each row for 0.2 s instead of 1 s (less precise)")
+    from parnet_cpu.bench.quiet import add_quiet_args
+
+    add_quiet_args(p)
     p.set_defaults(handler=run)
 
 
@@ -29,7 +32,15 @@ def run(args: argparse.Namespace) -> int:
         from parnet_cpu.cli import CliError
 
         raise CliError("--test-limit must be at least 1")
-    run_demo(args.out, args.test_limit, min_seconds=0.2 if args.quick else 1.0)
+    from parnet_cpu.bench.quiet import NotQuietError, refuse
+
+    try:
+        summary = run_demo(args.out, args.test_limit, min_seconds=0.2 if args.quick else 1.0,
+                           require_quiet=args.require_quiet, quiet_wait_s=args.quiet_wait)
+    except NotQuietError as exc:
+        return refuse("demo", exc)
+    if args.require_quiet and not summary["speed_half"]["machine_was_quiet"]:
+        return refuse("demo", NotQuietError("other work used the CPUs during the speed half (see demo.json)"))
     return 0
 
 
@@ -69,13 +80,17 @@ def fidelity_half(out: Path, test_limit: int | None, log) -> dict | None:
     return part
 
 
-def speed_half(out: Path, log, batches: tuple[int, ...] = (1, 8), min_seconds: float = 1.0) -> dict:
+def speed_half(out: Path, log, batches: tuple[int, ...] = (1, 8), min_seconds: float = 1.0, rounds: int = 5,
+               require_quiet: bool = False, quiet_wait_s: float = 10.0) -> dict:
     """What the project is for: ParNet-S at 224x224 (random weights: speed only) quantized with the shipped
     photos, then the single graph in FP32, BF16 (where the CPU has it) and INT8, and the runtime's `auto`
-    plan, all on this process's cores, timed one after another in this process."""
+    plan, all on this process's cores, timed in alternating rounds (`bench.rounds`, as `bench` does) while
+    other load is watched (`bench.quiet`); the speed-ups are taken within each round."""
     import numpy as np
 
     from parnet_cpu.artifacts import ModelDir
+    from parnet_cpu.bench.quiet import LoadWatch
+    from parnet_cpu.bench.rounds import combine_rounds, interleaved_rounds, per_round_ratios
     from parnet_cpu.models.parnet import create_model
     from parnet_cpu.quantization.ptq import QuantizeOptions, quantize_to_dir
     from parnet_cpu.runtime.engine import CompileOptions, compile_model, precision_supported, runtime_layers
@@ -87,40 +102,54 @@ def speed_half(out: Path, log, batches: tuple[int, ...] = (1, 8), min_seconds: f
 
     torch.manual_seed(0)
     model_dir = out / "parnet_s-int8"
+    cpus = sorted(os.sched_getaffinity(0))
+    watch = LoadWatch(cpus, require_quiet, quiet_wait_s, "demo's speed half", log)
     log("speed half: ParNet-S 224x224, RANDOM weights (speed only), INT8 calibration on the 24 shipped photos ...")
     quantize_to_dir(create_model("parnet_s"), {"model": "parnet_s", "checkpoint": None,
                                                "note": "random weights: speed only"},
                     REPO_SAMPLE, model_dir, QuantizeOptions(subset_size=24, eval_limit=0, progress=False),
                     overwrite=True, log=lambda *_: None)
     md = ModelDir.open(model_dir)
-    cpus = sorted(os.sched_getaffinity(0))
     precisions = ["fp32"] + (["bf16"] if precision_supported("bf16") else []) + ["int8"]
-    rows = []
+    requests, kernels = {}, {}
     for prec in precisions:
         ir = md.ir_path("int8" if prec == "int8" else "fp32")  # bf16 = the FP32 IR run with bf16 kernels
         compiled = compile_model(ir, CompileOptions(precision=prec, num_threads=len(cpus)))
-        kernels = sorted({l["kernel"] for l in runtime_layers(compiled) if l["type"] == "Convolution"})
-        request = compiled.create_infer_request()
-        for b in batches:
-            x = np.random.default_rng(0).standard_normal((b, *md.input_shape())).astype(np.float32)
-            stats = measure_latency(lambda: request.infer({0: x}), warmup=3, iters=10, min_seconds=min_seconds, batch=b)
-            rows.append({"engine": "ov-latency", "precision": prec, "conv_kernels": kernels, **stats})
-        log(f"  OpenVINO single graph {prec}: " + ", ".join(f"batch {r['batch']} {r['median_ms']:.2f} ms"
-                                                          for r in rows if r["precision"] == prec))
+        kernels[prec] = sorted({l["kernel"] for l in runtime_layers(compiled) if l["type"] == "Convolution"})
+        requests[prec] = compiled.create_infer_request()
+    rows = []
+    iters = max(2, -(-10 // rounds))
     with Runtime(model_dir, precision="int8", plan="auto", max_batch=max(batches)) as rt:
+        watch.settle()
+        log(f"  timing OpenVINO {'/'.join(p.upper() for p in precisions)} and the runtime in {rounds} "
+            "interleaved rounds per batch ...")
         for b in batches:
             x = np.random.default_rng(0).standard_normal((b, *md.input_shape())).astype(np.float32)
-            stats = measure_latency(lambda: rt.infer(x), warmup=3, iters=10, min_seconds=min_seconds, batch=b)
-            rows.append({"engine": "auto", "precision": "int8", "plan": rt.plan.kind, "plan_reason": rt.plan.reason,
-                         **stats})
+            runners = {p: (lambda r=r: measure_latency(lambda: r.infer({0: x}), 2, iters, min_seconds / rounds, batch=b))
+                       for p, r in requests.items()}
+            runners["auto"] = lambda: measure_latency(lambda: rt.infer(x), 2, iters, min_seconds / rounds, batch=b)
+            results, failed = interleaved_rounds(runners, rounds, between=watch.sample)
+            if failed:
+                raise RuntimeError(f"demo timing failed: {failed}")
+            base = [r["throughput_ips"] for r in results["fp32"]]
+            for name, res in results.items():
+                row = {"engine": "auto" if name == "auto" else "ov-latency", "precision": "int8" if name == "auto" else name,
+                       **combine_rounds(res),
+                       "throughput_ratio_vs_fp32": per_round_ratios([r["throughput_ips"] for r in res], base)}
+                row.update({"plan": rt.plan.kind, "plan_reason": rt.plan.reason} if name == "auto"
+                           else {"conv_kernels": kernels[name]})
+                rows.append(row)
+            log(f"  batch {b}: " + ", ".join(f"{r['engine'] if r['engine'] == 'auto' else r['precision']} "
+                                            f"{r['median_ms']:.2f} ms" for r in rows if r["batch"] == b))
+    load = watch.finish(rows)
     info = describe_machine()
     return {"model": str(model_dir), "precision": "int8", "cpus": format_cpu_list(cpus), "threads": len(cpus),
-            "settings": {"batches": list(batches)}, "rows": rows,
-            "machine": machine_summary(info)}
+            "settings": {"batches": list(batches), "rounds": rounds}, "rows": rows, "other_load": load,
+            "machine_was_quiet": load["machine_was_quiet"], "machine": machine_summary(info)}
 
 
 def run_demo(out: str | Path = "parnet-demo", test_limit: int | None = None, log=print,
-             min_seconds: float = 1.0) -> dict:
+             min_seconds: float = 1.0, require_quiet: bool = False, quiet_wait_s: float = 10.0) -> dict:
     from parnet_cpu.artifacts import write_json
     from parnet_cpu.bench import plot
 
@@ -128,7 +157,8 @@ def run_demo(out: str | Path = "parnet-demo", test_limit: int | None = None, log
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     summary: dict = {"accuracy_half": fidelity_half(out, test_limit, log)}
-    summary["speed_half"] = speed_half(out, log, min_seconds=min_seconds)
+    summary["speed_half"] = speed_half(out, log, min_seconds=min_seconds, require_quiet=require_quiet,
+                                       quiet_wait_s=quiet_wait_s)
     plot([summary["speed_half"]], out / "bench.png")
     summary["seconds_total"] = time.perf_counter() - t_start
     write_json(out / "demo.json", summary)
@@ -146,10 +176,12 @@ def summary_table(s: dict) -> str:
     sp = s["speed_half"]
     rows = {(r["engine"], r["precision"], r["batch"]): r for r in sp["rows"]}
     b_lat, b_thr = sp["settings"]["batches"][0], sp["settings"]["batches"][-1]
-    base = rows.get(("ov-latency", "fp32", b_thr))
     lines = [f"ParNet-S 224x224 on {sp['machine']['cpu']} ({sp['machine']['isa_level']}), CPUs {sp['cpus']} "
              "(random weights: speed only)",
-             f"{'':<34}{f'batch {b_lat} ms':>12}{f'batch {b_thr} img/s':>16}{'vs FP32':>9}"]
+             f"{'':<34}{f'batch {b_lat} ms':>12}{f'batch {b_thr} img/s':>16}{'vs FP32 (range)':>18}"]
+    if not sp.get("machine_was_quiet", True):
+        lines.insert(1, f"NOT QUIET: other work used these CPUs (up to {sp['other_load']['max']:.2f} of a CPU): "
+                        "the figures below are marked machine_was_quiet: false")
     labels = [(("ov-latency", p), PRECISION_LABELS[p]) for p in ("fp32", "bf16", "int8")]
     auto = rows.get(("auto", "int8", b_lat))
     if auto:
@@ -158,8 +190,9 @@ def summary_table(s: dict) -> str:
         lat, thr = rows.get((engine, prec, b_lat)), rows.get((engine, prec, b_thr))
         if lat is None or thr is None:
             continue
-        ratio = f"{thr['throughput_ips'] / base['throughput_ips']:.2f}x" if base else "n/a"
-        lines.append(f"{label:<34}{lat['median_ms']:>12.2f}{thr['throughput_ips']:>16.1f}{ratio:>9}")
+        r = thr.get("throughput_ratio_vs_fp32")
+        ratio = f"{r['median']:.2f}x ({r['min']:.2f}-{r['max']:.2f})" if r else "n/a"
+        lines.append(f"{label:<34}{lat['median_ms']:>12.2f}{thr['throughput_ips']:>16.1f}{ratio:>18}")
     acc = s.get("accuracy_half")
     if acc:
         a, f = acc["accuracy"], acc["int8_vs_fp32"]
