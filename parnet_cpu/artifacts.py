@@ -12,16 +12,21 @@ Torch-free on purpose (the runtime and server read it). Layout::
 """
 from __future__ import annotations
 
+import errno
+import fcntl
+import functools
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
-import warnings
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,31 +34,46 @@ from typing import IO, Iterator, Mapping
 
 MANIFEST = "parnet.json"
 FORMAT = "parnet-cpu/1"
-# Manifest schema: 2 adds "schema" and "files" (sha256 and size of every model file). Schema-1 folders
-# (no digests) still load, with a warning that says how to stamp them (`parnet-cpu verify --stamp DIR`).
-SCHEMA_VERSION = 2
+# Manifest schema: 2 added "schema" and "files" (sha256 and size of every model file); 3 adds
+# "manifest_sha256", a digest of the manifest's own content (config, preprocessing, class names, files), so
+# an edited manifest is refused like a replaced model file. Older (or digest-less) manifests are refused until
+# the user records their current content on purpose with `parnet-cpu verify --stamp DIR`.
+SCHEMA_VERSION = 3
 IR_FILES = {"fp32": "model_fp32.xml", "int8": "model_int8.xml", "bf16": "model_bf16.xml"}
 ONNX_FILE = "model.onnx"
 TORCH_INT8_FILE = "model_int8_torch.pt2"  # PT2E INT8 program (torch.export.save), `--backend torch`
 DEPLOY_WEIGHTS = "model_deploy.pt"  # deploy-form torch weights + config (eager baselines, ONNX export)
+MODEL_FILES = (*(n for xml in IR_FILES.values() for n in (xml, xml[:-4] + ".bin")), ONNX_FILE, TORCH_INT8_FILE,
+               DEPLOY_WEIGHTS)  # every file a manifest may record
 # Named tensors inside every exported IR, where the multi-stream runtime cuts the graph.
 STAGE_TENSORS = ("stem", "inits1", "stream1", "stream2", "stream3")
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+ACTIVATIONS = ("relu", "silu")  # the names models.parnet.ACTIVATIONS maps to modules (a test keeps them equal)
+MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few KB (30 KB with 1000 class names); more is not one
 
 
 class ModelDirError(ValueError):
     """A model folder is missing, incomplete or of an unknown format."""
 
 
-class ModelDirWarning(UserWarning):
-    """A model folder loads, but without the integrity checks a stamped one gets."""
+class ManifestSealError(ModelDirError):
+    """A valid manifest whose own content is not covered by its digest (edited, older schema, or no digests):
+    nothing is loaded from it until `parnet-cpu verify --stamp` records its content on purpose."""
+
+
+class OutputBusyError(ModelDirError):
+    """Another run is writing the same output folder right now."""
+
+
+class OutputWriteError(OSError):
+    """An output could not be written for a reason of the place, not of the input (disk full, quota, read-only,
+    permission, I/O error); what was half-written has been removed. The command line exits with 74."""
 
 
 def model_files(folder: Path) -> list[str]:
     """The model files (IR pairs, torch/ONNX artifacts) present in `folder`: what the manifest stamps."""
-    names = [n for xml in IR_FILES.values() for n in (xml, xml[:-4] + ".bin")]
-    return [n for n in (*names, ONNX_FILE, TORCH_INT8_FILE, DEPLOY_WEIGHTS) if (folder / n).is_file()]
+    return [n for n in MODEL_FILES if (folder / n).is_file()]
 
 
 _digests: dict[tuple, str] = {}  # (path, inode, size, mtime_ns) -> sha256: each file state hashed once per process
@@ -72,53 +92,228 @@ def sha256_file(path: Path) -> str:
     return _digests[key]
 
 
-def stamp_manifest(folder: Path) -> dict:
-    """Record the schema version and the sha256 and size of every model file in `folder`'s manifest;
-    called by `export` and `quantize` after the last model file is written (and by `verify --stamp`)."""
+def manifest_digest(manifest: Mapping) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys, no spaces, ASCII), without its own digest field:
+    what `manifest_sha256` records. Formatting changes keep it; any change of a value does not."""
+    content = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise ValueError(f"duplicate key(s) {dup}")
+    return dict(pairs)
+
+
+def read_manifest(folder: Path) -> dict:
+    """The manifest of `folder` as a JSON object, or a ModelDirError that says why not (missing, unreadable,
+    not UTF-8 text, invalid or duplicated-key JSON, too deep, too large, not an object)."""
     mf = folder / MANIFEST
-    manifest = json.loads(mf.read_text())
+    if not mf.is_file():
+        raise ModelDirError(f"{folder} is not a parnet-cpu model folder (no {MANIFEST}); "
+                            "create one with `parnet-cpu export` or `parnet-cpu quantize`")
+    try:
+        with open(mf, "rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as exc:
+        raise ModelDirError(f"{mf}: cannot read it ({exc.strerror or exc})") from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ModelDirError(f"{mf} is larger than {MAX_MANIFEST_BYTES >> 20} MiB: not a manifest")
+    try:
+        manifest = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except UnicodeDecodeError:
+        raise ModelDirError(f"{mf} is not UTF-8 text (a binary or damaged file, not a manifest)") from None
+    except (ValueError, RecursionError) as exc:
+        raise ModelDirError(f"{mf}: invalid JSON ({str(exc)[:200] or type(exc).__name__})") from None
+    if not isinstance(manifest, dict):
+        raise ModelDirError(f"{mf} holds a JSON {type(manifest).__name__}, not an object: not a manifest")
+    return manifest
+
+
+def stamp_manifest(folder: Path) -> dict:
+    """Record the schema version, the sha256 and size of every model file in `folder`, and the digest of the
+    manifest's own content; called by `export` and `quantize` after the last model file is written (and by
+    `verify --stamp`). An invalid manifest is never stamped."""
+    mf = folder / MANIFEST
+    manifest = read_manifest(folder)
     manifest["schema"] = SCHEMA_VERSION
     manifest["files"] = {n: {"sha256": sha256_file(folder / n), "size": (folder / n).stat().st_size}
                          for n in model_files(folder)}
+    manifest.pop("manifest_sha256", None)
+    problems = manifest_problems(manifest)
+    if problems:
+        raise ModelDirError(f"refusing to stamp {mf}, it is invalid:\n" + "\n".join(f"  - {p}" for p in problems))
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     write_json(mf, manifest)
     return manifest
 
 
-# Manifest fields the loaders read, with their type (bool is excluded from int on purpose).
-_CONFIG_FIELDS = {"in_chans": int, "input_size": int, "num_classes": int, "crop_fraction": (int, float),
-                  "interpolation": str, "mean": list, "std": list}
+@dataclass(frozen=True)
+class Spec:
+    """The rule for one manifest value: its JSON kind and, optionally, a range, the allowed values, a length
+    (a number, or the name of an int field of the same object), its elements' rule, or an object's fields.
+    Kinds: int, number, str, list, object (exactly `fields`), map (any keys, or `keys`; values `values`, or any
+    finite JSON when None)."""
+
+    kind: str
+    optional: bool = False
+    nullable: bool = False
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    choices: tuple | None = None
+    pattern: tuple[str, str] | None = None  # (regex matched in full, what it means)
+    length: int | str | None = None
+    unique: bool = False
+    items: "Spec | None" = None
+    fields: Mapping[str, "Spec"] | None = None
+    keys: tuple[str, ...] | None = None
+    values: "Spec | None" = None
+
+
+_SHA256 = (r"[0-9a-f]{64}", "64 lowercase hex digits (a sha256)")
+_KIND_NAMES = {"int": "int", "number": "a number", "str": "a string", "list": "a list", "object": "an object",
+               "map": "an object"}
+_KIND_TYPES = {"int": int, "number": (int, float), "str": str, "list": list, "object": dict, "map": dict}
+
+
+@functools.cache
+def manifest_schema() -> Spec:
+    """The schema-3 manifest: every field, its kind and range (built once; INTERPOLATIONS comes from data)."""
+    from parnet_cpu.data.preprocess import INTERPOLATIONS
+
+    return Spec("object", fields={
+        "format": Spec("str", choices=(FORMAT,)),
+        "schema": Spec("int", optional=True, low=1, high=SCHEMA_VERSION),
+        "manifest_sha256": Spec("str", optional=True, pattern=_SHA256),
+        "files": Spec("map", optional=True, keys=MODEL_FILES, values=Spec("object", fields={
+            "sha256": Spec("str", pattern=_SHA256), "size": Spec("int", low=0)})),
+        "config": Spec("object", fields={
+            "planes": Spec("list", length=4, items=Spec("int", low=1, high=1 << 16)),
+            "num_blocks": Spec("list", length=4, items=Spec("int", low=1, high=1 << 10)),
+            "num_classes": Spec("int", low=1, high=1 << 20),
+            "in_chans": Spec("int", choices=(1, 3)),
+            "input_size": Spec("int", low=1, high=1 << 14),
+            "activation": Spec("str", choices=ACTIVATIONS),
+            "stem_stride": Spec("int", choices=(1, 2)),
+            "dropout": Spec("number", low=0, high=1),
+            "crop_fraction": Spec("number", low=0, low_open=True, high=1),
+            "interpolation": Spec("str", choices=tuple(INTERPOLATIONS)),
+            # mean and std of pixel values on the 0-1 scale: a mean lies in [0, 1], a std is positive
+            "mean": Spec("list", length="in_chans", items=Spec("number", low=0, high=1)),
+            "std": Spec("list", length="in_chans", items=Spec("number", low=0, low_open=True)),
+            "class_names": Spec("list", nullable=True, length="num_classes", unique=True,
+                                items=Spec("str", pattern=(r"\S(.*\S)?", "a non-empty name without outer spaces"))),
+        }),
+        "input": Spec("str", choices=(INPUT_NAME,)),
+        "output": Spec("str", choices=(OUTPUT_NAME,)),
+        "stage_tensors": Spec("list", choices=(list(STAGE_TENSORS),)),
+        "source": Spec("map"),
+        "created": Spec("str"),
+        "exported_with": Spec("map", values=Spec("str")),
+    })
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _json_problems(value: object, path: str, depth: int = 0) -> list[str]:
+    """Free-form JSON (e.g. `source`): only finiteness and a sane depth are required."""
+    if depth > 64:
+        return [f"{path} is nested more than 64 levels deep"]
+    if isinstance(value, float) and not math.isfinite(value):
+        return [f"{path} is {value}, expected a finite number"]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _json_problems(v, f"{path}.{k}", depth + 1)]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _json_problems(v, f"{path}[{i}]", depth + 1)]
+    return []
+
+
+def _check(value: object, spec: Spec, path: str, parent: Mapping | None, problems: list[str]) -> None:
+    """Append to `problems` one line per way `value` breaks `spec` (the one validator: the schema drives it)."""
+    if value is None and spec.nullable:
+        return
+    if isinstance(value, bool) or not isinstance(value, _KIND_TYPES[spec.kind]):
+        problems.append(f"{path} is {_shown(value)}, expected {_KIND_NAMES[spec.kind]}")
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        problems.append(f"{path} is {value}, expected a finite number")
+        return
+    if spec.choices is not None and value not in spec.choices:
+        allowed = ", ".join(map(repr, spec.choices))
+        problems.append(f"{path} is {_shown(value)}, expected {'one of ' if len(spec.choices) > 1 else ''}{allowed}")
+        return
+    if spec.low is not None and (value <= spec.low if spec.low_open else value < spec.low):
+        problems.append(f"{path} is {value}, expected {'>' if spec.low_open else '>='} {spec.low}"
+                        + (f" and <= {spec.high}" if spec.high is not None else ""))
+    elif spec.high is not None and value > spec.high:
+        problems.append(f"{path} is {value}, expected <= {spec.high}")
+    if spec.pattern is not None and not re.fullmatch(spec.pattern[0], value, re.DOTALL):
+        problems.append(f"{path} is {_shown(value)}, expected {spec.pattern[1]}")
+    if spec.kind == "list":
+        want = parent.get(spec.length) if isinstance(spec.length, str) and parent is not None else spec.length
+        if isinstance(want, int) and not isinstance(want, bool) and len(value) != want:
+            ref = f" but {path.rsplit('.', 1)[0]}.{spec.length} is {want}" if isinstance(spec.length, str) else \
+                f", expected {want}"
+            problems.append(f"{path} has {len(value)} entries{ref}")
+        for i, item in enumerate(value):
+            if spec.items is not None:
+                _check(item, spec.items, f"{path}[{i}]", None, problems)
+        if spec.unique:
+            seen: set = set()
+            dup = [v for v in value if isinstance(v, str) and (v in seen or seen.add(v))]
+            if dup:
+                problems.append(f"{path} lists {_shown(dup[0])} more than once")
+    elif spec.kind == "object":
+        for key, sub in (spec.fields or {}).items():
+            if key in value:
+                _check(value[key], sub, f"{path}.{key}" if path else key, value, problems)
+            elif not sub.optional:
+                problems.append(f"{path + '.' if path else ''}{key} is missing")
+        for key in value:
+            if key not in (spec.fields or {}):
+                problems.append(f"{path + '.' if path else ''}{key} is not a field of a schema-{SCHEMA_VERSION} "
+                                f"{MANIFEST}")
+    elif spec.kind == "map":
+        for key, sub in value.items():
+            where = f"{path}.{key}"
+            if spec.keys is not None and key not in spec.keys:
+                problems.append(f"{where} is not a model file name ({', '.join(spec.keys)})")
+            elif spec.values is not None:
+                _check(sub, spec.values, where, value, problems)
+            else:
+                problems += _json_problems(sub, where)
 
 
 def manifest_problems(manifest: dict) -> list[str]:
-    """One readable line per missing or mistyped manifest field (instead of a KeyError later)."""
-    cfg = manifest.get("config")
-    if not isinstance(cfg, dict):
-        return ["'config' is missing or not an object"]
-    problems = []
-    for key, kind in _CONFIG_FIELDS.items():
-        if key not in cfg:
-            problems.append(f"config.{key} is missing")
-        elif isinstance(cfg[key], bool) or not isinstance(cfg[key], kind):
-            problems.append(f"config.{key} is {cfg[key]!r}, expected {getattr(kind, '__name__', 'a number')}")
-    if not problems:
-        if cfg["in_chans"] < 1 or cfg["input_size"] < 1 or cfg["num_classes"] < 1:
-            problems.append("config.in_chans, input_size and num_classes must be positive")
-        for key in ("mean", "std"):
-            if len(cfg[key]) != cfg["in_chans"] or not all(isinstance(v, (int, float)) for v in cfg[key]):
-                problems.append(f"config.{key} must hold {cfg['in_chans']} numbers (one per input channel), "
-                                f"got {cfg[key]!r}")
-        if any(isinstance(v, (int, float)) and v == 0 for v in cfg["std"]):
-            problems.append("config.std contains 0")
-        names = cfg.get("class_names")
-        if names is not None and (not isinstance(names, list) or len(names) != cfg["num_classes"]):
-            problems.append(f"config.class_names has {len(names) if isinstance(names, list) else type(names).__name__}"
-                            f" entries but config.num_classes is {cfg['num_classes']}")
-    files = manifest.get("files")
-    if files is not None and not (isinstance(files, dict) and all(
-            isinstance(r, dict) and isinstance(r.get("sha256"), str) and isinstance(r.get("size"), int)
-            for r in files.values())):
-        problems.append("'files' must map each file name to {sha256, size}")
+    """One readable line per missing, unknown, mistyped or out-of-range manifest field, checked against the
+    schema (every field, not only those the loaders read), instead of a KeyError or a wrong answer later."""
+    problems: list[str] = []
+    _check(manifest, manifest_schema(), "", None, problems)
     return problems
+
+
+def seal_problems(manifest: dict) -> list[str]:
+    """Why the manifest's own content is not covered by its digest (empty: it is): an older schema, no file
+    digests, no content digest, or content changed since it was stamped."""
+    schema = manifest.get("schema", 1)
+    if schema != SCHEMA_VERSION:
+        return [f"it declares schema {schema}, whose manifests do not cover their own content (this parnet-cpu "
+                f"writes schema {SCHEMA_VERSION})"]
+    if not isinstance(manifest.get("files"), dict):
+        return ["it records no file digests ('files' is missing)"]
+    if "manifest_sha256" not in manifest:
+        return ["it records no digest of its own content ('manifest_sha256' is missing)"]
+    if manifest_digest(manifest) != manifest["manifest_sha256"]:
+        return ["its content (config, preprocessing, class names, files) does not match its recorded "
+                "manifest_sha256: it was edited after export/quantize"]
+    return []
 
 
 def ir_problems(ir_path: Path, precision: str, cfg: dict) -> list[str]:
@@ -165,32 +360,49 @@ class ModelDir:
     manifest: dict
 
     @classmethod
-    def open(cls, path: str | Path) -> "ModelDir":
+    def open(cls, path: str | Path, require_seal: bool = True) -> "ModelDir":
+        """Read and validate a model folder's manifest; every loader comes through here. A manifest whose own
+        content is not covered by its digest is refused (ManifestSealError); `require_seal=False` (only for
+        `verify`, which inspects and stamps) opens it anyway, and such a ModelDir loads no model."""
         path = Path(path)
+        manifest = read_manifest(path)
         mf = path / MANIFEST
-        if not mf.is_file():
-            raise ModelDirError(f"{path} is not a parnet-cpu model folder (no {MANIFEST}); "
-                                "create one with `parnet-cpu export` or `parnet-cpu quantize`")
-        try:
-            manifest = json.loads(mf.read_text())
-        except json.JSONDecodeError as exc:
-            raise ModelDirError(f"{mf}: invalid JSON ({exc})") from exc
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise ModelDirError(f"{mf}: unknown format "
-                                f"{manifest.get('format') if isinstance(manifest, dict) else manifest!r}, "
-                                f"expected {FORMAT!r}")
-        if not isinstance(manifest.get("schema", 1), int) or manifest.get("schema", 1) > SCHEMA_VERSION:
-            raise ModelDirError(f"{mf}: manifest schema {manifest.get('schema')!r} is newer than this parnet-cpu "
-                                f"understands ({SCHEMA_VERSION}); upgrade parnet-cpu")
+        if manifest.get("format") != FORMAT:
+            raise ModelDirError(f"{mf}: unknown format {_shown(manifest.get('format'))}, expected {FORMAT!r}")
+        schema = manifest.get("schema", 1)
+        if isinstance(schema, int) and not isinstance(schema, bool) and schema > SCHEMA_VERSION:
+            raise ModelDirError(f"{mf}: manifest schema {schema} is newer than this parnet-cpu understands "
+                                f"({SCHEMA_VERSION}); upgrade parnet-cpu")
         problems = manifest_problems(manifest)
         if problems:
             raise ModelDirError(f"{mf} is invalid:\n" + "\n".join(f"  - {p}" for p in problems))
-        return cls(path, manifest)
+        md = cls(path, manifest)
+        if require_seal:
+            md.check_seal()
+        return md
+
+    def seal_error(self) -> ManifestSealError | None:
+        """Why the manifest's content is not covered by its digest, as the error a loader raises (and how to
+        accept it on purpose); None when it is covered."""
+        problems = seal_problems(self.manifest)
+        if not problems:
+            return None
+        return ManifestSealError(
+            f"{self.path / MANIFEST} cannot be trusted: {problems[0]}; nothing is loaded from it. If the folder "
+            "is yours and the change deliberate (or it was made by an older parnet-cpu), record its current "
+            f"content with `parnet-cpu verify --stamp {self.path}` (it checks the IR against it first); "
+            "otherwise re-export or re-quantize it")
+
+    def check_seal(self) -> None:
+        """Refuse (ManifestSealError) a manifest whose content its digest does not cover."""
+        err = self.seal_error()
+        if err is not None:
+            raise err
 
     @property
     def stamped(self) -> bool:
-        """Whether the manifest records digests of the model files (schema 2)."""
-        return self.manifest.get("schema", 1) >= 2 and isinstance(self.manifest.get("files"), dict)
+        """Whether the manifest's digests cover the model files and its own content (schema 3, sealed)."""
+        return not seal_problems(self.manifest)
 
     def file_sha256(self, name: str) -> str:
         """The digest of one model file (what the plan cache keys on), hashed once per file state."""
@@ -217,10 +429,9 @@ class ModelDir:
 
     def check(self, precision: str) -> list[str]:
         """Every problem that makes the `precision` model untrustworthy: its files against their digests
-        (stamped folders) and its IR against the manifest. Empty: it may be loaded."""
+        and its IR against the manifest. Empty: it may be loaded."""
         xml = IR_FILES[precision]
-        names = [xml, xml[:-4] + ".bin"]
-        problems = self.file_problems(names) if self.stamped else []
+        problems = self.file_problems([xml, xml[:-4] + ".bin"])
         if not problems:
             problems = ir_problems(self.path / xml, precision, self.config)
         return problems
@@ -228,6 +439,7 @@ class ModelDir:
     def verify(self, precision: str) -> None:
         """Refuse (ModelDirError, one line per problem) a model whose files or IR contradict the manifest.
         Runs at every load; the result is kept per file state, so the same files are checked once per process."""
+        self.check_seal()  # a ModelDir opened without its seal (by `verify`) loads nothing
         xml = self.path / IR_FILES[precision]
         state = tuple((p.name, p.stat().st_ino, p.stat().st_size, p.stat().st_mtime_ns)
                       for p in (self.path / MANIFEST, xml, xml.with_suffix(".bin")) if p.is_file())
@@ -239,10 +451,6 @@ class ModelDir:
             raise ModelDirError(f"{self.path}: the {precision} model does not match {MANIFEST}:\n"
                                 + "\n".join(f"  - {p}" for p in problems)
                                 + "\n(`parnet-cpu verify` lists every check; re-export or re-quantize the folder)")
-        if not self.stamped:
-            warnings.warn(f"{self.path}: {MANIFEST} records no file digests (made by an older parnet-cpu), so "
-                          "corrupted or swapped model files cannot be detected; stamp it once with "
-                          f"`parnet-cpu verify --stamp {self.path}`", ModelDirWarning, stacklevel=3)
         _verified.add(key)
 
     @property
@@ -297,25 +505,86 @@ class ModelDir:
         return (c["in_chans"], c["input_size"], c["input_size"])
 
 
+# errno values that say "this place cannot take the output" (not a bug, not bad input)
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO,
+                          errno.EFBIG})
+
+
+def write_probe(folder: Path) -> OSError | None:
+    """The OSError `folder` gives when 64 KiB more are written into it (and synced), or None when it takes
+    them. Writers that hide errno (OpenVINO's save_model, torch.save: a RuntimeError) are judged by it."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".parnet-cpu-probe-", dir=folder)
+    except OSError as exc:
+        return exc
+    try:
+        data = memoryview(bytes(1 << 16))
+        while data:
+            data = data[os.write(fd, data):]  # a nearly full disk takes part of a write, then refuses the rest
+        os.fsync(fd)
+    except OSError as exc:
+        return exc
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+    return None
+
+
+def output_write_error(exc: BaseException, folder: Path, shown: str) -> OutputWriteError | None:
+    """The OutputWriteError that explains `exc`, raised while writing `shown` into `folder`, or None when the
+    place is not the cause (a bug, bad input or an interruption: `exc` goes on as it is)."""
+    if isinstance(exc, OutputWriteError):
+        return exc
+    if isinstance(exc, OSError):
+        cause, note = (exc if exc.errno in WRITE_ERRNOS else None), ""
+    elif isinstance(exc, RuntimeError):
+        cause = write_probe(folder)
+        note = f" (the writer said: {str(exc).strip()[:160]})" if cause is not None and cause.errno in WRITE_ERRNOS else ""
+    else:
+        return None
+    if cause is None or cause.errno not in WRITE_ERRNOS:
+        return None
+    return OutputWriteError(cause.errno, os.strerror(cause.errno) + note, shown)
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike[str], mode: str = "w", encoding: str | None = None) -> Iterator[IO]:
     """Write `path` atomically: yields a file object on a uniquely named temporary file in the same folder,
-    which replaces `path` (os.replace) only when the block ends without an error, so readers (and concurrent
-    writers) only ever see a whole file; on an error or interruption the temporary file is removed.
+    which is synced and replaces `path` (os.replace) only when the block ends without an error, so readers (and
+    concurrent writers) only ever see a whole file; on an error or interruption the temporary file is removed,
+    and a full disk, a quota, a read-only or unwritable place becomes an OutputWriteError naming `path`.
+    A device or a pipe (`/dev/stdout`) is written directly: there is nothing to replace.
     The one way this project writes a file that others may read meanwhile (JSON, checkpoints)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # as a plain write would leave it (mkstemp makes 0600)
-        with os.fdopen(fd, mode, encoding=encoding) as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
+    if os.path.exists(path) and not path.is_file() and not path.is_dir():
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+            with open(path, mode, encoding=encoding) as f:
+                yield f
+        except BaseException as exc:
+            err = output_write_error(exc, path.parent, str(path))
+            if err is None or err is exc:
+                raise
+            raise err from exc
+        return
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, mode, encoding=encoding) as f:
+            os.fchmod(fd, 0o644)  # as a plain write would leave it (mkstemp makes 0600)
+            yield f
+            f.flush()
+            os.fsync(f.fileno())  # a disk that accepted the bytes but cannot keep them says so now, not later
+        os.replace(tmp, path)
+    except BaseException as exc:
+        err = output_write_error(exc, path.parent, str(path))  # probed while the temporary still holds its space
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        if err is None or err is exc:
+            raise
+        raise err from exc
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -457,30 +726,142 @@ def _signals_deferred() -> Iterator[None]:
                 signal.raise_signal(s)
 
 
+LOCK_SUFFIX = ".parnet-cpu.lock"
+_LOCK_RE = re.compile(r"^\..+" + re.escape(LOCK_SUFFIX) + "$")
+_held_locks: dict[tuple[str, int], int] = {}  # (lock file, thread) -> nesting depth: a run may re-enter its own lock
+
+
+def output_lock_path(out: str | Path) -> Path:
+    """`.<name>.parnet-cpu.lock` next to the output folder `out`."""
+    target = Path(os.path.realpath(Path(out).expanduser()))
+    return target.parent / f".{target.name}{LOCK_SUFFIX}"
+
+
+def _lock_file(path: Path, tries: int = 1) -> int | None:
+    """An fd holding an exclusive flock on the file now at `path` (created if needed), or None while another
+    process holds it (asked `tries` times, 50 ms apart). A holder removes the file as it releases it, so after
+    locking, the file must still be the one at `path` (else try again): two runs never hold different files."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            tries -= 1
+            if tries <= 0:
+                return None
+            time.sleep(0.05)
+            continue
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            st = os.stat(path)
+            if (st.st_dev, st.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        note = json.loads(path.read_text(encoding="utf-8"))
+        host = "" if note["host"] == socket.gethostname() else f" on {note['host']}"
+        return f"pid {note['pid']}{host}, since {note['started']}: {note['command']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "it has not said who it is yet"
+
+
+@contextmanager
+def output_lock(out: str | Path) -> Iterator[Path]:
+    """Hold the output folder `out` for this run (an flock on `.<name>.parnet-cpu.lock` next to it, which says
+    who holds it and is removed at the end): a second run writing the same `out` meanwhile is refused at once
+    (OutputBusyError naming this run's pid) instead of both finishing and one result silently replacing the
+    other. The kernel releases the lock of a killed run; re-entering it in the same thread is free."""
+    path = output_lock_path(out)
+    key = (str(path), threading.get_ident())
+    if key in _held_locks:
+        _held_locks[key] += 1
+        try:
+            yield path
+        finally:
+            _held_locks[key] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = _lock_file(path, tries=5)  # a moment's patience: another run's `remove_stale_locks` may hold it briefly
+    if fd is None:
+        raise OutputBusyError(f"--out {out} is being written by another parnet-cpu run ({_lock_holder(path)}); "
+                              "wait for it to finish or choose another --out")
+    try:
+        note = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        try:
+            os.write(fd, json.dumps(note).encode())
+        except OSError:  # a full disk: the lock holds without its note
+            pass
+        _held_locks[key] = 1
+        yield path
+    finally:
+        _held_locks.pop(key, None)
+        try:
+            os.unlink(path)  # while still holding it: a run that opened it meanwhile sees it is gone and retries
+        except OSError:
+            pass
+        os.close(fd)
+
+
+def remove_stale_locks(parent: Path) -> None:
+    """Remove output locks in `parent` that no process holds (their run was killed)."""
+    try:
+        names = [e.name for e in os.scandir(parent) if _LOCK_RE.match(e.name) and e.is_file(follow_symlinks=False)]
+    except OSError:
+        return
+    for name in names:
+        try:
+            fd = _lock_file(parent / name)
+        except OSError:
+            continue
+        if fd is not None:
+            try:
+                os.unlink(parent / name)
+            except OSError:
+                pass
+            os.close(fd)
+
+
 @contextmanager
 def atomic_output_dir(out: str | Path, overwrite: bool = False,
                       inputs: Mapping[str, str | Path | None] | None = None) -> Iterator[Path]:
     """Yield a temporary folder next to `out`; on success it replaces `out`, on failure or interruption it
     is removed, so a run never leaves a half-written model folder behind. `out` is checked first (see
-    `check_output_dir`), and stale temporaries of killed runs next to it are removed."""
+    `check_output_dir`) and held for the run (`output_lock`); stale temporaries and locks of killed runs next
+    to it are removed. A full disk (or quota, read-only, permission, I/O error) is an OutputWriteError."""
     target = check_output_dir(out, overwrite, inputs)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_dirs(target.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_dir_prefix(), dir=target.parent))
-    try:
-        yield tmp
-        check_output_dir(out, overwrite, inputs)  # nothing foreign moved in meanwhile
-        with _signals_deferred():
-            if target.exists():
-                old = tmp.with_name(tmp.name + "-old")
-                target.rename(old)
-                tmp.rename(target)
-                shutil.rmtree(old, ignore_errors=True)  # if this fails, the next run removes it (dead pid)
-            else:
-                tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with output_lock(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_dirs(target.parent)
+        remove_stale_locks(target.parent)
+        tmp = None
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=temp_dir_prefix(), dir=target.parent))
+            yield tmp
+            check_output_dir(out, overwrite, inputs)  # nothing foreign moved in meanwhile
+            with _signals_deferred():
+                if target.exists():
+                    old = tmp.with_name(tmp.name + "-old")
+                    target.rename(old)
+                    tmp.rename(target)
+                    shutil.rmtree(old, ignore_errors=True)  # if this fails, the next run removes it (dead pid)
+                else:
+                    tmp.rename(target)
+        except BaseException as exc:
+            err = output_write_error(exc, tmp or target.parent, f"--out {out}")  # before the space is freed
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if err is None or err is exc:
+                raise
+            raise err from exc
 
 
 REPORT_SCHEMA = 1  # version of the JSON reports (quantize's report.json, eval --json, bench --json)

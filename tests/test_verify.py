@@ -49,8 +49,15 @@ def manifest(folder: Path) -> dict:
 
 
 def edit_manifest(folder: Path, change) -> None:
+    """Edit the manifest and record the edit in its content digest (as a deliberate `verify --stamp` would, minus
+    its IR check), so what is tested is the check behind the digest: the IR against the manifest. An edit whose
+    digest was not recorded is refused before that (tests/test_guards_manifest.py)."""
+    from parnet_cpu.artifacts import manifest_digest
+
     m = manifest(folder)
     change(m)
+    if "manifest_sha256" in m:
+        m["manifest_sha256"] = manifest_digest(m)
     (folder / "parnet.json").write_text(json.dumps(m))
 
 
@@ -78,6 +85,7 @@ def swap_int8_fp32(folder: Path) -> None:
 def unstamp(m: dict) -> None:
     m.pop("files", None)
     m.pop("schema", None)
+    m.pop("manifest_sha256", None)
 
 
 # (defect, precision loaded, expected words in every refusal)
@@ -86,7 +94,7 @@ DEFECTS = {
     "truncated": (truncate, "fp32", "model_fp32.bin is"),
     "swapped_int8_fp32": (swap_int8_fp32, "int8", "model_int8.bin is"),
     "swapped_unstamped": (lambda f: (swap_int8_fp32(f), edit_manifest(f, unstamp)), "int8",
-                          "contains no quantized operation"),
+                          "it declares schema 1, whose manifests do not cover their own content"),
     "wrong_class_count": (lambda f: edit_manifest(f, lambda m: m["config"].update(num_classes=10)), "int8",
                           "predicts 1000 classes, but parnet.json says config.num_classes = 10"),
     "class_names_count": (lambda f: edit_manifest(f, lambda m: m["config"].update(class_names=["a", "b", "c"])),
@@ -112,7 +120,7 @@ def test_good_folder_passes_everywhere(good, data, capsys):
     from parnet_cpu.cli import main
 
     m = manifest(good)
-    assert m["schema"] == 2
+    assert m["schema"] == 3
     assert set(m["files"]) == {"model_fp32.xml", "model_fp32.bin", "model_int8.xml", "model_int8.bin",
                                "model_deploy.pt"}
     assert main(["verify", str(good)]) == 0
@@ -142,21 +150,23 @@ def test_defect_is_refused_by_verify_runtime_eval_and_serve(broken, data, capsys
     assert words in capsys.readouterr().err
 
 
-def test_unstamped_folder_loads_with_a_warning_and_can_be_stamped(good, tmp_path, capsys):
-    from parnet_cpu.artifacts import ModelDir, ModelDirWarning
+def test_unstamped_folder_is_refused_until_stamped_on_purpose(good, tmp_path, capsys):
+    """A folder from an older parnet-cpu (no digests) is no longer loaded with a warning: it is refused until
+    `verify --stamp` records its content, which it does only when the IRs pass their checks."""
+    from parnet_cpu.artifacts import ManifestSealError, ModelDir
     from parnet_cpu.cli import main
 
     folder = tmp_path / "old"
     shutil.copytree(good, folder)
     edit_manifest(folder, unstamp)
-    with pytest.warns(ModelDirWarning, match="verify --stamp"):
-        ModelDir.open(folder).ir_path("int8")
-    assert main(["verify", str(folder)]) == 0
+    with pytest.raises(ManifestSealError, match="verify --stamp"):
+        ModelDir.open(folder)
+    assert main(["verify", str(folder)]) == 2
     assert "verify --stamp" in capsys.readouterr().out
     assert main(["verify", "--stamp", str(folder)]) == 0
     assert manifest(folder)["files"] == manifest(good)["files"]
     with warnings.catch_warnings():
-        warnings.simplefilter("error", ModelDirWarning)
+        warnings.simplefilter("error")
         ModelDir.open(folder).ir_path("int8")
     flip_byte(folder)  # stamping does not bless a file changed afterwards, nor re-stamp over it
     assert main(["verify", "--stamp", str(folder)]) == 2

@@ -6,9 +6,12 @@ Sub-command modules import heavy packages (torch, openvino, nncf) inside their h
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
+
+from parnet_cpu.artifacts import WRITE_ERRNOS, OutputBusyError, OutputWriteError
 
 # sub-command name -> module that registers it (order = order in --help)
 COMMANDS: tuple[str, ...] = (
@@ -64,6 +67,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return _reader_went_away()
+    except OutputBusyError as exc:
+        print(f"parnet-cpu {args.command}: error: {exc}", file=sys.stderr)
+        return 75  # EX_TEMPFAIL: another run holds the output; try again later
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        what = f"cannot write {exc.filename}" if isinstance(exc, OutputWriteError) else exc.filename or "I/O error"
+        print(f"parnet-cpu {args.command}: error: {what}: {exc.strerror} ({errno.errorcode.get(exc.errno, exc.errno)})"
+              + ("; nothing half-written was left" if isinstance(exc, OutputWriteError) else ""), file=sys.stderr)
+        return 74  # EX_IOERR: the place (disk full, quota, read-only, permissions), not the input
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] in FULL_INSTALL_MODULES:
             print(f"parnet-cpu {args.command}: error: this command needs the full install ({exc.name} is not "

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from parnet_cpu.artifacts import ModelDir, ModelDirError, report_stamp, write_json
+    from parnet_cpu.artifacts import ModelDir, ModelDirError, report_stamp
     from parnet_cpu.cli import CliError
     from parnet_cpu.data import DatasetError, detect_layout, match_model_classes
     from parnet_cpu.evaluation import accuracy_summary, run_models
@@ -76,8 +76,28 @@ def run(args: argparse.Namespace) -> int:
     print(f"{precision}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  on {result['labelled']} images"
           + (f" ({len(result['skipped'])} undecodable skipped)" if result["skipped"] else ""))
     if args.json:
-        write_json(Path(args.json), result)
+        save_json(Path(args.json), result)
     return 0
+
+
+def save_json(path: Path, result: dict) -> None:
+    """Write --json; when the place refuses it after all (a disk that filled meanwhile, /dev/full), the figures
+    go to stdout instead of being lost, and the error (exit 74) says where they are."""
+    import json
+    import sys
+
+    from parnet_cpu.artifacts import OutputWriteError, write_json
+    from parnet_cpu.cli import CliError
+
+    try:
+        write_json(path, result)
+    except OSError as exc:
+        print(json.dumps(result, indent=2, sort_keys=True, default=str), flush=True)
+        print(f"the evaluation's figures are printed above (JSON), because --json {path} could not be written",
+              file=sys.stderr)
+        if isinstance(exc, OutputWriteError):
+            raise
+        raise CliError(f"cannot write --json {path}: {exc.strerror or exc}") from None
 
 
 def check_json_target(path: Path) -> None:
@@ -91,3 +111,10 @@ def check_json_target(path: Path) -> None:
         raise CliError(f"--json {path}: folder {folder} is missing (create it first)")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise CliError(f"--json {path}: folder {folder} is not writable")
+    if path.exists() and not path.is_file():
+        return  # a device or a pipe (/dev/stdout): written directly, nothing to probe without writing into it
+    from parnet_cpu.artifacts import write_probe
+
+    problem = write_probe(folder)  # a full disk, a quota, a read-only mount: said now, before the evaluation
+    if problem is not None:
+        raise CliError(f"--json {path}: folder {folder} cannot take the result ({problem.strerror or problem})")

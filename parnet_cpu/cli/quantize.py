@@ -61,7 +61,10 @@ def run(args: argparse.Namespace) -> int:
         if args.subset_size < 1:
             raise CliError("--subset-size must be at least 1")
         check_out_arg(args.out, args.overwrite, calib=args.calib, checkpoint=args.checkpoint, labels=args.labels)
-        return _run(args)
+        from parnet_cpu.artifacts import output_lock
+
+        with output_lock(args.out):  # a second run to the same --out is refused now, not overwritten later
+            return _run(args)
 
 
 def default_out(model: str) -> str:

@@ -1,9 +1,11 @@
 """`parnet-cpu verify DIR`: check a model folder the way every loader does, and say what it found.
 
-The same checks run at every load (`ModelDir.ir_path`, hence Runtime, serve, eval and bench): the
-manifest's fields, each model file against its recorded size and sha256, and each IR against the
-manifest (input shape, class count, class names, whether an "int8" file really is quantized).
-`--stamp` records digests in a folder made before they existed, once its IRs pass the other checks.
+The same checks run at every load (`ModelDir.open` and `ModelDir.ir_path`, hence Runtime, serve, eval and
+bench): every manifest field against the schema, the manifest's own content against its digest, each model
+file against its recorded size and sha256, and each IR against the manifest (input shape, class count,
+whether an "int8" file really is quantized). `--stamp` is the one way to accept a manifest its digest does
+not cover (made by an older parnet-cpu, or edited on purpose): it records the current content, once the
+model files match their digests (where recorded) and the IRs pass the other checks.
 """
 from __future__ import annotations
 
@@ -18,43 +20,46 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "and each IR against the manifest (input shape, classes, precision). Exit 0 when all pass.")
     p.add_argument("model", metavar="DIR", help="model folder written by export or quantize")
     p.add_argument("--stamp", action="store_true",
-                   help="record sha256+size of the model files in parnet.json (for folders from an older "
-                   "parnet-cpu; refused when a check fails)")
+                   help="accept the folder as it is now: record the digest of parnet.json's content and the "
+                   "sha256+size of each model file (for a folder from an older parnet-cpu, or after a deliberate "
+                   "edit of parnet.json; refused when a recorded file digest or an IR check fails)")
     p.add_argument("--json", action="store_true", help="print the checks as JSON")
     p.set_defaults(handler=run)
 
 
 def collect(path: str) -> dict:
-    """Every check with its outcome: {"manifest": [...problems], "files": {...}, "precisions": {...}}."""
-    from parnet_cpu.artifacts import IR_FILES, MANIFEST, ModelDir, ModelDirError, ir_problems, model_files
+    """Every check with its outcome: {"manifest": [...problems], "seal": [...], "files": {...}, "precisions": {...}}."""
+    from parnet_cpu.artifacts import IR_FILES, ModelDir, ModelDirError, ir_problems, model_files, seal_problems
 
     try:
-        md = ModelDir.open(path)
-    except (ModelDirError, OSError, UnicodeDecodeError) as exc:
+        md = ModelDir.open(path, require_seal=False)  # the seal is reported below, with everything else
+    except ModelDirError as exc:
         return {"model": path, "manifest": [str(exc)], "ok": False}
+    seal = seal_problems(md.manifest)
     recorded = md.manifest.get("files") or {}
     names = sorted(set(model_files(md.path)) | set(recorded))
     t0 = time.perf_counter()
-    files = {n: (md.file_problems([n]) or ["ok"]) if md.stamped else ["not recorded (unstamped folder)"]
-             for n in names}
+    files = {n: (md.file_problems([n]) or ["ok"]) if recorded else ["not recorded"] for n in names}
     digest_ms = (time.perf_counter() - t0) * 1e3
     precisions = {}
     for p in md.precisions:
         t0 = time.perf_counter()
         precisions[p] = {"problems": ir_problems(md.path / IR_FILES[p], p, md.config),
                          "ms": round((time.perf_counter() - t0) * 1e3, 1)}
-    ok = all(v == ["ok"] for v in files.values()) if md.stamped else True
+    ok = not seal and all(v == ["ok"] for v in files.values())
     ok = ok and all(not v["problems"] for v in precisions.values()) and bool(precisions)
-    return {"model": str(md.path), "manifest": [], "schema": md.manifest.get("schema", 1), "stamped": md.stamped,
-            "files": files, "digest_ms": round(digest_ms, 1), "precisions": precisions, "ok": ok,
-            "hint": None if md.stamped else f"{MANIFEST} records no digests: run `parnet-cpu verify --stamp {md.path}`"}
+    err = md.seal_error()
+    return {"model": str(md.path), "manifest": [], "schema": md.manifest.get("schema", 1), "seal": seal,
+            "stamped": not seal, "files": files, "digest_ms": round(digest_ms, 1), "precisions": precisions,
+            "ok": ok, "hint": str(err) if err else None}
 
 
 def format_checks(r: dict) -> str:
     lines = [f"model folder  {r['model']}"]
     if r["manifest"]:
         return "\n".join(lines + [f"manifest      FAILED: {r['manifest'][0]}"])
-    lines.append(f"manifest      ok (schema {r['schema']})")
+    lines.append(f"manifest      fields ok (schema {r['schema']}); content digest "
+                 + ("ok" if not r["seal"] else f"FAILED: {r['seal'][0]}"))
     for name, res in r["files"].items():
         lines.append(f"  {name:<22} {'; '.join(res)}")
     if r["stamped"]:
@@ -74,17 +79,22 @@ def format_checks(r: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from parnet_cpu.artifacts import stamp_manifest
+    from parnet_cpu.artifacts import MANIFEST, ModelDirError, stamp_manifest
     from parnet_cpu.cli import CliError
 
     result = collect(args.model)
     if args.stamp and not result["manifest"]:
-        if result["stamped"] and not result["ok"]:
+        if any(v not in (["ok"], ["not recorded"]) for v in result["files"].values()):
             raise CliError(f"{args.model}: files do not match their recorded digests; refusing to re-stamp them "
                            "(re-export or re-quantize the folder)\n" + format_checks(result))
         if not all(not v["problems"] for v in result["precisions"].values()) or not result["precisions"]:
             raise CliError("refusing to stamp a folder whose IR fails its checks\n" + format_checks(result))
-        stamp_manifest(Path(args.model))
+        if result["seal"]:
+            print(f"stamping: {result['seal'][0]}; the current content of {MANIFEST} is recorded as trusted")
+        try:
+            stamp_manifest(Path(args.model))
+        except ModelDirError as exc:
+            raise CliError(str(exc)) from None
         result = collect(args.model)
     print(json.dumps(result, indent=2) if args.json else format_checks(result))
     if not result["ok"]:

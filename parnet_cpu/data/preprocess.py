@@ -111,6 +111,11 @@ class PreprocessConfig:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
+        for name in ("input_size", "crop_fraction"):  # NaN, inf, None or a string: a ValueError, never a crash later
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                    or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if int(self.input_size) != self.input_size or self.input_size < 1:
             raise ValueError(f"input_size must be a positive integer, got {self.input_size!r}")
         set_(self, "input_size", int(self.input_size))
@@ -125,8 +130,10 @@ class PreprocessConfig:
             raise ValueError(f"channels must be 1 or 3, got {self.channels!r}")
         mean = _per_channel(self.mean, self.channels, "mean")
         std = _per_channel(self.std, self.channels, "std")
-        if any(s <= 0 for s in std):
-            raise ValueError(f"std values must be > 0, got {std}")
+        if not all(math.isfinite(m) and 0.0 <= m <= 1.0 for m in mean):  # a mean of 0-1 pixel values lies in [0, 1]
+            raise ValueError(f"mean values must be finite and in [0, 1] (pixel means on the 0-1 scale), got {mean}")
+        if not all(math.isfinite(s) and s > 0 for s in std):
+            raise ValueError(f"std values must be finite and > 0, got {std}")
         set_(self, "mean", mean)
         set_(self, "std", std)
         if self.alpha_background is not None:
