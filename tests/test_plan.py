@@ -121,8 +121,8 @@ def quantize_random(model_dir: Path, images: int = 8) -> Path:
 
 # --------------------------------------------------------------------------- topology placement and `plan`
 from parnet_cpu.cli import main as cli_main  # noqa: E402
-from parnet_cpu.runtime.cores import (CoreSpecError, place_stream_groups, simulated_machine,  # noqa: E402
-                                      single_graph_cores)
+from parnet_cpu.runtime.cores import (CoreSpecError, place_stream_groups, proportional_sizes,  # noqa: E402
+                                      simulated_machine, single_graph_cores)
 from parnet_cpu.system.cpuinfo import CORE_EFFICIENCY, describe_machine  # noqa: E402
 
 COSTS = [1.08, 1.43, 1.56]  # ParNet-S stream groups' GMACs (the planner's own count, see above)
@@ -227,6 +227,58 @@ def test_plan_cli_predicts_and_reuses_its_fit(int8_dir, tmp_path):
     assert cli_main(["plan", "--model", str(int8_dir), "--cpus", "32", "--fit", str(first), "--json", str(second)]) == 0
     b = json.loads(second.read_text())
     assert b["predictions"][0]["single_ms"] <= a["predictions"][0]["single_ms"]  # more cores, never slower
+    # groups sized by predicted time, shown next to the MAC split; at the batch they are sized for (1) the
+    # predicted critical path is never longer than the MAC split's
+    for r in (a, b):
+        assert r["sizing"] == "predicted time" and len(r["mac_groups"]) == 3
+        assert sum(g["threads"] for g in r["groups"]) == sum(g["threads"] for g in r["mac_groups"])
+        assert r["predictions"][0]["multistream_ms"] <= r["predictions_mac_split"][0]["multistream_ms"] + 1e-9
+    # the hand-over is the measured parent-worker round trip (x3), not an assumed 0.3 ms; --fit reuses it
+    assert "measured" in a["handover_source"] and 0 < a["handover_ms"] != 0.3
+    assert b["handover_ms"] == a["handover_ms"] and "--fit" in b["handover_source"]
+    # the 8..112-core scan: both splits, batch 1 and 8, and the break-even core count per column
+    assert [s["cores"] for s in a["scan"]] == list(range(8, 113, 8))
+    for s in a["scan"]:
+        assert sum(s["groups"]["time"]) == sum(s["groups"]["macs"]) == s["cores"]
+        assert s["ratio_time_b1"] <= s["ratio_macs_b1"] + 1e-9
+    assert set(a["break_even_cores"]) == {"ratio_macs_b1", "ratio_macs_b8", "ratio_time_b1", "ratio_time_b8"}
+
+
+def test_time_balanced_sizes_minimise_the_slowest_group():
+    """Exhaustive minimax over the splits: a cost-proportional split is found when time is cost/cores, and
+    a stream whose work splits into only 2 items (where MACs mislead) gets 2 cores, the rest go elsewhere."""
+    from parnet_cpu.runtime.plan import time_balanced_sizes
+
+    assert time_balanced_sizes(lambda i, n: (1, 2, 3)[i] / n, 3, 12) == [2, 4, 6]
+    # equal MACs, so MACs say [4, 4, 4] on 12 cores; stream 1 cannot use more than 2
+    grain2 = lambda i, n: 6.0 / min(n, 2) if i == 0 else 6.0 / n  # noqa: E731
+    assert proportional_sizes([6.0, 6.0, 6.0], 12) == [4, 4, 4]
+    assert time_balanced_sizes(grain2, 3, 12) == [2, 5, 5]
+    with pytest.raises(CoreSpecError):
+        time_balanced_sizes(lambda i, n: 1.0, 3, 2)
+
+
+@pytest.mark.parametrize("cores,sockets,smt", [(16, 1, False), (56, 2, False), (112, 2, True), (40, 1, True)])
+def test_time_balanced_groups_on_simulated_machines(cores, sockets, smt):
+    """On simulated topologies the time-sized groups keep the planner's promises (no overlap, never across
+    a socket, no SMT siblings unless asked) and, on each socket, beat or tie the MAC split's slowest group."""
+    from parnet_cpu.runtime.plan import time_balanced_groups
+
+    info = simulated_machine(cores, sockets, threads_per_core=2)
+    serial = (0.4, 0.1, 0.1)  # per-stream serial fraction: what a MAC count cannot see
+    group_time = lambda i, n: COSTS[i] * (serial[i] + (1 - serial[i]) / n)  # noqa: E731
+    groups = time_balanced_groups(info, COSTS, group_time, use_smt=smt)
+    by_cpu = {c: core for core in info.cores for c in core.cpus}
+    flat = [c for g in groups for c in g]
+    assert len(flat) == len(set(flat)) and all(groups)
+    assert all(len({by_cpu[c].socket for c in g}) == 1 for g in groups)
+    if not smt:
+        assert all(c == by_cpu[c].cpus[0] for c in flat)
+    physical = [len({by_cpu[c].cpus[0] for c in g}) for g in groups]
+    macs = place_stream_groups(info, COSTS, smt)
+    mac_physical = [len({by_cpu[c].cpus[0] for c in g}) for g in macs]
+    assert max(group_time(i, n) for i, n in enumerate(physical)) <= \
+        max(group_time(i, n) for i, n in enumerate(mac_physical)) + 1e-12
 
 
 def test_plan_cli_errors(int8_dir, tmp_path, capsys):

@@ -17,7 +17,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 from parnet_cpu.artifacts import ModelDir, write_json
 from parnet_cpu.runtime.cores import (
@@ -25,8 +25,10 @@ from parnet_cpu.runtime.cores import (
     CoreSpecError,
     available_cores,
     no_free_cores_message,
+    place_stream_groups,
     plan_groups,
     proportional_sizes,
+    socket_domains,
     validate_groups,
 )
 from parnet_cpu.runtime.macs import model_macs
@@ -232,3 +234,74 @@ def stream_group_sizes(ir_path: str | Path, stages: Sequence[Stage], total: int)
     macs = stage_macs(ir_path, [s for s in stages if s.name in STREAM_STAGES or s.name == "inits1"])
     costs = stream_costs(macs)
     return proportional_sizes(costs, total), costs
+
+
+# ----------------------------------------------------------------------------- sizing by predicted time
+
+
+def time_balanced_sizes(group_time: Callable[[int, int], float], n_groups: int, total: int) -> list[int]:
+    """Cores per group (each at least one, `total` in all) that minimise the slowest group's predicted time
+    `group_time(i, cores)`: the streams run side by side, so the slowest one is the critical path (stem and
+    tail run on the union, whatever the split). Exhaustive over the splits (n_groups is 3: ~total^2/2 of
+    them), from a table of each group's time at 1..total cores; ties go to the smaller total time."""
+    if total < n_groups:
+        raise CoreSpecError(f"{n_groups} groups need at least {n_groups} cores, {total} given")
+    table = [[group_time(i, n) for n in range(1, total - n_groups + 2)] for i in range(n_groups)]
+
+    def splits(k: int, left: int):
+        if k == 1:
+            yield (left,)
+            return
+        for n in range(1, left - k + 2):
+            for rest in splits(k - 1, left - n):
+                yield (n, *rest)
+
+    best = min(splits(n_groups, total),
+               key=lambda s: (max(table[i][n - 1] for i, n in enumerate(s)), sum(table[i][n - 1] for i, n in enumerate(s))))
+    return list(best)
+
+
+def time_balanced_groups(info, costs: Sequence[float], group_time: Callable[[int, int], float], use_smt: bool = False,
+                         include_efficiency: bool = False) -> list[list[int]]:
+    """Stream groups sized by predicted time: `place_stream_groups` decides which socket each group goes on
+    (never across one), then each socket's cores are split between its groups by `time_balanced_sizes`,
+    consecutive cores in stream order."""
+    placed = place_stream_groups(info, costs, use_smt, include_efficiency, group_time)
+    groups: list[list[int]] = [[] for _ in costs]
+    for cores in socket_domains(info, use_smt, include_efficiency):
+        here = {c for core in cores for c in core}
+        members = [i for i, g in enumerate(placed) if g and g[0] in here]
+        if not members:
+            continue
+        sizes = time_balanced_sizes(lambda j, n: group_time(members[j], n), len(members), len(cores))
+        start = 0
+        for i, n in zip(members, sizes):
+            groups[i] = sorted(c for core in cores[start:start + n] for c in core)
+            start += n
+    return groups
+
+
+def scan_core_counts(model: dict, mac_costs: Sequence[float], core_counts: Sequence[int], batches: Sequence[int],
+                     handover_ms: float, size_batch: int = 1) -> list[dict]:
+    """For single-socket machines of each core count: the predicted multi-stream/single ratio with groups
+    sized by MACs and by predicted time (at batch `size_batch`), per batch. Used by `parnet-cpu plan`."""
+    from parnet_cpu.runtime.costmodel import predict_plan, stage_ms
+
+    def group_time(i: int, n: int) -> float:
+        return stage_ms(model["stages"][f"stream{i + 1}"][str(size_batch)], n, model["sync_ms"])
+
+    rows = []
+    for n in core_counts:
+        splits = {"macs": proportional_sizes(mac_costs, n), "time": time_balanced_sizes(group_time, len(mac_costs), n)}
+        row: dict = {"cores": n, "groups": splits}
+        for kind, sizes in splits.items():
+            for b in batches:
+                p = predict_plan(model, b, sizes, n, n, handover_ms)
+                row[f"ratio_{kind}_b{b}"] = p["ratio_multi_vs_single"]
+        rows.append(row)
+    return rows
+
+
+def break_even(rows: Sequence[dict], key: str) -> int | None:
+    """The smallest scanned core count at which multi-stream is predicted faster (ratio < 1), if any."""
+    return min((r["cores"] for r in rows if r[key] < 1.0), default=None)
