@@ -510,17 +510,18 @@ WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
                           errno.EFBIG})
 
 
-def write_probe(folder: Path) -> OSError | None:
-    """The OSError `folder` gives when 64 KiB more are written into it (and synced), or None when it takes
-    them. Writers that hide errno (OpenVINO's save_model, torch.save: a RuntimeError) are judged by it."""
+def write_probe(folder: Path, size: int = 1 << 16) -> OSError | None:
+    """The OSError `folder` gives when `size` more bytes are written into it (and synced), or None when it
+    takes them (they are removed either way). Writers that hide errno (OpenVINO's save_model, torch.save: a
+    RuntimeError) are judged by it."""
     try:
         fd, probe = tempfile.mkstemp(prefix=".parnet-cpu-probe-", dir=folder)
     except OSError as exc:
         return exc
     try:
-        data = memoryview(bytes(1 << 16))
-        while data:
-            data = data[os.write(fd, data):]  # a nearly full disk takes part of a write, then refuses the rest
+        block = bytes(1 << 20)
+        while size > 0:  # a nearly full disk takes part of a write, then refuses the rest
+            size -= os.write(fd, block[: min(size, len(block))])
         os.fsync(fd)
     except OSError as exc:
         return exc
@@ -544,7 +545,7 @@ def output_write_error(exc: BaseException, folder: Path, shown: str) -> OutputWr
         return None
     if cause is None or cause.errno not in WRITE_ERRNOS:
         return None
-    return OutputWriteError(cause.errno, os.strerror(cause.errno) + note, shown)
+    return OutputWriteError(cause.errno, f"{os.strerror(cause.errno)} ({errno.errorcode[cause.errno]}){note}", shown)
 
 
 @contextmanager
@@ -797,6 +798,7 @@ def output_lock(out: str | Path) -> Iterator[Path]:
         note = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         try:
+            os.ftruncate(fd, 0)  # the note of a killed run that held it before
             os.write(fd, json.dumps(note).encode())
         except OSError:  # a full disk: the lock holds without its note
             pass

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from parnet_cpu.artifacts import (DEPLOY_WEIGHTS, FORMAT, INPUT_NAME, IR_FILES, MANIFEST, ONNX_FILE, OUTPUT_NAME,
-                                  STAGE_TENSORS, atomic_output_dir, stamp_manifest, write_json)
+                                  STAGE_TENSORS, atomic_output_dir, stamp_manifest, write_json, write_probe)
 from parnet_cpu.models.parnet import ParNet
 from parnet_cpu.reparam.fuse import reparameterize
 
@@ -62,8 +62,17 @@ def to_openvino(model: ParNet):
 def save_ir(ov_model, path: Path) -> None:
     import openvino as ov
 
-    # compress_to_fp16 defaults to True in save_model: keep fp32 weights so the IR matches torch exactly
-    ov.save_model(ov_model, str(path), compress_to_fp16=False)
+    try:
+        # compress_to_fp16 defaults to True in save_model: keep fp32 weights so the IR matches torch exactly
+        ov.save_model(ov_model, str(path), compress_to_fp16=False)
+    except RuntimeError as exc:
+        # OpenVINO hides the errno ("basic_ios::clear: iostream error") and removes its partial files: write as
+        # many bytes ourselves to learn whether the place (a full disk, a quota) is the cause
+        need = sum(op.get_byte_size() for op in ov_model.get_ops() if op.get_type_name() == "Constant")
+        problem = write_probe(path.parent, need + (1 << 20))
+        if problem is None:
+            raise
+        raise problem from exc
 
 
 def to_onnx(model: ParNet, path: Path, opset: int = 17) -> None:
