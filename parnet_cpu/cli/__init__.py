@@ -73,9 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         if exc.errno not in WRITE_ERRNOS:
             raise
-        what = f"cannot write {exc.filename}" if isinstance(exc, OutputWriteError) else exc.filename or "I/O error"
-        print(f"parnet-cpu {args.command}: error: {what}: {exc.strerror} ({errno.errorcode.get(exc.errno, exc.errno)})"
-              + ("; nothing half-written was left" if isinstance(exc, OutputWriteError) else ""), file=sys.stderr)
+        if isinstance(exc, OutputWriteError):  # its text names the errno (and what a writer said)
+            said = f"cannot write {exc.filename}: {exc.strerror}; nothing half-written was left"
+        else:
+            said = f"{exc.filename or 'I/O error'}: {exc.strerror} ({errno.errorcode.get(exc.errno, exc.errno)})"
+        print(f"parnet-cpu {args.command}: error: {said}", file=sys.stderr)
         return 74  # EX_IOERR: the place (disk full, quota, read-only, permissions), not the input
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] in FULL_INSTALL_MODULES:
