@@ -360,12 +360,15 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def _pinned_cpus(pid: int) -> set[int]:
-    """Union of the Cpus_allowed_list of every thread of `pid`'s child processes (the runtime's workers)."""
+    """Union of the Cpus_allowed_list of every thread of `pid`'s runtime worker processes (its spawned
+    children; multiprocessing's resource tracker, also a child, is not pinned and not a worker)."""
     from parnet_cpu.system.cpuinfo import parse_cpu_list
 
     kids = {k for f in Path(f"/proc/{pid}/task").glob("*/children") for k in f.read_text().split()}  # any thread's
     cpus: set[int] = set()
     for kid in kids:
+        if b"spawn_main" not in Path(f"/proc/{kid}/cmdline").read_bytes():
+            continue
         for status in Path(f"/proc/{kid}/task").glob("*/status"):
             line = next(ln for ln in status.read_text().splitlines() if ln.startswith("Cpus_allowed_list:"))
             cpus |= set(parse_cpu_list(line.split(":", 1)[1].strip()))
