@@ -14,11 +14,13 @@ import errno
 import fcntl
 import json
 import os
+import stat
 import sys
 import tempfile
 import threading
 import time
 import warnings
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,34 +44,122 @@ class CoreShareWarning(UserWarning):
 def lease_dir() -> Path:
     """Where the per-CPU lease files live: $PARNET_CPU_LEASE_DIR, else /dev/shm/parnet-cpu-leases (memory,
     shared by every user of the machine), else $XDG_RUNTIME_DIR/parnet-cpu-leases, else the temp folder.
-    Only processes that see the same folder coordinate (containers with private /dev/shm do not)."""
+    Only processes that see the same folder coordinate (containers with private /dev/shm do not).
+    The folder is checked on every use (`check_lease_dir`): a bad one is a `LeaseDirError`, never a traceback."""
+    shared = False
     if os.environ.get(LEASE_DIR_ENV):
         d = Path(os.environ[LEASE_DIR_ENV])
     elif os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
-        d = Path("/dev/shm/parnet-cpu-leases")
+        d, shared = Path("/dev/shm/parnet-cpu-leases"), True
     elif os.environ.get("XDG_RUNTIME_DIR"):
         d = Path(os.environ["XDG_RUNTIME_DIR"]) / "parnet-cpu-leases"
     else:
-        d = Path(tempfile.gettempdir()) / "parnet-cpu-leases"
-    if not d.is_dir():
-        d.mkdir(parents=True, exist_ok=True)
+        d, shared = Path(tempfile.gettempdir()) / "parnet-cpu-leases", True
+    return check_lease_dir(d, shared)
+
+
+class LeaseDirError(CoreSpecError):
+    """The core-lease folder, or a file in it, cannot be used safely; the message names it and the fix."""
+
+
+LEASE_DIR_FIX = (f"point {LEASE_DIR_ENV} at a folder of your own (runtimes coordinate their cores with those that "
+                 "use the same folder)")
+_KINDS = {stat.S_IFDIR: "folder", stat.S_IFLNK: "symbolic link", stat.S_IFIFO: "named pipe (FIFO)",
+          stat.S_IFSOCK: "socket", stat.S_IFCHR: "character device", stat.S_IFBLK: "block device"}
+
+
+def _kind(mode: int) -> str:
+    return _KINDS.get(stat.S_IFMT(mode), "special file")
+
+
+def check_lease_dir(d: Path, shared: bool = False) -> Path:
+    """Create the lease folder if it is missing (mode 1777 where every user shares it, else 0755), then refuse
+    one whose lock files someone else could swap: a symbolic link, not a folder, owned by another user (unless
+    sticky, as /tmp is), or writable by others without the sticky bit. Lock files are opened by
+    `_open_lock_file`, which never follows a link."""
+    try:
         try:
-            os.chmod(d, 0o1777)  # every user's runtimes coordinate; sticky: nobody deletes another's file
-        except OSError:
-            pass
+            st = os.lstat(d)
+        except FileNotFoundError:
+            d.mkdir(parents=True, mode=0o755, exist_ok=True)
+            if shared:
+                os.chmod(d, 0o1777)  # every user's runtimes coordinate; sticky: nobody deletes another's file
+            st = os.lstat(d)
+    except OSError as exc:
+        raise LeaseDirError(f"cannot create the core lease folder {d}: {exc.strerror or exc}; {LEASE_DIR_FIX}") \
+            from None
+    if not stat.S_ISDIR(st.st_mode):
+        what = f"a {_kind(st.st_mode)}" + (f" (to {os.readlink(d)})" if stat.S_ISLNK(st.st_mode) else "") \
+            if not stat.S_ISREG(st.st_mode) else "a file"
+        raise LeaseDirError(f"the core lease folder {d} is {what}, not a folder (links are never followed: another "
+                            f"user could point it anywhere); remove it or {LEASE_DIR_FIX}")
+    sticky = bool(st.st_mode & stat.S_ISVTX)
+    if st.st_uid not in (os.geteuid(), 0) and not sticky:
+        raise LeaseDirError(f"the core lease folder {d} belongs to uid {st.st_uid}, not to you (uid {os.geteuid()}) "
+                            f"or root, and is not sticky: its owner could swap its lock files; {LEASE_DIR_FIX}")
+    if st.st_mode & 0o022 and not sticky:
+        raise LeaseDirError(f"the core lease folder {d} is writable by other users (mode "
+                            f"{stat.S_IMODE(st.st_mode):04o}) without the sticky bit: anyone could swap its lock "
+                            f"files; chmod it 1777 (shared, as /tmp) or 0755, or {LEASE_DIR_FIX}")
     return d
 
 
-def _open_lock_file(path: Path) -> int:
+def _open_lock_file(path: Path, create: bool = True) -> int:
+    """Open one lease or registry file (created if missing and `create`) without following a link and without
+    blocking on a FIFO, and refuse anything but a plain file with one link: a symlink, folder, FIFO or hard
+    link planted under a lock's name is a `LeaseDirError`, never truncated, written or chmod-ed. Another
+    user's file is opened read-only where it is not writable (locking needs no write access)."""
+    safe = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except PermissionError:  # another user's file: locking needs no write access
-        return os.open(path, os.O_RDONLY)
-    try:
-        os.fchmod(fd, 0o666)
-    except OSError:
-        pass
+        if not create:
+            fd = os.open(path, os.O_RDONLY | safe)
+        else:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | safe, 0o666)
+            except OSError as exc:
+                if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or not os.path.lexists(path):
+                    raise
+                fd = os.open(path, os.O_RDONLY | safe)  # another user's file, or a read-only folder
+    except FileNotFoundError:
+        if not create:
+            raise
+        raise LeaseDirError(f"cannot create the core lease file {path}: its folder is gone; {LEASE_DIR_FIX}") \
+            from None
+    except OSError as exc:
+        raise LeaseDirError(_lock_file_problem(path, exc)) from None
+    st = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(st.st_mode):
+        problem = f"is a {_kind(st.st_mode)}, not a plain file"
+    elif st.st_nlink != 1:
+        problem = f"has {st.st_nlink} hard links (it may be another file)"
+    elif st.st_uid not in (os.geteuid(), 0) and not os.lstat(path.parent).st_mode & stat.S_ISVTX:
+        problem = f"belongs to uid {st.st_uid} in a folder that is not shared (sticky)"
+    if problem:
+        os.close(fd)
+        raise LeaseDirError(f"the core lease file {path} {problem}; remove it, or {LEASE_DIR_FIX}")
+    if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != 0o666:
+        try:
+            os.fchmod(fd, 0o666)  # every user's runtimes may record themselves as holder
+        except OSError:
+            pass
     return fd
+
+
+def _lock_file_problem(path: Path, exc: OSError) -> str:
+    """Why a lease file could not be opened, in words (the fd-less cases of `_open_lock_file`)."""
+    try:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            why = f"is a symbolic link (to {os.readlink(path)}): lease files are never followed"
+        elif not stat.S_ISREG(st.st_mode):
+            why = f"is a {_kind(st.st_mode)}, not a plain file"
+        else:
+            why = f"cannot be opened: {exc.strerror or exc}"
+    except OSError:
+        why = f"cannot be created: {exc.strerror or exc}" + (" (the folder is read-only)" if exc.errno in
+                                                            (errno.EROFS, errno.EACCES, errno.EPERM) else "")
+    return f"the core lease file {path} {why}; remove it, or {LEASE_DIR_FIX}"
 
 
 _registry_lock = threading.RLock()
@@ -115,15 +205,22 @@ def _cpu_file(cpu: int) -> Path:
 def _holder(cpu: int) -> dict:
     """What the last holder of `cpu` wrote about itself (pid, command, since); {} if unknown."""
     try:
-        return json.loads(_cpu_file(cpu).read_text() or "{}")
+        fd = _open_lock_file(_cpu_file(cpu), create=False)  # never a link, never blocks on a FIFO
+    except (OSError, LeaseDirError):
+        return {}
+    try:
+        record = json.loads(os.pread(fd, 1 << 16, 0) or b"{}")
+        return record if isinstance(record, dict) else {}
     except (OSError, ValueError):
         return {}
+    finally:
+        os.close(fd)
 
 
 def _is_held(cpu: int) -> bool:
     """Whether any process (this one included) holds a lease on `cpu` right now."""
     path = _cpu_file(cpu)
-    if not path.exists():
+    if not os.path.lexists(path):
         return False
     fd = _open_lock_file(path)
     try:
@@ -312,6 +409,7 @@ class CoreLease:
         self.cpus: set[int] = set()
         self.shared = share
         self._fds: dict[int, int] = {}
+        _LIVE_LEASES.add(self)  # a forked child forgets it (`_forget_parent_locks`)
         mode = fcntl.LOCK_SH if share else fcntl.LOCK_EX
         busy: list[int] = []
         with lease_transaction():
@@ -352,6 +450,34 @@ class CoreLease:
         self.cpus = set()
 
 
+_LIVE_LEASES: "weakref.WeakSet[CoreLease]" = weakref.WeakSet()
+
+
+def _forget_parent_locks() -> None:
+    """In a forked child (os.fork, multiprocessing's 'fork'): its lease and registry descriptors are copies of
+    the parent's and share the parent's locks. Close them (closing a copy never unlocks while the parent keeps
+    its own; only an explicit unlock would) and forget them: the child can then neither release the parent's
+    cores nor keep them held after the parent lets them go, and never closes a descriptor number it reuses.
+    A registry lock held by another thread at the fork is reset, so the child can start its own Runtime."""
+    global _registry_lock, _registry_depth, _registry_fd
+    for lease in list(_LIVE_LEASES):
+        for fd in lease._fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        lease._fds, lease.cpus = {}, set()
+    if _registry_fd is not None:
+        try:
+            os.close(_registry_fd)
+        except OSError:
+            pass
+    _registry_lock, _registry_depth, _registry_fd = threading.RLock(), 0, None
+
+
+os.register_at_fork(after_in_child=_forget_parent_locks)
+
+
 def _write_holder(fd: int, mode: str) -> None:
     """Record who holds the lease (read by refusals and `parnet-cpu info`); the lock is what counts."""
     record = {"pid": os.getpid(), "mode": mode, "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -368,7 +494,7 @@ def _shared_by_others(cpu: int) -> bool:
     """With our shared lock held: does anybody else hold one too? (a second exclusive probe fails either
     way, so ask /proc/locks whether another pid locks this inode)."""
     try:
-        ino = os.stat(_cpu_file(cpu)).st_ino
+        ino = os.stat(_cpu_file(cpu), follow_symlinks=False).st_ino
         with open("/proc/locks") as f:
             pids = {int(p[4]) for p in (line.split() for line in f)
                     if len(p) > 5 and p[1] == "FLOCK" and p[5].rsplit(":", 1)[-1] == str(ino)}

@@ -13,6 +13,7 @@ this process and the workers is declared in `worker.py`. This module starts a pl
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import math
 import multiprocessing as mp
 import os
@@ -21,6 +22,8 @@ import signal
 import struct
 import threading
 import time
+import warnings
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import cached_property
@@ -32,11 +35,13 @@ from pathlib import Path
 import numpy as np
 
 from parnet_cpu.artifacts import INPUT_NAME, OUTPUT_NAME, STAGE_TENSORS, ModelDir
+from parnet_cpu.options import check_all
 from parnet_cpu.runtime.cores import CoreLease, CoreSpecError, lease_transaction, other_load, parse_groups, wait_for_quiet
 from parnet_cpu.runtime.cores import mark_pool, parse_pool_spec, pool_share
 from parnet_cpu.runtime.partition import RECOMPUTE_STAGES, SHARE_STAGES, SINGLE_STAGES
 from parnet_cpu.runtime.plan import Plan, PlanCache, choose, make_plan, single_plan
 from parnet_cpu.runtime.timing import measure_latency
+from parnet_cpu.runtime.engine import core as openvino_core
 from parnet_cpu.runtime.classify import TopK, check_top_k, softmax_top_k
 from parnet_cpu.data.inputs import MAX_IMAGE_PIXELS, ImageInput, preprocess_batch, preprocess_input
 from parnet_cpu.runtime.worker import (ERROR, PING, READY, RUN, STOP, SYNC, SYNC_REPLY, THREADS, Reply, RunStage,
@@ -45,6 +50,16 @@ from parnet_cpu.runtime.worker import (ERROR, PING, READY, RUN, STOP, SYNC, SYNC
 
 class RuntimeClosedError(RuntimeError):
     pass
+
+
+class RuntimeForkedError(RuntimeClosedError):
+    """This process is a fork of the one that created the Runtime: the workers, pipes, shared memory and
+    OpenVINO threads belong to the parent, so the child refuses every call (and its exit leaves them alone)."""
+
+
+class SharedMemoryError(CoreSpecError):
+    """/dev/shm cannot hold the plan's stage tensors. A `CoreSpecError`, as the other resources a plan
+    cannot get, so every command reports it as a clear error."""
 
 
 class RuntimeBrokenError(RuntimeError):
@@ -73,6 +88,79 @@ def _tensor_shapes(ir_path: Path, max_batch: int) -> dict[str, tuple[int, ...]]:
                 if name in (INPUT_NAME, OUTPUT_NAME, *STAGE_TENSORS) and op.get_type_name() != "Result":
                     shapes[name] = (max_batch,) + tuple(d.get_length() for d in list(ps)[1:])
     return shapes
+
+
+SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory (shm_open)
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def shared_memory_problem(needed: int, what: str) -> str | None:
+    """Why /dev/shm cannot hold `needed` more bytes for `what`, or None. A tmpfs that is full when a mapped
+    page is first touched kills the process touching it with SIGBUS (no exception, no message: Docker's
+    default /dev/shm is 64 MiB), so the space is checked before anything is mapped."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return None  # nothing to measure: creating the segment then fails loudly by itself
+    free, size = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+    if needed <= free:
+        return None
+    suggest = -(-(size - free + needed) // (64 << 20)) * 64  # what it holds now plus this, in 64 MiB steps
+    return (f"{what} needs {_mib(needed)} of shared memory in {SHM_DIR}, which has {_mib(free)} free (of "
+            f"{_mib(size)}); mapping more than it holds would kill this process with SIGBUS at the first batch. "
+            f"Give it a larger {SHM_DIR} (docker run --shm-size={suggest}m ...; Kubernetes: an emptyDir with "
+            f"medium: Memory mounted at {SHM_DIR}), or lower max_batch or inflight, or use plan='single' (no "
+            "shared memory when it runs on all of this process's CPUs)")
+
+
+def _create_segment(size: int, what: str) -> shared_memory.SharedMemory:
+    """A shared-memory segment whose pages are reserved now (posix_fallocate): a /dev/shm that another process
+    fills meanwhile fails here with `SharedMemoryError`, never with SIGBUS when a batch first touches a page."""
+    try:
+        shm = shared_memory.SharedMemory(create=True, size=size)
+    except OSError as exc:  # ENOSPC (no inode left), EMFILE, ...: said as what it is, with the fix
+        raise SharedMemoryError(f"{what}: cannot create a {_mib(size)} shared-memory segment in {SHM_DIR} "
+                                f"({exc.strerror or exc}); give it a larger /dev/shm (docker run --shm-size=...), "
+                                "or use plan='single'") from None
+    try:
+        fd = os.open(os.path.join(SHM_DIR, shm.name), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return shm  # shm_open keeps its segments elsewhere here: nothing to reserve by path
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        shm.close()
+        shm.unlink()
+        raise SharedMemoryError(shared_memory_problem(size, what) or
+                                f"{what}: reserving {_mib(size)} in {SHM_DIR} failed ({exc.strerror}); give it a "
+                                "larger /dev/shm (docker run --shm-size=...) or lower max_batch or inflight") from None
+    finally:
+        os.close(fd)
+    return shm
+
+
+_LIVE: "weakref.WeakSet[Runtime]" = weakref.WeakSet()  # every Runtime of this process, for `_after_fork_in_child`
+
+
+def _keep_forever(obj: object) -> None:
+    """Add a reference nobody drops: `obj` is never destroyed in this process."""
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
+
+
+def _after_fork_in_child() -> None:
+    """`os.register_at_fork`: in a forked child, detach every Runtime the parent had (`_detach_after_fork`) and
+    never destroy the process's OpenVINO Core: after a compile it owns executors whose threads did not survive
+    the fork, and their destructor waits for those threads forever (the child hung at exit)."""
+    for rt in list(_LIVE):
+        rt._detach_after_fork()
+    if openvino_core.cache_info().currsize:
+        _keep_forever(openvino_core())
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @dataclass
@@ -141,12 +229,8 @@ class Runtime:
             cores, plan = None, "single"
         if isinstance(cores, str):
             cores = parse_groups(cores)
-        if isinstance(cores_per_stream, str) and cores_per_stream != "auto":
-            raise CoreSpecError(f"cores_per_stream must be a positive integer or 'auto', got {cores_per_stream!r}")
-        if isinstance(cores_per_stream, int) and cores_per_stream < 1:
-            raise CoreSpecError("cores_per_stream must be at least 1")
-        if max_batch < 1 or inflight < 1:
-            raise ValueError("max_batch and inflight must be >= 1")
+        check_all(cores_per_stream=cores_per_stream, max_batch=max_batch, inflight=inflight,  # ranges: options.py
+                  start_timeout=start_timeout, timeout=timeout)
         self.model_dir = ModelDir.open(model_dir)
         self.precision = precision or self.model_dir.default_precision
         self.ir_path = self.model_dir.ir_path(self.precision)
@@ -161,6 +245,9 @@ class Runtime:
         self.timeout = timeout  # seconds a call may take (None: no limit); infer/submit can override it
         self._broken: str | None = None  # why this runtime cannot answer any more (a worker died)
         self._broken_lock = threading.Lock()
+        self._pid, self._forked = os.getpid(), None  # _forked: the refusal, in a forked child of this process
+        self._ov_objects: list = []  # in-process OpenVINO objects: a forked child must never destroy them
+        _LIVE.add(self)
 
         kind = "single" if plan == "single" else "multistream"
         with lease_transaction():  # plan on free cores and lease them, with no other runtime in between
@@ -174,6 +261,11 @@ class Runtime:
                 if plan != "auto" or cores:
                     raise
                 fallback = f"single graph: {exc}"
+            if fallback is None and plan == "auto" and not cores and self.plan.kind == "multistream":
+                problem = self._shm_problem(self.plan)  # e.g. Docker's 64 MiB /dev/shm: the single graph needs none
+                if problem:
+                    warnings.warn(f"plan='auto' runs the single graph: {problem}", RuntimeWarning, stacklevel=2)
+                    fallback = f"single graph: {problem}"
             if fallback is not None:  # out of the except: its refusal must not be chained to the multi-stream one
                 self.plan = make_plan(self.model_dir, self.ir_path, cores_per_stream, None, use_smt, inits1,
                                       "single", share)
@@ -213,6 +305,8 @@ class Runtime:
         for i in range(self.inflight):
             self._slots.put(_Slot(i, {}, {}, self._compiled.create_infer_request(),
                                   full=full_compiled.create_infer_request()))
+        self._ov_objects += [self._compiled, full_compiled, *(s.request for s in self._slots.queue),
+                             *(s.full for s in self._slots.queue)]
         plan.reason += "; in this process (its CPUs are all the process may use: no hand-over)"
 
     def _start(self, plan: Plan) -> None:
@@ -222,12 +316,13 @@ class Runtime:
         problem = unguarded_main_problem()
         if problem:
             raise RuntimeError(problem)
-        shapes = _tensor_shapes(self.ir_path, self.max_batch)
-        names = sorted({t for w in plan.workers for s in w.stages for t in s.inputs + s.outputs})
+        shapes, names, sizes, what = self._shm_layout(plan)
+        problem = self._shm_problem(plan)
+        if problem:
+            raise SharedMemoryError(problem)
         layout, views = [], []
         for _ in range(self.inflight):
-            sizes = {n: int(np.prod(shapes[n])) * 4 for n in names}
-            shm = shared_memory.SharedMemory(create=True, size=max(1, sum(sizes.values())))
+            shm = _create_segment(max(1, sum(sizes.values())), what)
             self._shms.append(shm)
             offset, slot_layout, slot_views = 0, {}, {}
             for n in names:
@@ -268,6 +363,22 @@ class Runtime:
             msg: Reply = conn.recv()
             if msg[0] != READY:
                 raise RuntimeError(f"worker {name} failed to start:\n{msg[2]}")
+
+    def _shm_layout(self, plan: Plan) -> tuple[dict, list[str], dict[str, int], str]:
+        """Shapes (at max_batch), names and byte sizes of the tensors one in-flight slot shares with workers,
+        and what they are, in words."""
+        shapes = _tensor_shapes(self.ir_path, self.max_batch)
+        names = sorted({t for w in plan.workers for s in w.stages for t in s.inputs + s.outputs})
+        what = (f"the {plan.kind} plan ({self.inflight} in-flight slot(s) x {len(names)} tensors of "
+                f"{self.max_batch} images)")
+        return shapes, names, {n: int(np.prod(shapes[n])) * 4 for n in names}, what
+
+    def _shm_problem(self, plan: Plan) -> str | None:
+        """Why /dev/shm cannot hold every slot of `plan` (checked at start-up, before anything is mapped)."""
+        if self._in_process(plan):
+            return None
+        _, _, sizes, what = self._shm_layout(plan)
+        return shared_memory_problem(self.inflight * max(1, sum(sizes.values())), what)
 
     def _stop_workers(self) -> None:
         for slot in getattr(self, "_slot_list", []):
@@ -336,8 +447,8 @@ class Runtime:
 
     # ------------------------------------------------------------------ hot path
     def _check(self, batch: np.ndarray) -> np.ndarray:
-        if self._closed:
-            raise RuntimeClosedError("this Runtime is closed")
+        if self._closed:  # also in a forked child (`_detach_after_fork`): no per-call pid check needed
+            raise self._closed_error()
         if self._broken is not None:
             raise RuntimeBrokenError(self._broken)
         batch = np.asarray(batch)
@@ -517,7 +628,7 @@ class Runtime:
         """Why this Runtime cannot answer (closed, or a worker process died), or None. Cheap (one
         non-blocking waitpid per worker): health probes may call it as often as they like."""
         if self._closed:
-            return "this Runtime is closed"
+            return self._forked or "this Runtime is closed"
         if self._broken is None:
             for proc in self._procs:
                 if not proc.is_alive():
@@ -533,7 +644,10 @@ class Runtime:
         """Raise `RuntimeClosedError` / `RuntimeBrokenError` (with the cause) unless the Runtime is healthy."""
         why = self.failure()
         if why is not None:
-            raise (RuntimeClosedError if self._closed else RuntimeBrokenError)(why)
+            raise self._closed_error() if self._closed else RuntimeBrokenError(why)
+
+    def _closed_error(self) -> RuntimeClosedError:
+        return RuntimeForkedError(self._forked) if self._forked else RuntimeClosedError("this Runtime is closed")
 
     @contextmanager
     def _control_slot(self):
@@ -553,6 +667,8 @@ class Runtime:
     def thread_affinity(self) -> dict[str, dict]:
         """For each worker: its core group and the Cpus_allowed_list of every one of its threads,
         read by the worker from /proc/self/task/*/status."""
+        if self._closed:
+            raise self._closed_error()
         if self._inproc:
             return {"model": {"cpus": self.plan.cpus, "pid": os.getpid(), "threads": thread_affinities()}}
         out = {}
@@ -566,6 +682,8 @@ class Runtime:
     def message_round_trip_ms(self, n: int = 200) -> float:
         """Median parent<->worker message round trip: the unit cost of one hand-over between stages
         (0 when the single graph runs in this process)."""
+        if self._closed:
+            raise self._closed_error()
         if self._inproc:
             return 0.0
         with self._control_slot() as slot:
@@ -579,6 +697,8 @@ class Runtime:
         return float(np.median(times) * 1e3)
 
     def describe(self) -> dict:
+        if self._forked:
+            raise self._closed_error()
         return {"model": str(self.model_dir.path), "precision": self.precision, "max_batch": self.max_batch,
                 "inflight": self.inflight, "plan": self.plan.describe()}
 
@@ -591,6 +711,29 @@ class Runtime:
         self._stop_workers()
         if self._claim is not None:
             self._claim.release()
+
+    def _detach_after_fork(self) -> None:
+        """In a forked child (`_after_fork_in_child`): refuse every call with the fix, and make sure nothing the
+        child does, exiting included, touches the parent's runtime. Its copies of the pipes are closed (no
+        message can reach a worker; a worker still sees EOF when the parent goes), the workers leave
+        multiprocessing's child list (whose exit handler would SIGTERM them), the shared memory is never
+        unlinked (close() returns at once), the core leases are forgotten (`cores._forget_parent_locks`), and
+        the in-process OpenVINO objects are never destroyed (their destructor waits for threads the fork lost)."""
+        self._forked = (f"this Runtime was created in process {self._pid}, and this process ({os.getpid()}) is a "
+                        "fork of it: the Runtime's worker processes, pipes, shared memory and OpenVINO threads "
+                        "belong to the parent, so it cannot run here. Create the Runtime after forking (in each "
+                        "child), or start the children with 'spawn' (multiprocessing.get_context('spawn'), "
+                        "ProcessPoolExecutor(mp_context=...)); a server: create it in each worker (no gunicorn "
+                        "--preload of the code that creates it)")
+        self._closed = True
+        for slot in getattr(self, "_slot_list", []):
+            for conn in slot.conns.values():
+                conn.close()
+        children = getattr(mp.process, "_children", set())  # what multiprocessing's exit handler terminates
+        for proc in self._procs:
+            children.discard(proc)
+        for obj in self._ov_objects:
+            _keep_forever(obj)
 
     def __enter__(self) -> "Runtime":
         return self
