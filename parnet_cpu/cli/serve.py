@@ -20,7 +20,8 @@ from parnet_cpu.cli.common import add_model_dir_arg
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_dir_arg(p)
-    p.add_argument("--name", default="parnet", help="model name in the v2 API (default: parnet)")
+    p.add_argument("--name", type=model_name_arg, default="parnet",
+                   help="model name in the v2 API: letters, digits, '.', '_', '-' (default: parnet)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000; 0 = any free port)")
     r = p.add_argument_group("runtime")
@@ -67,6 +68,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="HTTP server: KServe v2 inference protocol + /v1/classify, dynamic batching")
     add_arguments(p)
     p.set_defaults(handler=run)
+
+
+def model_name_arg(text: str) -> str:
+    """--name: refused unless the v2 routes can serve it (the same check as `ServeConfig`)."""
+    try:
+        from parnet_cpu.serve.app import check_model_name
+    except ImportError:  # no web stack: run() says what is missing
+        return text
+    try:
+        return check_model_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def replicas_arg(text: str) -> int | str:
@@ -156,13 +169,15 @@ def run(args: argparse.Namespace) -> int:
 
         from parnet_cpu.serve.app import ServeConfig, create_app
         from parnet_cpu.serve.metrics import configure_logging
-        from parnet_cpu.serve.protocol import header_timeout_protocol
+        from parnet_cpu.serve.protocol import RepeatFilter, connection_budget, server_protocol
     except ImportError as exc:
         raise CliError(f"serving needs the web stack ({exc.name} is missing): "
                        "pip install starlette uvicorn prometheus-client python-multipart") from None
     import logging
 
     configure_logging(args.log_level)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RepeatFilter())  # a flood of one warning (failing accepts, garbage requests) stays small
     log = logging.getLogger("parnet_cpu.serve")
     config = ServeConfig(model=args.model, name=args.name, cores_per_stream=args.cores_per_stream, cores=args.cores,
                          precision=args.precision, plan=args.plan, share_cores=args.share_cores,
@@ -180,12 +195,20 @@ def run(args: argparse.Namespace) -> int:
                     "or a network policy", extra={"host": args.host})
     runtime = _start_runtime(config)
     try:
+        try:
+            budget = connection_budget(args.max_connections)  # with the runtime's descriptors open
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+        (log.warning if budget.max_connections < budget.asked else log.info)(
+            f"at most {budget.max_connections} connections (--max-connections {budget.asked}; file descriptor "
+            f"limit {budget.fd_soft_limit or 'unlimited'}, {budget.fds_in_use} in use); requests beyond answer "
+            f"503, connections beyond {budget.max_open} are closed at once", extra=budget.describe())
         app = create_app(config, runtime=runtime)
         server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
                                                server_header=False, log_level=args.log_level,
                                                timeout_graceful_shutdown=args.graceful_timeout,
-                                               http=header_timeout_protocol(args.header_timeout),
-                                               limit_concurrency=args.max_connections))
+                                               http=server_protocol(args.header_timeout, budget),
+                                               limit_concurrency=None, ws="none", backlog=budget.backlog))
         host, port = sock.getsockname()[:2]
         log.info("listening", extra={"host": host, "port": port, "url": f"http://{args.host}:{port}"})
         try:

@@ -16,7 +16,7 @@ from typing import Sequence, Union
 import numpy as np
 from PIL import Image, ImageOps
 
-from .preprocess import ImageDecodeError, ImageTooLargeError, PreprocessConfig, load_and_preprocess, preprocess
+from .preprocess import ImageDecodeError, PreprocessConfig, load_and_preprocess, plan_preprocess, preprocess
 
 __all__ = ["MAX_IMAGE_PIXELS", "ImageInput", "preprocess_batch", "preprocess_input"]
 
@@ -77,9 +77,7 @@ def _array_image(arr: np.ndarray, name: str) -> Image.Image:
 
 def _from_pil(img: Image.Image, cfg: PreprocessConfig, out: np.ndarray | None, max_pixels: int | None,
               name: str) -> np.ndarray:
-    if max_pixels is not None and img.width * img.height > max_pixels:
-        raise ImageTooLargeError(name, f"image of {img.width}x{img.height} pixels is larger than the limit of "
-                                       f"{max_pixels}")
+    plan_preprocess(img.size, img.mode, cfg, name=name, max_pixels=max_pixels)  # bounded before load()
     try:
         img.load()  # a lazily opened file: decode it now (errors name the image)
         if cfg.exif_transpose and img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
@@ -88,7 +86,9 @@ def _from_pil(img: Image.Image, cfg: PreprocessConfig, out: np.ndarray | None, m
         raise ImageDecodeError(name, f"{type(exc).__name__}: {exc}") from None
     if img.mode in ("RGB", "L"):
         try:
-            return preprocess(img, cfg, out)
+            return preprocess(img, cfg, out, max_pixels=max_pixels, name=name)
+        except ImageDecodeError:
+            raise
         except Exception as exc:
             raise ImageDecodeError(name, f"preprocessing failed: {type(exc).__name__}: {exc}") from None
     # Alpha, palette, CMYK, 16-bit, float...: the decoder's mode rules, through a lossless re-encoding

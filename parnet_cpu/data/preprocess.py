@@ -29,12 +29,18 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "INTERPOLATIONS",
+    "ORDINARY_ASPECT_RATIO",
     "ImageDecodeError",
     "ImageTooLargeError",
     "PreprocessConfig",
+    "PreprocessPlan",
+    "decode_limit",
     "decode_image",
     "load_image",
     "load_and_preprocess",
+    "max_plan_bytes",
+    "plan_image",
+    "plan_preprocess",
     "preprocess",
     "resize_shorter_side",
     "center_crop",
@@ -198,6 +204,135 @@ def _per_channel(values: Sequence[float] | float, channels: int, name: str) -> t
 
 
 # --------------------------------------------------------------------------------------------
+# the bounded-preprocessing plan
+# --------------------------------------------------------------------------------------------
+
+# Extra bytes per pixel that `_to_rgb_or_l` holds while turning a decoded mode into RGB/L (numpy copies,
+# converted images, alpha band, composite); other modes (CMYK, YCbCr, ...) take one RGB conversion (4).
+_CONVERT_BYTES: dict[str, int] = {"RGB": 0, "L": 0, "1": 1, "I": 13, "F": 9, "P": 13, "PA": 13,
+                                  "RGBA": 9, "LA": 9, "RGBa": 13, "La": 13}
+# Decoder working memory per pixel beyond the image buffer: a progressive JPEG keeps every DCT coefficient
+# (2 bytes per sample, 3 samples).
+_DECODER_BYTES: dict[str, int] = {"JPEG": 6}
+_GREY_MODES = ("1", "L", "I", "F")
+# Images up to this aspect ratio are always resized, however small the pixel limit: their resize
+# intermediate (R x 16 R pixels, 1 M for R = 256) is what any ordinary banner or panorama needs.
+ORDINARY_ASPECT_RATIO = 16
+
+
+def _pixel_bytes(mode: str) -> int:
+    """Bytes Pillow stores per pixel: 1 for L/P/1, 2 for 16-bit, 4 for everything else (RGB is padded)."""
+    if mode in ("1", "L", "P"):
+        return 1
+    return 2 if mode.startswith("I;16") else 4
+
+
+def decode_limit(max_pixels: int | None) -> int:
+    """The pixel limit every buffer of a decode is held to: the caller's ``max_pixels`` (``serve
+    --max-image-pixels``), else Pillow's own decompression-bomb limit (``2 * Image.MAX_IMAGE_PIXELS``, what
+    ``Image.open`` refuses), else 40 M. One knob for the decoded image, each intermediate and so the aspect
+    ratio (the resize intermediate may always reach that of an ``ORDINARY_ASPECT_RATIO`` image)."""
+    if max_pixels is not None:
+        return int(max_pixels)
+    pillow = Image.MAX_IMAGE_PIXELS
+    return 2 * int(pillow) if pillow else 40_000_000
+
+
+@dataclass(frozen=True)
+class PreprocessPlan:
+    """What decoding and preprocessing one image will allocate, worked out from its header: each step as
+    ``(step, width, height, bytes)``. Every buffer is at most ``limit`` pixels, the resize intermediate at
+    most that of an ``ORDINARY_ASPECT_RATIO`` image if larger (else no plan exists)."""
+
+    name: str
+    size: tuple[int, int]
+    mode: str
+    limit: int
+    steps: tuple[tuple[str, int, int, int], ...]
+
+    @property
+    def bytes(self) -> int:
+        """Upper estimate of the memory the decode holds at its peak (every step's buffer summed)."""
+        return sum(step[3] for step in self.steps)
+
+
+def _ratio(x: float) -> str:
+    return f"{x:.1f}".removesuffix(".0")
+
+
+def _resized_size(w: int, h: int, size: int, limit: int, name: str) -> tuple[int, int]:
+    """The shorter-side resize's output size (torchvision ``Resize(int)`` rule), refused over the pixel
+    ``limit`` (or the resize of an ``ORDINARY_ASPECT_RATIO`` image, if larger): it grows with the aspect
+    ratio (a 40000x1 image resized to 256 becomes 10240000x256), so this bounds the aspect ratio."""
+    rw, rh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    bound = max(limit, ORDINARY_ASPECT_RATIO * size * size)
+    if rw * rh > bound:
+        raise ImageTooLargeError(
+            name, f"resize: the shorter-side resize of a {w}x{h} image (aspect ratio "
+                  f"{_ratio(max(w, h) / min(w, h))}:1) to {size} px would make a {rw}x{rh} intermediate of "
+                  f"{rw * rh} pixels, more than the limit of {bound} (aspect ratio at most "
+                  f"{_ratio(bound / (size * size))}:1 at this resize size)")
+    return rw, rh
+
+
+def plan_preprocess(size: tuple[int, int], mode: str, cfg: PreprocessConfig | None = None, *,
+                    name: str = "<bytes>", max_pixels: int | None = None, fmt: str | None = None,
+                    exif_transpose: bool = True, decoded: bool = False) -> PreprocessPlan:
+    """The bounded plan for an image of ``size`` (w, h) and Pillow ``mode`` (both from its header, before
+    any pixel is decoded): the decoded image, the mode conversion, and with ``cfg`` the shorter-side resize
+    (whose output grows with the aspect ratio: a 40000x1 image becomes 10240000x256), the crop and the
+    output. Any buffer over :func:`decode_limit` raises :class:`ImageTooLargeError` naming the step and the
+    numbers. ``decoded=True``: the image is already in memory (only the preprocessing steps are planned)."""
+    w, h = int(size[0]), int(size[1])
+    limit = decode_limit(max_pixels)
+    if w < 1 or h < 1:
+        raise ImageDecodeError(name, f"image of {w}x{h} pixels has no pixels")
+    n = w * h
+    if n > limit:
+        raise ImageTooLargeError(name, f"decode: image of {w}x{h} pixels is larger than the limit of {limit} "
+                                       f"({n} pixels)")
+    steps: list[tuple[str, int, int, int]] = []
+    out_bpp = 1 if mode in _GREY_MODES or mode.startswith("I;16") else 4
+    if not decoded:
+        pb = _pixel_bytes(mode)
+        conv = 7 if mode.startswith("I;16") else _CONVERT_BYTES.get(mode, 4)
+        steps.append(("decode", w, h, n * (pb + _DECODER_BYTES.get(fmt or "", 0))))
+        if exif_transpose:
+            steps.append(("exif orientation", w, h, n * pb))
+        if conv:
+            steps.append((f"convert {mode}", w, h, n * conv))
+    elif mode not in ("RGB", "L"):
+        out_bpp = 4
+        steps.append((f"convert {mode}", w, h, n * 4))
+    if cfg is None:
+        return PreprocessPlan(name, (w, h), mode, limit, tuple(steps))
+    if cfg.channels == 1:
+        if out_bpp != 1:
+            steps.append(("convert L", w, h, n))
+        out_bpp = 1
+    rw, rh = _resized_size(w, h, cfg.resize_size, limit, name)
+    if (rw, rh) != (w, h):
+        steps.append(("resize (first pass)", rw, h, rw * h * out_bpp))
+        steps.append(("resize", rw, rh, rw * rh * out_bpp))
+    s = cfg.input_size
+    steps.append(("crop", s, s, s * s * (out_bpp + cfg.channels + 4 * cfg.channels)))
+    return PreprocessPlan(name, (w, h), mode, limit, tuple(steps))
+
+
+def max_plan_bytes(cfg: PreprocessConfig | None = None, max_pixels: int | None = None) -> int:
+    """The largest :attr:`PreprocessPlan.bytes` of any image the limits allow (a square image at the pixel
+    limit in the costliest mode, or the thinnest image the resize allows): what one decode may hold."""
+    limit = decode_limit(max_pixels)
+    side = math.isqrt(limit)
+    shapes = [(side, side)]
+    if cfg is not None:
+        r = cfg.resize_size
+        shapes.append((1, max(1, min(limit, max(limit, ORDINARY_ASPECT_RATIO * r * r) // (r * r)))))
+    return max(plan_preprocess(shape, mode, cfg, max_pixels=limit, fmt=fmt).bytes
+               for shape in shapes for mode in (*_CONVERT_BYTES, "I;16", "CMYK") for fmt in (None, *_DECODER_BYTES))
+
+
+# --------------------------------------------------------------------------------------------
 # decoding
 # --------------------------------------------------------------------------------------------
 
@@ -218,6 +353,7 @@ def decode_image(
     max_pixels: int | None = None,
     exif_transpose: bool = True,
     alpha_background: tuple[int, int, int] | None = (255, 255, 255),
+    cfg: PreprocessConfig | None = None,
 ) -> Image.Image:
     """Decode image bytes (or a binary file object) fully into an ``"RGB"`` or ``"L"`` image: the one set of
     decoding rules for files (:func:`load_image`), calibration/evaluation data and the server's uploads.
@@ -238,30 +374,21 @@ def decode_image(
     * Only the formats of :data:`IMAGE_FORMATS`, recognised by content; any other file (PPM, ICO, EPS,
       ... whatever its extension) is refused with the list of accepted formats.
     * Multi-frame files (GIF, TIFF, WebP, ...): first frame.
-    * An image of more than ``max_pixels`` pixels (read from its header, before any pixel is decoded),
-      or one Pillow refuses as a decompression bomb, raises :class:`ImageTooLargeError`.
+    * Before any pixel is decoded, :func:`plan_preprocess` bounds the work from the header: an image of
+      more than ``max_pixels`` pixels (default: Pillow's decompression-bomb limit), or, given the ``cfg``
+      it will be preprocessed with, one whose resize intermediate would exceed it (extreme aspect ratio),
+      raises :class:`ImageTooLargeError`; so does one Pillow refuses as a decompression bomb.
     * Truncated or corrupt data raise :class:`ImageDecodeError` (``name`` is the path it names).
       ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is never set by this package; if some other code set it to
       True, truncated JPEGs would decode with a grey lower part, so this function refuses to run then.
     * Empty data and non-images raise :class:`ImageDecodeError`.
     """
     _refuse_truncated_loading(name)
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        if not len(source):
-            raise ImageDecodeError(name, "empty file (0 bytes)")
-        source = io.BytesIO(source)
+    img, _ = _open_planned(source, name, cfg, max_pixels, exif_transpose)
     try:
-        img = Image.open(source, formats=IMAGE_FORMATS)
-        if max_pixels is not None and img.width * img.height > max_pixels:
-            raise ImageTooLargeError(name, f"image of {img.width}x{img.height} pixels is larger than the limit "
-                                           f"of {max_pixels}")
         img.load()
-    except ImageTooLargeError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(name, f"image too large: {exc}") from None
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
-        raise ImageDecodeError(name, _reason(exc)) from None
+    except Exception as exc:
+        raise _decode_error(name, exc) from None
     if exif_transpose:
         try:
             ImageOps.exif_transpose(img, in_place=True)
@@ -275,15 +402,53 @@ def decode_image(
         raise ImageDecodeError(name, f"unsupported image mode {img.mode!r}: {_reason(exc)}") from None
 
 
+def plan_image(source: ImageSource, cfg: PreprocessConfig | None = None, *, name: str = "<bytes>",
+               max_pixels: int | None = None) -> PreprocessPlan:
+    """The bounded plan (:func:`plan_preprocess`) of encoded image data from its header alone, nothing
+    decoded, with :func:`decode_image`'s refusals: lets a caller reserve the memory a decode will need
+    before it starts (the server's decode budget)."""
+    exif = cfg.exif_transpose if cfg is not None else True
+    img, plan = _open_planned(source, name, cfg, max_pixels, exif)
+    img.close()
+    return plan
+
+
+def _open_planned(source: ImageSource, name: str, cfg: PreprocessConfig | None, max_pixels: int | None,
+                  exif_transpose: bool) -> tuple[Image.Image, PreprocessPlan]:
+    """Open ``source`` (the header only: allowed formats, by content) and plan its decode and preprocessing
+    before any pixel is decoded; the one place uploads and files are refused for size."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if not len(source):
+            raise ImageDecodeError(name, "empty file (0 bytes)")
+        source = io.BytesIO(source)
+    try:
+        img = Image.open(source, formats=IMAGE_FORMATS)
+        return img, plan_preprocess(img.size, img.mode, cfg, name=name, max_pixels=max_pixels, fmt=img.format,
+                                    exif_transpose=exif_transpose)
+    except Exception as exc:
+        raise _decode_error(name, exc) from None
+
+
+def _decode_error(name: str, exc: Exception) -> ImageDecodeError:
+    """What Pillow raised while opening or decoding, as this package's error (the plan's pass through)."""
+    if isinstance(exc, ImageDecodeError):  # the plan's refusals (ImageTooLargeError among them)
+        return exc
+    if isinstance(exc, Image.DecompressionBombError):
+        return ImageTooLargeError(name, f"image too large: {exc}")
+    return ImageDecodeError(name, _reason(exc))  # PIL raises OSError, SyntaxError, ValueError, struct.error...
+
+
 def load_image(
     path: str | os.PathLike[str],
     *,
     exif_transpose: bool = True,
     alpha_background: tuple[int, int, int] | None = (255, 255, 255),
     max_pixels: int | None = None,
+    cfg: PreprocessConfig | None = None,
 ) -> Image.Image:
     """Decode the file at ``path`` fully and return an ``"RGB"`` or ``"L"`` (grayscale source) image, by
-    the rules of :func:`decode_image`; missing and empty files raise :class:`ImageDecodeError`."""
+    the rules (and the bounded plan) of :func:`decode_image`; missing and empty files raise
+    :class:`ImageDecodeError`."""
     p = os.fspath(path)
     _refuse_truncated_loading(p)
     try:
@@ -300,7 +465,7 @@ def load_image(
         raise ImageDecodeError(p, _reason(exc)) from None
     with fh:
         return decode_image(fh, name=p, max_pixels=max_pixels, exif_transpose=exif_transpose,
-                            alpha_background=alpha_background)
+                            alpha_background=alpha_background, cfg=cfg)
 
 
 def _reason(exc: BaseException) -> str:
@@ -322,11 +487,19 @@ def _to_rgb_or_l(img: Image.Image, background: tuple[int, int, int] | None) -> I
         return img.convert("L")
     if mode.startswith("I;16") or mode == "I":
         arr = np.asarray(img)
-        arr = np.clip(arr.astype(np.int64), 0, 65535)
-        return Image.fromarray(((arr * 255 + 32767) // 65535).astype(np.uint8), "L")
+        if arr.dtype.kind == "i":  # mode I: 32-bit signed
+            arr = np.clip(arr, 0, 65535)
+        wide = arr.astype(np.uint32)  # (v * 255 + 32767) // 65535 <= 16744192: exact in uint32, in place
+        wide *= 255
+        wide += 32767
+        wide //= 65535
+        return Image.fromarray(wide.astype(np.uint8), "L")
     if mode == "F":
-        arr = np.clip(np.nan_to_num(np.asarray(img, dtype=np.float32)), 0.0, 1.0)
-        return Image.fromarray(np.rint(arr * 255.0).astype(np.uint8), "L")
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float32))  # a writable copy
+        np.clip(arr, 0.0, 1.0, out=arr)
+        arr *= np.float32(255.0)
+        np.rint(arr, out=arr)
+        return Image.fromarray(arr.astype(np.uint8), "L")
     if mode == "P":
         if "transparency" in img.info:
             img = img.convert("RGBA")
@@ -359,14 +532,12 @@ def _to_rgb_or_l(img: Image.Image, background: tuple[int, int, int] | None) -> I
 
 def resize_shorter_side(
     img: Image.Image, size: int, resample: Image.Resampling = Image.Resampling.BICUBIC,
-    reducing_gap: float | None = None,
+    reducing_gap: float | None = None, *, max_pixels: int | None = None, name: str = "<PIL image>",
 ) -> Image.Image:
-    """Resize so the shorter side is ``size`` (torchvision ``Resize(int)`` size rule)."""
+    """Resize so the shorter side is ``size`` (torchvision ``Resize(int)`` size rule); an output over
+    ``max_pixels`` (:func:`decode_limit`) raises :class:`ImageTooLargeError` before it is allocated."""
     w, h = img.size
-    if w <= h:
-        new_w, new_h = size, int(size * h / w)
-    else:
-        new_w, new_h = int(size * w / h), size
+    new_w, new_h = _resized_size(w, h, size, decode_limit(max_pixels), name)
     if (new_w, new_h) == (w, h):
         return img
     return img.resize((new_w, new_h), resample, reducing_gap=reducing_gap)
@@ -386,18 +557,23 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def preprocess(img: Image.Image, cfg: PreprocessConfig | None = None, out: np.ndarray | None = None) -> np.ndarray:
+def preprocess(img: Image.Image, cfg: PreprocessConfig | None = None, out: np.ndarray | None = None, *,
+               max_pixels: int | None = None, name: str = "<PIL image>") -> np.ndarray:
     """Resize/crop/normalise a decoded image into a float32 ``(C, S, S)`` array.
 
-    ``out`` may be a preallocated float32 array of shape ``cfg.output_shape`` (e.g. a batch slot).
+    ``out`` may be a preallocated float32 array of shape ``cfg.output_shape`` (e.g. a batch slot). Before
+    anything is converted or resized, :func:`plan_preprocess` holds every intermediate to
+    ``max_pixels`` (:func:`decode_limit`): an extreme aspect ratio raises :class:`ImageTooLargeError`.
     """
     cfg = cfg or DEFAULT_CONFIG
+    plan_preprocess(img.size, img.mode, cfg, name=name, max_pixels=max_pixels, decoded=True)
     if cfg.channels == 1:
         if img.mode != "L":
             img = img.convert("L")
     elif img.mode not in ("RGB", "L"):
         img = img.convert("RGB")  # L stays L (cheaper resize) and is replicated below: exact
-    img = resize_shorter_side(img, cfg.resize_size, cfg.resample, cfg.reducing_gap)
+    img = resize_shorter_side(img, cfg.resize_size, cfg.resample, cfg.reducing_gap, max_pixels=max_pixels,
+                              name=name)
     img = center_crop(img, cfg.input_size)
     arr = np.asarray(img, dtype=np.uint8)
     src = arr[None, :, :] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # (1|3, S, S) view
@@ -414,18 +590,21 @@ def load_and_preprocess(source: str | os.PathLike[str] | ImageSource, cfg: Prepr
                         out: np.ndarray | None = None, *, name: str | None = None,
                         max_pixels: int | None = None) -> np.ndarray:
     """``preprocess(load_image(path))`` (or of :func:`decode_image` for bytes or a binary file object, named
-    ``name`` in errors) honouring the config's EXIF / alpha options."""
+    ``name`` in errors) honouring the config's EXIF / alpha options. The whole decode and preprocessing is
+    planned from the header first (:func:`plan_preprocess`): a refusal allocates nothing."""
     cfg = cfg or DEFAULT_CONFIG
     if isinstance(source, (str, os.PathLike)):
         name = name or os.fspath(source)
         img = load_image(source, exif_transpose=cfg.exif_transpose, alpha_background=cfg.alpha_background,
-                         max_pixels=max_pixels)
+                         max_pixels=max_pixels, cfg=cfg)
     else:
         name = name or "<bytes>"
         img = decode_image(source, name=name, max_pixels=max_pixels, exif_transpose=cfg.exif_transpose,
-                           alpha_background=cfg.alpha_background)
+                           alpha_background=cfg.alpha_background, cfg=cfg)
     try:
-        return preprocess(img, cfg, out)
+        return preprocess(img, cfg, out, max_pixels=max_pixels, name=name)
+    except ImageDecodeError:
+        raise
     except Exception as exc:  # e.g. a 0-pixel-wide image that Pillow decoded
         raise ImageDecodeError(name, f"preprocessing failed: {_reason(exc)}") from None
 

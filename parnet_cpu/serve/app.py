@@ -24,7 +24,8 @@ import os
 import re
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -40,7 +41,7 @@ from starlette.routing import Route
 from parnet_cpu import __version__
 from parnet_cpu.artifacts import INPUT_NAME, OUTPUT_NAME
 from parnet_cpu.data.preprocess import (IMAGE_FORMATS, ImageDecodeError, ImageTooLargeError, PreprocessConfig,
-                                        load_and_preprocess)
+                                        PreprocessPlan, load_and_preprocess, max_plan_bytes, plan_image)
 from parnet_cpu.data.inputs import MAX_IMAGE_PIXELS
 from parnet_cpu.runtime.classify import softmax_top_k
 from parnet_cpu.serve.batcher import BatcherClosedError, DynamicBatcher, QueueFullError
@@ -350,6 +351,90 @@ def decode_image_bytes(data: bytes, cfg: PreprocessConfig, max_pixels: int) -> n
     return out
 
 
+def plan_upload(data: bytes, cfg: PreprocessConfig, max_pixels: int) -> PreprocessPlan:
+    """The upload's bounded plan from its header alone (`data.plan_image`, nothing decoded): over the limits
+    413, not an allowed image 400 (`ImageDecodeError`)."""
+    try:
+        return plan_image(data, cfg, name=UPLOAD, max_pixels=max_pixels)
+    except ImageTooLargeError as exc:
+        raise ApiError(413, exc.reason) from None
+
+
+class DecodeBudget:
+    """Bytes of upload decoding in flight at once, by the plans' estimates: an async weighted semaphore,
+    first come first served, so concurrent large-but-allowed uploads queue instead of multiplying memory.
+    A request larger than the whole budget counts as the whole budget (it runs alone)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, int(capacity))
+        self.used = 0
+        self._waiters: deque[tuple[int, asyncio.Future]] = deque()
+
+    async def run(self, nbytes: int, pool: Executor, fn: Callable, *args) -> Any:
+        """`fn(*args)` in `pool` once `nbytes` fit; they are given back when `fn` returns, not when the
+        awaiting request is cancelled (the thread still holds the memory until then)."""
+        n = min(max(0, int(nbytes)), self.capacity)
+        await self._acquire(n)
+        loop = asyncio.get_running_loop()
+        try:
+            cf = pool.submit(fn, *args)
+        except BaseException:
+            self._release(n)
+            raise
+        cf.add_done_callback(lambda _: self._release_from_thread(loop, n))
+        return await asyncio.wrap_future(cf)
+
+    async def _acquire(self, n: int) -> None:
+        if not self._waiters and self.used + n <= self.capacity:
+            self.used += n
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append((n, fut))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():  # granted just as the request went away
+                self._release(n)
+            else:
+                self._waiters = deque(w for w in self._waiters if w[1] is not fut)
+                self._wake()
+            raise
+
+    def _release_from_thread(self, loop: asyncio.AbstractEventLoop, n: int) -> None:
+        try:
+            loop.call_soon_threadsafe(self._release, n)
+        except RuntimeError:  # the loop is closed: the server is gone, nothing waits
+            pass
+
+    def _release(self, n: int) -> None:
+        self.used -= n
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            n, fut = self._waiters[0]
+            if fut.done():
+                self._waiters.popleft()
+            elif self.used + n <= self.capacity:
+                self._waiters.popleft()
+                self.used += n
+                fut.set_result(None)
+            else:
+                break
+
+
+async def decode_upload(svc: "Service", data: bytes) -> np.ndarray:
+    """An upload -> (1, C, H, W) float32: planned from its header first (413/400 before any pixel is
+    decoded), then decoded in the CPU pool once its estimated bytes fit the server's decode budget (two of
+    the costliest decodes `--max-image-pixels` allows, created on first use)."""
+    cfg, limit = svc.model.preprocess, svc.config.max_image_pixels
+    plan = await svc.run_cpu(plan_upload, data, cfg, limit)
+    budget = getattr(svc, "decode_budget", None)
+    if budget is None:
+        budget = svc.decode_budget = DecodeBudget(2 * max_plan_bytes(cfg, limit))
+    return await budget.run(plan.bytes, svc.pool, decode_image_bytes, data, cfg, limit)
+
+
 def require_finite(logits: np.ndarray) -> None:
     """Refuse to answer NaN or infinite logits: JSON cannot carry them (a bare NaN is invalid JSON) and
     no ranking of them means anything. The inputs were finite, so this is the model's fault: 500."""
@@ -592,7 +677,7 @@ async def classify(request: Request) -> Response:
     k = _top_k_param(request, svc.model.num_classes)
     svc.admit()
     data = await _upload_bytes(request)
-    images = await svc.run_cpu(decode_image_bytes, data, svc.model.preprocess, svc.config.max_image_pixels)
+    images = await decode_upload(svc, data)
     logits = await svc.infer(request, images)
     if logits is None:
         return Response(status_code=CLIENT_CLOSED)
