@@ -28,6 +28,7 @@ from collections import deque
 from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, Callable, Protocol
 
 import numpy as np
@@ -47,7 +48,8 @@ from parnet_cpu.runtime.classify import softmax_top_k
 from parnet_cpu.serve.batcher import BatcherClosedError, DynamicBatcher, QueueFullError
 from parnet_cpu.serve.metrics import CONTENT_TYPE_LATEST, ServeMetrics
 
-__all__ = ["ApiError", "ServeConfig", "create_app", "decode_image_bytes"]
+__all__ = ["ApiError", "ServeConfig", "check_model_name", "create_app", "decode_image_bytes", "error_response",
+           "json_tensor"]
 
 log = logging.getLogger("parnet_cpu.serve")
 
@@ -56,6 +58,18 @@ UPLOAD = "<upload>"  # the "path" named in ImageDecodeError for uploaded bytes
 MODEL_VERSION = "1"
 PLATFORM = "openvino_ir"
 CLIENT_CLOSED = 499  # nginx's code for "client closed the request": recorded, never received by anyone
+# A name every client can put in /v2/models/{name}/... as it is: one path segment, never a dot segment
+# ("." or ".." are removed by URL normalisation), nothing that needs percent-encoding.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_model_name(name: Any) -> str:
+    """`name` if the v2 routes can serve it, else ValueError: a name with '/', spaces or '%', an empty one
+    or '..' would be announced ready while every model URL answers 404. Used by `ServeConfig` and `--name`."""
+    if not isinstance(name, str) or MODEL_NAME.fullmatch(name) is None:
+        raise ValueError(f"model name {name!r} cannot be routed as /v2/models/<name>: use 1 to 128 ASCII letters, "
+                         "digits, '.', '_' or '-', starting with a letter or digit")
+    return name
 
 
 @dataclass(frozen=True)
@@ -86,6 +100,9 @@ class ServeConfig:
     max_connections: int = 256  # open connections; requests beyond answer 503 (uvicorn's limit_concurrency)
     health_interval_s: float = 1.0  # how often the runtime's workers are checked (log, metrics, restart)
     max_restarts: int = 3  # times a runtime whose worker died is replaced; then not live (orchestrator restarts)
+
+    def __post_init__(self) -> None:
+        check_model_name(self.name)
 
 
 class RuntimeLike(Protocol):
@@ -177,9 +194,14 @@ def parse_infer_request(body: bytes, header_length: str | None, model: ModelInfo
     return InferRequest(images, req_id, _binary_output(req))
 
 
+def _not_a_number(constant: str) -> Any:
+    """`json.loads` hook for NaN, Infinity and -Infinity: Python accepts them, JSON has no such numbers."""
+    raise ApiError(400, f"request body is not valid JSON: {constant} is not a JSON number")
+
+
 def _loads(text: bytes) -> Any:
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_not_a_number)
     except RecursionError:  # the client's nesting, not our failure
         raise ApiError(400, "request body is not valid JSON: nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
@@ -275,10 +297,10 @@ def _input_tensor(spec: dict, binary: memoryview, model: ModelInfo, max_images: 
     else:
         if len(binary):
             raise ApiError(400, "binary data present but no input declares binary_data_size")
-        arr = _json_tensor(spec.get("data"), count)
+        arr = json_tensor(INPUT_NAME, spec.get("data"), shape, np.float32)
     arr = arr.reshape(shape)
     if not np.isfinite(arr).all():
-        raise ApiError(400, f"input '{INPUT_NAME}' contains NaN or infinity")
+        raise ApiError(400, f"input '{INPUT_NAME}' contains NaN or infinity (or a number beyond the FP32 range)")
     return arr
 
 
@@ -290,21 +312,56 @@ def _binary_tensor(size: Any, binary: memoryview, count: int) -> np.ndarray:
     return np.frombuffer(binary, dtype="<f4").astype(np.float32)  # copy: aligned, native, writable
 
 
-def _json_tensor(data: Any, count: int) -> np.ndarray:
+JSON_NUMBERS = frozenset({int, float})  # what json.loads makes of JSON numbers (bool, str, None are not)
+
+
+def json_tensor(name: str, data: Any, shape: list[int], dtype: type) -> np.ndarray:
+    """A v2 tensor's JSON `data` -> a flat array of `dtype`, for every JSON-encoded input. The protocol allows
+    a flat list of prod(shape) values or lists nested exactly as `shape`; anything else is a 400 naming the
+    input and the dimension (data nested in another layout, e.g. NHWC under an NCHW shape, would otherwise be
+    read as the same numbers in the wrong places). Only JSON numbers are values: no strings, booleans or null
+    (NaN and Infinity are refused by the parser). Checks run per level in C-level loops, not per value."""
     if not isinstance(data, list):
-        raise ApiError(400, f"input '{INPUT_NAME}' needs 'data' (a flat or nested list of numbers)")
+        raise ApiError(400, f"input '{name}' needs 'data': a flat or nested list of numbers")
+    count = math.prod(shape)
+    if data and type(data[0]) is list:  # nested: every level must have exactly its dimension's length
+        level: list = [data]
+        for depth, size in enumerate(shape):
+            bad = next((i for i, item in enumerate(level) if type(item) is not list or len(item) != size), None)
+            if bad is not None:
+                item = level[bad]
+                where = "data" + "".join(f"[{k}]" for k in np.unravel_index(bad, shape[:depth])) if depth else "data"
+                found = f"a list of {len(item)}" if type(item) is list else f"a {_json_type(type(item))}"
+                raise ApiError(400, f"input '{name}': {where} is {found}, but dimension {depth} of its shape "
+                               f"{shape} is {size} (nested data must match the shape; or send it flat)")
+            level = list(chain.from_iterable(level))
+        values = level
+    elif len(data) != count:
+        raise ApiError(400, f"input '{name}' has {len(data)} values in flat 'data', its shape {shape} needs {count}")
+    else:
+        values = data
+    kinds = set(map(type, values))
+    if not kinds <= JSON_NUMBERS:
+        other = next(k for k in kinds if k not in JSON_NUMBERS)
+        deeper = " (nested deeper than its shape's dimensions)" if other is list and values is not data else ""
+        raise ApiError(400, f"input '{name}' data must be JSON numbers, found a {_json_type(other)}{deeper}")
     try:
-        arr = np.asarray(data, dtype=np.float32)
-    except (ValueError, TypeError):
-        raise ApiError(400, f"input '{INPUT_NAME}' data must be numbers (FP32), in a flat or regular nested list") from None
-    if arr.size != count:
-        raise ApiError(400, f"input '{INPUT_NAME}' has {arr.size} values, its shape needs {count}")
-    return arr.ravel()
+        return np.asarray(values, dtype=dtype)
+    except OverflowError:  # an integer too large for any float
+        raise ApiError(400, f"input '{name}' contains a number beyond the {np.dtype(dtype).name} range") from None
+
+
+def _json_type(kind: type) -> str:
+    """The JSON name of a type json.loads produces, for error messages."""
+    return {bool: "boolean", str: "string", type(None): "null", dict: "object", list: "list", int: "number",
+            float: "number"}.get(kind, kind.__name__)
 
 
 def _binary_output(req: dict) -> bool:
     params = req.get("parameters") or {}
-    default = bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
+    if not isinstance(params, dict):
+        raise ApiError(400, "'parameters' must be an object")
+    default = _json_bool(params, "binary_data_output")
     outputs = req.get("outputs")
     if not outputs:
         return default
@@ -315,9 +372,19 @@ def _binary_output(req: dict) -> bool:
         if out.get("name") != OUTPUT_NAME:
             raise ApiError(400, f"unknown output {out.get('name')!r}; this model's output is '{OUTPUT_NAME}'")
         oparams = out.get("parameters") or {}
-        if isinstance(oparams, dict) and "binary_data" in oparams:
-            binary = bool(oparams["binary_data"])
+        if not isinstance(oparams, dict):
+            raise ApiError(400, f"output '{OUTPUT_NAME}': 'parameters' must be an object")
+        if "binary_data" in oparams:
+            binary = _json_bool(oparams, "binary_data")
     return binary
+
+
+def _json_bool(params: dict, key: str) -> bool:
+    """A boolean parameter: only JSON true/false (bool("false") would be True: binary where text was asked)."""
+    value = params.get(key, False)
+    if type(value) is not bool:
+        raise ApiError(400, f"parameter '{key}' must be true or false, got {value!r}")
+    return value
 
 
 def encode_infer_response(model: ModelInfo, req: InferRequest, logits: np.ndarray) -> tuple[bytes, dict, str]:
@@ -793,8 +860,13 @@ class BodyLimitMiddleware:
         await self.app(scope, limited, send)
 
 
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    """Every error this server answers, the app's and the HTTP protocol's: `{"error": message}`."""
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
 def _error_response(exc: ApiError) -> Response:
-    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+    return error_response(exc.status, exc.message, exc.headers)
 
 
 async def _api_error(request: Request, exc: ApiError) -> Response:
@@ -806,12 +878,12 @@ async def _decode_error(request: Request, exc: ImageDecodeError) -> Response:
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
-    return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+    return error_response(exc.status_code, str(exc.detail), exc.headers)
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
     log.error("unhandled error", exc_info=exc)
-    return JSONResponse({"error": "internal server error"}, status_code=500)
+    return error_response(500, "internal server error")
 
 
 # ---------------------------------------------------------------------------------------------- factory
