@@ -18,6 +18,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -415,3 +416,39 @@ if __name__ == "__main__":
                          capture_output=True, text=True, timeout=240, cwd=REPO)
     assert cli.returncode == 2 and "Traceback" not in cli.stderr, cli.stderr
     assert str(lease_folder) in cli.stderr, cli.stderr
+
+
+def test_c5_fork_while_another_thread_holds_the_lease_registry(lease_folder):
+    """A fork while another thread is inside `lease_transaction` (a Runtime starting): the child's copy of the
+    registry lock is reset, so the child can lease cores of its own once the parent's transaction ends, instead
+    of waiting forever on a lock held by a thread that does not exist in it."""
+    from parnet_cpu.runtime.cores import CoreLease, lease_transaction
+
+    inside, leave = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lease_transaction():
+            inside.set()
+            leave.wait(30)
+
+    t = threading.Thread(target=hold, daemon=True)
+    t.start()
+    assert inside.wait(30)
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit status, never return into pytest
+        code = 1
+        try:
+            held = CoreLease([CPUS[-1]])
+            code = 0 if held.cpus == {CPUS[-1]} else 3
+        finally:
+            os._exit(code)
+    threading.Timer(1.0, leave.set).start()  # the parent's transaction ends a second later
+    t0 = time.monotonic()
+    while not (done := os.waitpid(pid, os.WNOHANG))[0]:
+        if time.monotonic() - t0 > 30:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child waits forever for the registry lock")
+        time.sleep(0.05)
+    t.join(30)
+    assert os.waitstatus_to_exitcode(done[1]) == 0

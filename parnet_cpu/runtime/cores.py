@@ -89,10 +89,10 @@ def check_lease_dir(d: Path, shared: bool = False) -> Path:
         raise LeaseDirError(f"cannot create the core lease folder {d}: {exc.strerror or exc}; {LEASE_DIR_FIX}") \
             from None
     if not stat.S_ISDIR(st.st_mode):
-        what = f"a {_kind(st.st_mode)}" + (f" (to {os.readlink(d)})" if stat.S_ISLNK(st.st_mode) else "") \
-            if not stat.S_ISREG(st.st_mode) else "a file"
-        raise LeaseDirError(f"the core lease folder {d} is {what}, not a folder (links are never followed: another "
-                            f"user could point it anywhere); remove it or {LEASE_DIR_FIX}")
+        what = "a file" if stat.S_ISREG(st.st_mode) else f"a {_kind(st.st_mode)}"
+        if stat.S_ISLNK(st.st_mode):
+            what += f" (to {os.readlink(d)}; never followed: another user could point it anywhere)"
+        raise LeaseDirError(f"the core lease folder {d} is {what}, not a folder; remove it or {LEASE_DIR_FIX}")
     sticky = bool(st.st_mode & stat.S_ISVTX)
     if st.st_uid not in (os.geteuid(), 0) and not sticky:
         raise LeaseDirError(f"the core lease folder {d} belongs to uid {st.st_uid}, not to you (uid {os.geteuid()}) "
