@@ -14,6 +14,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from parnet_cpu.options import check_fields
+
 PathLike = str | os.PathLike
 
 
@@ -56,8 +58,10 @@ def quantize(model, calib_dir: PathLike, out_dir: PathLike, *, checkpoint: PathL
         raise TypeError(f"unknown quantize option(s) {unknown}; valid: {', '.join(sorted(valid))}")
     if isinstance(options.get("ignored_scope"), list):
         options["ignored_scope"] = tuple(options["ignored_scope"])
+    opts = QuantizeOptions(**options)
+    check_fields(opts)  # subset_size, batch_size, max_drop, ...: the ranges of the quantize flags (options.py)
     model, source = _model_and_source(model, checkpoint)
-    return quantize_to_dir(model, source, calib_dir, out_dir, QuantizeOptions(**options), overwrite=overwrite,
+    return quantize_to_dir(model, source, calib_dir, out_dir, opts, overwrite=overwrite,
                            log=log or (lambda *_: None))
 
 

@@ -138,7 +138,7 @@ def test_bad_core_specs(model_dir):
         Runtime(model_dir, cores=[[CPUS[0]], [CPUS[0]], [4096]])
     with pytest.raises(CoreSpecError, match="3 groups"):
         Runtime(model_dir, cores=[[CPUS[0]], [CPUS[-1]]])
-    with pytest.raises(CoreSpecError, match="at least 1"):
+    with pytest.raises(ValueError, match="^cores_per_stream: .*must be >= 1"):
         Runtime(model_dir, cores_per_stream=0)
     with pytest.raises(CoreSpecError):
         parse_groups("0-x:1")

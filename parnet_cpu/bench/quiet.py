@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Callable, Sequence
 
+from parnet_cpu.options import arg
 from parnet_cpu.runtime.cores import QUIET_LOAD, wait_for_quiet
 
 NOT_QUIET_EXIT = 3  # exit status of a measuring command refused by --require-quiet
@@ -140,5 +141,5 @@ def add_quiet_args(p) -> None:
     p.add_argument("--require-quiet", action="store_true",
                    help=f"refuse (exit {NOT_QUIET_EXIT}) instead of measuring when other work uses the measured CPUs "
                         f"(more than {QUIET_LOAD} of a CPU) before or during the run")
-    p.add_argument("--quiet-wait", type=float, default=DEFAULT_WAIT_S, metavar="S",
+    p.add_argument("--quiet-wait", type=arg("quiet_wait"), default=DEFAULT_WAIT_S, metavar="S",
                    help=f"seconds to wait for a busy machine to go quiet before measuring (default {DEFAULT_WAIT_S:g})")

@@ -7,18 +7,10 @@ from pathlib import Path
 
 from parnet_cpu.bench.quiet import add_quiet_args
 from parnet_cpu.cli.common import add_model_dir_arg
+from parnet_cpu.options import arg, arg_list
 
 
-def cores_per_stream_arg(text: str):
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("cores per stream must be at least 1")
-    return value
+cores_per_stream_arg = arg("cores_per_stream")  # also --cores-per-stream of serve
 
 
 def newest_model_dir(where: Path = Path(".")) -> Path | None:
@@ -60,18 +52,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cores-per-stream", type=cores_per_stream_arg, default="auto",
                    help="physical cores per stream, or auto (proportional to stream cost; default)")
     p.add_argument("--cores", help="explicit groups, one per stream, separated by ':' e.g. 0-7:8-15:16-23")
-    p.add_argument("--sweep", help="comma-separated cores-per-stream values to sweep (for the plot)")
+    p.add_argument("--sweep", type=arg_list("cores_per_stream"),
+                   help="comma-separated cores-per-stream values to sweep (for the plot)")
     p.add_argument("--use-smt", action="store_true", help="also use SMT siblings")
     p.add_argument("--precision", choices=("fp32", "bf16", "int8"), help="default: int8 if present, else fp32")
-    p.add_argument("--batches", "-b", default="1,8", help="batch sizes (default 1,8; -b as in benchmark_app)")
+    p.add_argument("--batches", "-b", type=arg_list("batch_size"), default="1,8",
+                   help="batch sizes (default 1,8; -b as in benchmark_app)")
     p.add_argument("--engines", help=f"subset of {','.join(ENGINES)} (default: the first six, plus a "
                                      "backend's INT8 engine when the model folder has its INT8 artifact)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", "-niter", type=int, default=10,
+    p.add_argument("--warmup", type=arg("warmup"), default=2)
+    p.add_argument("--iters", "-niter", type=arg("iters"), default=10,
                    help="at least this many timed calls per row (default 10)")
-    p.add_argument("--min-seconds", "-t", type=float, default=0.2,
+    p.add_argument("--min-seconds", "-t", type=arg("min_seconds"), default=0.2,
                    help="minimum measuring time per row in seconds (benchmark_app's -t; default 0.2)")
-    p.add_argument("--rounds", type=int, default=5,
+    p.add_argument("--rounds", type=arg("rounds"), default=5,
                    help="engines are timed in alternating rounds (A B C A B C ...), --iters and --min-seconds "
                         "split over them; ratios are taken within a round (default 5)")
     p.add_argument("--calib", metavar="DIR", help="images ort-int8 calibrates on (default: the shipped photos; "
@@ -100,8 +94,8 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise CliError(f"unknown engines {unknown}; choose from {', '.join(ENGINES)}")
     try:
-        batches = tuple(int(b) for b in args.batches.split(","))
-        sweep = [cores_per_stream_arg(v) for v in args.sweep.split(",")] if args.sweep else [args.cores_per_stream]
+        batches = tuple(args.batches)  # checked by the flag's type
+        sweep = list(args.sweep) if args.sweep else [args.cores_per_stream]
         cores = parse_groups(args.cores) if args.cores else None
     except (ValueError, argparse.ArgumentTypeError, CoreSpecError) as exc:
         raise CliError(str(exc)) from None

@@ -9,25 +9,7 @@ from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 from parnet_cpu.cli import CliError
-
-
-def positive_int(text: str) -> int:
-    """argparse type for counts that must be >= 1 (batch size, workers, limits): a usage error, not a traceback."""
-    return _int_at_least(text, 1)
-
-
-def non_negative_int(text: str) -> int:
-    return _int_at_least(text, 0)
-
-
-def _int_at_least(text: str, low: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-    return value
+from parnet_cpu.options import arg, arg_list
 
 
 @contextmanager
@@ -61,13 +43,6 @@ def check_out_arg(out: str, overwrite: bool, **inputs: str | None) -> None:
         raise CliError(str(exc)) from None
 
 
-def int_tuple(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
 def add_model_dir_arg(p: argparse.ArgumentParser, required: bool = True, extra_help: str = "") -> None:
     """--model-dir DIR for the commands that read a model folder; --model, its old name, stays an alias
     (the commands that build a model take --model NAME, a variant)."""
@@ -81,40 +56,23 @@ def add_model_args(p: argparse.ArgumentParser, default: str = "parnet_s") -> Non
     g.add_argument("--model", default=default, help=f"registered variant (default: {default}); see `parnet-cpu models`")
     g.add_argument("--checkpoint", help="weights: authors' .pth.tar (state_dict / state_dict_ema) or our own file")
     g.add_argument("--ema", action="store_true", help="load state_dict_ema instead of state_dict")
-    g.add_argument("--num-classes", type=int)
-    g.add_argument("--planes", type=int_tuple, help="override widths, e.g. 16,32,64,128")
-    g.add_argument("--blocks", type=int_tuple, help="override blocks per stage, e.g. 5,6,6,1")
-    g.add_argument("--input-size", type=int, help="input side in pixels (multiple of 32)")
-    g.add_argument("--in-chans", type=int)
+    g.add_argument("--num-classes", type=arg("num_classes"))
+    g.add_argument("--planes", type=arg_list("planes"), help="override widths, e.g. 16,32,64,128")
+    g.add_argument("--blocks", type=arg_list("blocks"), help="override blocks per stage, e.g. 5,6,6,1")
+    g.add_argument("--input-size", type=arg("input_size"), help="input side in pixels (multiple of 32)")
+    g.add_argument("--in-chans", type=arg("in_chans"))
     g.add_argument("--activation", choices=("relu", "silu"))
-    g.add_argument("--stem-stride", type=int, choices=(1, 2))
+    g.add_argument("--stem-stride", type=arg("stem_stride"), choices=(1, 2))
     g.add_argument("--classes", metavar="FILE", help="the model's class names in output order, one per line (e.g. "
                    "the 10 synsets of a fine-tune); sets --num-classes, stored in the model folder, and matched "
                    "against class-folder names by eval and quantize")
     p_ = p.add_argument_group("preprocessing (stored in the model folder; default: the variant's)")
-    p_.add_argument("--mean", type=float_tuple, help="per-channel mean on the 0-1 scale, e.g. 0.485,0.456,0.406")
-    p_.add_argument("--std", type=float_tuple, help="per-channel std on the 0-1 scale, e.g. 0.229,0.224,0.225")
-    p_.add_argument("--crop-pct", type=crop_fraction, help="centre-crop fraction: resize the short side to "
+    p_.add_argument("--mean", type=arg_list("mean"), help="per-channel mean on the 0-1 scale, e.g. 0.485,0.456,0.406")
+    p_.add_argument("--std", type=arg_list("std"), help="per-channel std on the 0-1 scale, e.g. 0.229,0.224,0.225")
+    p_.add_argument("--crop-pct", type=arg("crop_fraction"), help="centre-crop fraction: resize the short side to "
                     "input/crop-pct, then crop input x input (0.875 for ImageNet; 1.0: no crop)")
     p_.add_argument("--interpolation", choices=("nearest", "bilinear", "bicubic", "lanczos"),
                     help="resize filter")
-
-
-def float_tuple(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def crop_fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
 
 
 def read_class_names(path: str) -> tuple[str, ...]:

@@ -12,6 +12,8 @@ import re
 import sys
 from pathlib import Path
 
+from parnet_cpu.options import arg
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("dataset", help="dataset utilities (export IDX files to an image folder)")
@@ -26,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--fmnist", choices=("train", "test"),
                      help="take both files of this Fashion-MNIST split from the installed dataset")
     e.add_argument("--out", required=True, metavar="DIR", help="output folder (must be empty or absent)")
-    e.add_argument("--limit", type=int, metavar="N", help="only the first N images")
+    e.add_argument("--limit", type=arg("limit"), metavar="N", help="only the first N images")
     e.add_argument("--format", choices=("png", "bmp"), default="png", help="lossless image format (default png)")
     e.add_argument("--flat", action="store_true", help="one flat folder without labels (for calibration)")
     e.add_argument("--class-names", metavar="FILE",
@@ -66,8 +68,6 @@ def run_export_idx(args: argparse.Namespace) -> int:
         if not args.labels and not args.flat:
             raise CliError("--labels is required for the class-folder layout (or use --flat)")
         images_path, labels_path = args.images, args.labels
-    if args.limit is not None and args.limit < 1:
-        raise CliError("--limit must be >= 1")
 
     try:
         images = read_idx(images_path)

@@ -13,13 +13,16 @@ import os
 import time
 from pathlib import Path
 
+from parnet_cpu.options import arg
+
 REPO_SAMPLE = Path(__file__).resolve().parents[1] / "assets" / "calibration_sample"  # package data
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the main job end to end: ParNet-S speed-up on this CPU, INT8 accuracy on the shipped reference model")
     p.add_argument("--out", default="parnet-demo", help="working folder (default: ./parnet-demo)")
-    p.add_argument("--test-limit", type=int, help="evaluate only the first N test images (default: all 10,000)")
+    p.add_argument("--test-limit", type=arg("limit"),
+                   help="evaluate only the first N test images (default: all 10,000)")
     p.add_argument("--quick", action="store_true", help="time each row for 0.2 s instead of 1 s (less precise)")
     from parnet_cpu.bench.quiet import add_quiet_args
 
@@ -28,10 +31,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.test_limit is not None and args.test_limit < 1:
-        from parnet_cpu.cli import CliError
-
-        raise CliError("--test-limit must be at least 1")
     from parnet_cpu.bench.quiet import NotQuietError, refuse
 
     try:

@@ -5,7 +5,8 @@ import argparse
 import os
 from pathlib import Path
 
-from parnet_cpu.cli.common import add_model_dir_arg, positive_int
+from parnet_cpu.cli.common import add_model_dir_arg
+from parnet_cpu.options import arg
 from parnet_cpu.quantization.base import QuantizeOptions, backend_names
 
 
@@ -19,9 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="default: int8 if the folder has it, else fp32 (bf16 runs the FP32 IR with bf16 kernels)")
     p.add_argument("--backend", choices=backend_names(), default=QuantizeOptions.backend,
                    help="engine that runs the model (torch/ipex: their INT8 artifact from `quantize --backend`)")
-    p.add_argument("--limit", type=positive_int, help="evaluate only the first N images")
-    p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--workers", type=positive_int)
+    p.add_argument("--limit", type=arg("limit"), help="evaluate only the first N images")
+    p.add_argument("--batch-size", type=arg("batch_size"), default=32)
+    p.add_argument("--workers", type=arg("workers"))
     p.add_argument("--json", metavar="FILE", help="write the full result (with per-class counts) as JSON")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=run)

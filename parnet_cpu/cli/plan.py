@@ -42,8 +42,6 @@ def target_machine(args):
     from parnet_cpu.runtime.cores import CoreSpecError, simulated_machine
     from parnet_cpu.system.cpuinfo import describe_machine, usable_physical_cores
 
-    if args.cpus is not None and args.cpus < 1:
-        raise CliError("--cpus must be at least 1")
     if args.machine:
         try:
             info = describe_machine(args.machine, query_openvino=False)

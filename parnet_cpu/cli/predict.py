@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from parnet_cpu.cli.common import add_model_dir_arg, positive_int, sigterm_as_interrupt
+from parnet_cpu.cli.common import add_model_dir_arg, sigterm_as_interrupt
+from parnet_cpu.options import arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,13 +19,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, nargs="+", metavar="DIR|FILE", help="image folders and/or files")
     p.add_argument("--out", required=True, metavar="FILE",
                    help="preds.jsonl, preds.csv or preds.parquet (Parquet needs pyarrow)")
-    p.add_argument("--top-k", type=positive_int, default=5, help="classes per image (default 5)")
+    p.add_argument("--top-k", type=arg("top_k"), default=5, help="classes per image (default 5)")
     p.add_argument("--resume", action="store_true", help="keep the rows already in --out and do the rest")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--precision", choices=("fp32", "bf16", "int8"),
                    help="default: int8 if the folder has it, else fp32")
-    p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--workers", type=positive_int, help="decoding threads (default: usable CPUs)")
+    p.add_argument("--batch-size", type=arg("batch_size"), default=32)
+    p.add_argument("--workers", type=arg("workers"), help="decoding threads (default: usable CPUs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
 

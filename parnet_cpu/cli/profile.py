@@ -6,6 +6,7 @@ import json
 
 from parnet_cpu.bench.quiet import add_quiet_args
 from parnet_cpu.cli.common import add_model_dir_arg
+from parnet_cpu.options import arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,14 +17,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "conversions, and achieved GMAC/s against the CPU's peak.")
     add_model_dir_arg(p)
     p.add_argument("--precision", choices=("int8", "bf16", "fp32"), help="default: int8 if present, else fp32")
-    p.add_argument("--batch", type=int, default=8, help="images per inference (default 8)")
+    p.add_argument("--batch", type=arg("batch_size"), default=8, help="images per inference (default 8)")
     p.add_argument("--plan", choices=("single", "multistream"), default="single",
                    help="single: the whole graph; multistream: each stage of the multi-stream plan in turn")
-    p.add_argument("--iters", type=int, default=10, help="profiled inferences (counters summed; default 10)")
-    p.add_argument("--threads", type=int, help="inference threads (default: every usable physical core)")
+    p.add_argument("--iters", type=arg("iters"), default=10, help="profiled inferences (counters summed; default 10)")
+    p.add_argument("--threads", type=arg("threads"), help="inference threads (default: every usable physical core)")
     p.add_argument("--int8-leftovers", choices=("auto", "bf16", "f32"),
                    help="precision of the ops an INT8 IR keeps in float (default auto: bf16 where the CPU has it)")
-    p.add_argument("--top", type=int, default=25, help="slowest layers listed in the table (default 25)")
+    p.add_argument("--top", type=arg("top"), default=25, help="slowest layers listed in the table (default 25)")
     p.add_argument("--json", metavar="FILE", help="also write the full profile (every layer) as JSON")
     add_quiet_args(p)
     p.set_defaults(handler=run)
@@ -38,8 +39,6 @@ def run(args: argparse.Namespace) -> int:
     from parnet_cpu.cli import CliError
     from parnet_cpu.runtime.profile import format_table, profile_model
 
-    if args.batch < 1 or args.iters < 1 or (args.threads is not None and args.threads < 1):
-        raise CliError("--batch, --iters and --threads must be at least 1")
     try:
         watch = LoadWatch(sorted(os.sched_getaffinity(0)), args.require_quiet, args.quiet_wait, "profile").settle()
         report = profile_model(args.model, args.precision, args.batch, args.plan, args.iters, args.threads,

@@ -5,8 +5,8 @@ import argparse
 import json
 import os
 
-from parnet_cpu.cli.common import (add_model_args, check_out_arg, model_from_args, non_negative_int, positive_int,
-                                   sigterm_as_interrupt)
+from parnet_cpu.cli.common import add_model_args, check_out_arg, model_from_args, sigterm_as_interrupt
+from parnet_cpu.options import arg
 from parnet_cpu.quantization.base import QuantizeOptions, backend_class, backend_names, backends_help
 
 
@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "devkit ILSVRC2012_validation_ground_truth.txt or Caffe val.txt (type read from its name)")
     p.add_argument("--out", help="output model folder (default: ./<model>-int8, e.g. ./parnet_s-int8)")
     p.add_argument("--backend", choices=backend_names(), default=QuantizeOptions.backend, help=backends_help())
-    p.add_argument("--subset-size", type=int, default=300, help="calibration images (default: 300)")
+    p.add_argument("--subset-size", type=arg("subset_size"), default=300, help="calibration images (default: 300)")
     p.add_argument("--preset", choices=("performance", "mixed"), default="mixed",
                    help="performance: symmetric activations; mixed: asymmetric activations (default: mixed)")
     p.add_argument("--fast-bias-correction", dest="fast_bias_correction", action="store_true", default=False,
@@ -37,12 +37,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--legacy-defaults", action="store_true",
                    help="the defaults before issue 14 (ignored scope se + stem, float leftovers f32), to rerun "
                         "the before/after comparison; explicit --ignored-scope / --int8-leftovers still win")
-    p.add_argument("--max-drop", type=float, help="accuracy-controlled PTQ: max top-1 drop in points (needs labels)")
-    p.add_argument("--eval-limit", type=non_negative_int, default=5000,
+    p.add_argument("--max-drop", type=arg("max_drop"),
+                   help="accuracy-controlled PTQ: max top-1 drop in points (needs labels)")
+    p.add_argument("--eval-limit", type=arg("eval_limit"), default=5000,
                    help="held-out images to evaluate (0: all; default 5000)")
-    p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--workers", type=positive_int, help="image decoding threads")
-    p.add_argument("--seed", type=int, default=0, help="calibration/held-out split seed")
+    p.add_argument("--batch-size", type=arg("batch_size"), default=32)
+    p.add_argument("--workers", type=arg("workers"), help="image decoding threads")
+    p.add_argument("--seed", type=arg("seed"), default=0, help="calibration/held-out split seed")
     p.add_argument("--overwrite", action="store_true", help="replace an output folder written by parnet-cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=run)
@@ -58,8 +59,6 @@ def run(args: argparse.Namespace) -> int:
         if args.out is None:
             args.out = default_out(args.model)
             print(f"writing the model folder to ./{args.out} (choose another with --out)")
-        if args.subset_size < 1:
-            raise CliError("--subset-size must be at least 1")
         check_out_arg(args.out, args.overwrite, calib=args.calib, checkpoint=args.checkpoint, labels=args.labels)
         from parnet_cpu.artifacts import output_lock
 

@@ -16,6 +16,7 @@ import sys
 from parnet_cpu.cli import CliError
 from parnet_cpu.cli.bench import cores_per_stream_arg
 from parnet_cpu.cli.common import add_model_dir_arg
+from parnet_cpu.options import arg
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", type=model_name_arg, default="parnet",
                    help="model name in the v2 API: letters, digits, '.', '_', '-' (default: parnet)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000; 0 = any free port)")
+    p.add_argument("--port", type=arg("port"), default=8000, help="TCP port (default: 8000; 0 = any free port)")
     r = p.add_argument_group("runtime")
     r.add_argument("--cores-per-stream", type=cores_per_stream_arg, default="auto", metavar="N",
                    help="cores per ParNet stream, or auto (default)")
@@ -36,29 +37,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--replicas", type=replicas_arg, default=1, metavar="N|auto",
                    help="N single-graph runtimes on disjoint free core groups behind one batcher, for "
                    "throughput (default: 1); auto: the most throughput whose p99 meets --p99-ms, measured at start")
-    r.add_argument("--p99-ms", type=float, metavar="MS",
+    r.add_argument("--p99-ms", type=arg("p99_ms"), metavar="MS",
                    help="latency target for --replicas auto (default: 1.5x one replica's p50 at batch 1)")
-    r.add_argument("--inflight", type=int, default=2, help="batches inside the runtime at once (default: 2)")
+    r.add_argument("--inflight", type=arg("inflight"), default=2,
+                   help="batches inside the runtime at once (default: 2)")
     b = p.add_argument_group("batching and limits")
-    b.add_argument("--max-batch", type=int, default=8, help="images per batch (default: 8; 1 = no batching)")
-    b.add_argument("--max-wait-ms", type=float, default=2.0, help="how long the oldest request waits for a "
+    b.add_argument("--max-batch", type=arg("max_batch"), default=8,
+                   help="images per batch (default: 8; 1 = no batching)")
+    b.add_argument("--max-wait-ms", type=arg("max_wait_ms"), default=2.0,
+                   help="how long the oldest request waits for a "
                    "fuller batch (default: 2)")
-    b.add_argument("--max-queue", type=int, default=256, help="images waiting; beyond this 503 (default: 256)")
-    b.add_argument("--max-body-mb", type=float, default=32.0, help="request body limit, 413 above (default: 32)")
-    b.add_argument("--max-image-pixels", type=int, default=40_000_000, help="decoded image limit (default: 40M)")
-    b.add_argument("--cpu-threads", type=int, help="threads for decoding/parsing (default: min(4, CPUs))")
-    b.add_argument("--max-connections", type=int, default=256, help="open connections; requests beyond answer "
+    b.add_argument("--max-queue", type=arg("max_queue"), default=256,
+                   help="images waiting; beyond this 503 (default: 256)")
+    b.add_argument("--max-body-mb", type=arg("max_body_mb"), default=32.0,
+                   help="request body limit, 413 above (default: 32)")
+    b.add_argument("--max-image-pixels", type=arg("max_image_pixels"), default=40_000_000,
+                   help="decoded image limit (default: 40M)")
+    b.add_argument("--cpu-threads", type=arg("cpu_threads"),
+                   help="threads for decoding/parsing (default: min(4, CPUs))")
+    b.add_argument("--max-connections", type=arg("max_connections"), default=256,
+                   help="open connections; requests beyond answer "
                    "503 (default: 256)")
-    b.add_argument("--header-timeout", type=float, default=10.0, help="seconds for a request's line and headers "
+    b.add_argument("--header-timeout", type=arg("header_timeout_s"), default=10.0,
+                   help="seconds for a request's line and headers "
                    "to arrive, else the connection is closed (default: 10)")
-    b.add_argument("--body-timeout", type=float, default=60.0, help="seconds for a request's whole body to "
+    b.add_argument("--body-timeout", type=arg("body_timeout_s"), default=60.0,
+                   help="seconds for a request's whole body to "
                    "arrive, else 408 (default: 60)")
-    b.add_argument("--infer-timeout", type=float, default=60.0, help="seconds one batch may take in the runtime, "
+    b.add_argument("--infer-timeout", type=arg("infer_timeout_s"), default=60.0,
+                   help="seconds one batch may take in the runtime, "
                    "else 504 (a stopped or stuck worker; default: 60)")
     o = p.add_argument_group("operations")
-    o.add_argument("--runtime-restarts", type=int, default=3, help="times the server replaces its runtime when a "
+    o.add_argument("--runtime-restarts", type=arg("max_restarts"), default=3,
+                   help="times the server replaces its runtime when a "
                    "worker process dies (then /v2/health/live turns 503; 0: at once; default: 3)")
-    o.add_argument("--graceful-timeout", type=float, default=30.0,
+    o.add_argument("--graceful-timeout", type=arg("graceful_timeout_s"), default=30.0,
                    help="seconds to drain in-flight requests after SIGTERM (default: 30)")
     o.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     o.add_argument("--no-access-log", dest="access_log", action="store_false", help="no per-request log line")
@@ -82,38 +95,18 @@ def model_name_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def replicas_arg(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {text!r}")
-    return n
+replicas_arg = arg("replicas")
 
 
 def _validate(args: argparse.Namespace) -> None:
-    for name in ("max_batch", "max_queue", "inflight"):
-        if getattr(args, name) < 1:
-            raise CliError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.max_wait_ms < 0 or args.max_body_mb <= 0 or args.max_image_pixels < 1:
-        raise CliError("--max-wait-ms must be >= 0, --max-body-mb and --max-image-pixels > 0")
-    for name in ("max_connections", "header_timeout", "body_timeout", "infer_timeout"):
-        if getattr(args, name) <= 0:
-            raise CliError(f"--{name.replace('_', '-')} must be > 0")
-    if args.runtime_restarts < 0:
-        raise CliError("--runtime-restarts must be >= 0")
+    """What no single flag's type can see (each number is checked by its type: `parnet_cpu.options`)."""
     if args.max_queue < args.max_batch:
         raise CliError("--max-queue must be at least --max-batch")
-    if not 0 <= args.port <= 65535:
-        raise CliError(f"--port must be 0..65535, got {args.port}")
     if args.replicas != 1 and (args.cores or args.plan != "auto" or args.cores_per_stream != "auto"):
         raise CliError("--replicas runs single-graph runtimes on free cores it splits itself: drop --cores, "
                        "--plan and --cores-per-stream")
-    if args.p99_ms is not None and (args.replicas != "auto" or args.p99_ms <= 0):
-        raise CliError("--p99-ms needs --replicas auto and a positive value")
+    if args.p99_ms is not None and args.replicas != "auto":
+        raise CliError("--p99-ms needs --replicas auto")
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -10,6 +10,7 @@ import time
 
 from parnet_cpu.cli import CliError
 from parnet_cpu.cli.common import add_model_args, model_from_args
+from parnet_cpu.options import arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,24 +24,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val", metavar="DIR", help="labelled image folder to validate on (for --data DIR)")
     p.add_argument("--fmnist-dir", metavar="DIR", help="folder with the Fashion-MNIST IDX files (default: search)")
     add_model_args(p, default="parnet_fmnist")
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, help="peak learning rate (default: 0.1 for sgd, 0.002 for adamw)")
+    p.add_argument("--epochs", type=arg("epochs"), default=15)
+    p.add_argument("--batch-size", type=arg("batch_size"), default=128)
+    p.add_argument("--lr", type=arg("lr"), help="peak learning rate (default: 0.1 for sgd, 0.002 for adamw)")
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
-    p.add_argument("--weight-decay", type=float, help="default: 5e-4 for sgd, 0.05 for adamw")
-    p.add_argument("--warmup-epochs", type=float, default=1.0)
-    p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--ema-decay", type=float, default=0.999)
-    p.add_argument("--crop-padding", type=int, default=2, help="random-crop padding in pixels (0: no crop)")
+    p.add_argument("--weight-decay", type=arg("weight_decay"), help="default: 5e-4 for sgd, 0.05 for adamw")
+    p.add_argument("--warmup-epochs", type=arg("warmup_epochs"), default=1.0)
+    p.add_argument("--label-smoothing", type=arg("label_smoothing"), default=0.1)
+    p.add_argument("--ema-decay", type=arg("ema_decay"), default=0.999)
+    p.add_argument("--crop-padding", type=arg("crop_padding"), default=2,
+                   help="random-crop padding in pixels (0: no crop)")
     p.add_argument("--no-hflip", action="store_true", help="no random horizontal flips")
     p.add_argument("--bf16", action="store_true",
                    help="bf16 autocast for the forward/backward pass (fast on CPUs with AVX512-BF16/AMX; "
                         "weights, optimizer and EMA stay fp32); default: fp32 throughout")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="torch threads (default: all logical CPUs)")
-    p.add_argument("--limit-train", type=int, metavar="N", help="train on the first N training images only")
-    p.add_argument("--limit-val", type=int, metavar="N", help="validate on the first N validation images only")
-    p.add_argument("--max-steps", type=int, help=argparse.SUPPRESS)  # steps per epoch cap, for tests
+    p.add_argument("--seed", type=arg("seed"), default=0)
+    p.add_argument("--threads", type=arg("threads"), help="torch threads (default: all logical CPUs)")
+    p.add_argument("--limit-train", type=arg("limit"), metavar="N", help="train on the first N training images only")
+    p.add_argument("--limit-val", type=arg("limit"), metavar="N", help="validate on the first N validation images only")
+    p.add_argument("--max-steps", type=arg("max_steps"), help=argparse.SUPPRESS)  # steps per epoch cap, for tests
     p.add_argument("--out", required=True, metavar="CKPT",
                    help="training checkpoint, rewritten after every epoch (EMA weights + resume state)")
     p.add_argument("--resume", action="store_true", help="continue from --out (same settings)")

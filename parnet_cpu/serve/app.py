@@ -44,6 +44,7 @@ from parnet_cpu.artifacts import INPUT_NAME, OUTPUT_NAME
 from parnet_cpu.data.preprocess import (IMAGE_FORMATS, ImageDecodeError, ImageTooLargeError, PreprocessConfig,
                                         PreprocessPlan, load_and_preprocess, max_plan_bytes, plan_image)
 from parnet_cpu.data.inputs import MAX_IMAGE_PIXELS
+from parnet_cpu.options import check_fields
 from parnet_cpu.runtime.classify import softmax_top_k
 from parnet_cpu.serve.batcher import BatcherClosedError, DynamicBatcher, QueueFullError
 from parnet_cpu.serve.metrics import CONTENT_TYPE_LATEST, ServeMetrics
@@ -103,6 +104,7 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         check_model_name(self.name)
+        check_fields(self)  # every numeric field against its spec in parnet_cpu/options.py
 
 
 class RuntimeLike(Protocol):

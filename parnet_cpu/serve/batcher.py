@@ -17,7 +17,6 @@ built on a `Runtime`, with `await batcher.infer(images)` and `await batcher.clas
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections import deque
 from concurrent.futures import Future as ThreadFuture
@@ -27,6 +26,7 @@ from typing import Callable
 import numpy as np
 
 from parnet_cpu.data.inputs import preprocess_batch
+from parnet_cpu.options import check_all
 from parnet_cpu.runtime.classify import TopK, check_top_k, softmax_top_k
 
 __all__ = ["Batcher", "BatcherClosedError", "DynamicBatcher", "QueueFullError"]
@@ -73,8 +73,7 @@ class DynamicBatcher:
 
     def __init__(self, submit: SubmitFn, max_batch: int = 8, max_wait_s: float = 0.002, max_queue: int = 256,
                  inflight: int = 2, on_batch: BatchHook | None = None) -> None:
-        if max_batch < 1 or max_queue < 1 or inflight < 1 or max_wait_s < 0:
-            raise ValueError("max_batch, max_queue and inflight must be >= 1 and max_wait_s >= 0")
+        check_all(max_batch=max_batch, max_wait_s=max_wait_s, max_queue=max_queue, inflight=inflight)
         self._submit = submit
         self.max_batch, self.max_wait_s, self.max_queue, self.inflight = max_batch, max_wait_s, max_queue, inflight
         self._on_batch = on_batch
@@ -297,12 +296,11 @@ class Batcher(DynamicBatcher):
 
     def __init__(self, runtime, max_batch: int | None = None, max_wait_ms: float = 2.0, max_queue: int = 256,
                  on_batch: BatchHook | None = None) -> None:
-        if not isinstance(max_wait_ms, (int, float)) or not math.isfinite(max_wait_ms) or max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must be a finite number >= 0, got {max_wait_ms!r}")
-        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
-            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
         limit = int(runtime.max_batch)
-        super().__init__(runtime.submit, max_batch=min(max_batch or limit, limit), max_wait_s=max_wait_ms / 1e3,
+        if isinstance(max_batch, int) and not isinstance(max_batch, bool) and max_batch > limit:
+            max_batch = limit  # never more than the runtime takes
+        check_all(max_batch=limit if max_batch is None else max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue)
+        super().__init__(runtime.submit, max_batch=max_batch or limit, max_wait_s=max_wait_ms / 1e3,
                          max_queue=max_queue, inflight=int(runtime.inflight), on_batch=on_batch)
         self.runtime = runtime
         self._shape = tuple(runtime.input_shape)
