@@ -13,6 +13,9 @@ os.environ.setdefault("PARNET_CPU_LEASE_DIR", tempfile.mkdtemp(prefix="parnet-te
 
 # IPEX needs torch 2.8 and lives in its own environment (scripts/ipex_env.sh runs tests/ipex there)
 collect_ignore = [] if importlib.util.find_spec("intel_extension_for_pytorch") else ["ipex"]
+# Ray (the `ray` extra) lives in its own environment too (scripts/ray_env.sh runs tests/ray there); a spec
+# without origin is this folder's own tests/ray seen as a namespace package, not Ray
+collect_ignore += [] if getattr(importlib.util.find_spec("ray"), "origin", None) else ["ray"]
 
 NARROW = dict(planes=(16, 32, 64, 128), num_blocks=(5, 6, 6, 1), input_size=64)
 
