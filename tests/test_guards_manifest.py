@@ -252,16 +252,20 @@ def test_unreadable_manifests_are_clear_errors(good, data, tmp_path, capsys):
     refused_everywhere(folder, ("no parnet.json",), data, capsys)
 
 
-def test_formatting_is_not_an_edit(good, tmp_path):
-    """The digest covers content, not layout: compact JSON with its keys in another order still loads."""
-    from parnet_cpu.artifacts import ModelDir
+def test_formatting_is_not_an_edit_but_a_value_is(good, tmp_path):
+    """The digest covers content, not layout: compact JSON with its keys in another order still loads; the
+    same with one number changed (a crop of 0.875 -> 0.8751, valid by itself) does not."""
+    from parnet_cpu.artifacts import ManifestSealError, ModelDir
 
     m = manifest(good)
-    folder = copy_with(good, tmp_path / "compact",
-                       text=json.dumps(dict(reversed(list(m.items()))), separators=(",", ":")))
-    md = ModelDir.open(folder)
+    compact = json.dumps(dict(reversed(list(m.items()))), separators=(",", ":"))
+    md = ModelDir.open(copy_with(good, tmp_path / "compact", text=compact))
     md.ir_path("fp32")
     assert md.manifest == m
+    assert '"crop_fraction":0.875' in compact
+    with pytest.raises(ManifestSealError, match="manifest_sha256"):
+        ModelDir.open(copy_with(good, tmp_path / "changed", text=compact.replace('"crop_fraction":0.875',
+                                                                                 '"crop_fraction":0.8751')))
 
 
 def test_a_deliberate_edit_is_accepted_only_through_verify_stamp(good, data, tmp_path, capsys):
