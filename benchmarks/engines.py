@@ -1,5 +1,6 @@
 """All INT8 engines side by side for one model (issue 6): OpenVINO (NNCF), PyTorch-native
-(PT2E + X86InductorQuantizer + torch.compile) and IPEX static INT8, plus the FP32 baselines.
+(PT2E + X86InductorQuantizer + torch.compile), IPEX static INT8 and ONNX Runtime static INT8 (`ort-int8`,
+one of `bench`'s default engines, calibrated on the same images via `--calib`), plus the FP32 baselines.
 
     python benchmarks/engines.py [--model parnet_s] [--batches 1,8] [--ipex-venv /path/to/venv]
 
@@ -128,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
         folder, ptq_seconds = quantize_all(args.model, work, calib, ipex)
         kernels = ov_int8_kernels(folder)
         print(f"OpenVINO INT8 kernels: {kernels}", flush=True)
-        bench = ["bench", "--model", str(folder), "--batches", args.batches, "--min-seconds", args.min_seconds]
+        bench = ["bench", "--model", str(folder), "--batches", args.batches, "--min-seconds", args.min_seconds,
+                 "--calib", str(calib)]
         groups, groups_note = stream_groups_for_this_machine()
         print(f"multi-stream: {groups_note}", flush=True)
         cores = ["--cores", ":".join(format_cpu_list(g) for g in groups)] if groups else []
