@@ -169,7 +169,9 @@ def read_rows(out: Path, fmt: str, k: int) -> tuple[set[str], str | list[dict]]:
 def predict_folder(runtime, data: Sequence[str | os.PathLike], out: str | os.PathLike, *, top_k: int = 5,
                    batch_size: int = 32, workers: int | None = None, resume: bool = False, overwrite: bool = False,
                    progress: bool = True, on_start: Callable[[int, int], None] | None = None) -> PredictSummary:
-    """Classify every image of `data` (folders and files) with `runtime` (a `Runtime`) into `out`."""
+    """Classify every image of `data` (folders and files) with `runtime` (a `Runtime`) into `out`. `runtime`
+    may instead be an object with `num_classes` and `rows(paths, top_k, batch_size)` that computes the rows
+    elsewhere, in order (`parnet_cpu.ray.batch.RayPredictor`: `predict --ray`)."""
     out = Path(out)
     fmt = output_format(out)
     check_top_k(top_k, runtime.num_classes)
@@ -200,7 +202,10 @@ def predict_folder(runtime, data: Sequence[str | os.PathLike], out: str | os.Pat
         if fmt == "parquet" and carried:
             writer.rows.extend(carried)
         try:
-            _run(runtime, todo, writer, summary, top_k, batch_size, workers, progress)
+            if hasattr(runtime, "rows"):  # rows computed elsewhere, in order (parnet_cpu.ray.batch.RayPredictor)
+                _write_rows(runtime.rows(todo, top_k, batch_size), writer, summary, len(todo), progress)
+            else:
+                _run(runtime, todo, writer, summary, top_k, batch_size, workers, progress)
         except KeyboardInterrupt:
             summary.interrupted = True  # the rows so far are committed below: --resume continues from them
         except Exception as exc:  # e.g. a runtime worker died: keep what was done, say what stopped it
@@ -253,6 +258,20 @@ def _run(runtime, todo: list[str], writer: _Writer, summary: PredictSummary, k: 
                 bar.update(1)
     finally:
         bar.close()
+
+
+def _write_rows(rows: Iterable[dict], writer: _Writer, summary: PredictSummary, total: int, progress: bool) -> None:
+    """Rows made elsewhere (`predict --ray`), in input order, written and counted as `_run` writes its own."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc="predict", unit="img", dynamic_ncols=True, disable=not progress) as bar:
+        for row in rows:
+            writer.write(row)
+            if "skipped" in row:
+                summary.skipped += 1
+            else:
+                summary.classified += 1
+            bar.update(1)
 
 
 def _write_parquet(f, rows: Iterable[dict]) -> None:

@@ -27,6 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=arg("batch_size"), default=32)
     p.add_argument("--workers", type=arg("workers"), help="decoding threads (default: usable CPUs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="compute the rows on Ray Data (the 'ray' extra): decoding in Ray tasks, inference in "
+                   "--actors leased runtimes; ADDRESS: a Ray cluster (auto, HOST:PORT, ray://...), or none to start "
+                   "a local one. The same rows and output; the images must be at the same paths on every node")
+    p.add_argument("--actors", type=arg("workers"), default=1,
+                   help="with --ray: runtimes in the actor pool, each on its share of one node's cores (default 1)")
     p.set_defaults(handler=run)
 
 
@@ -41,7 +47,10 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--resume keeps the rows in --out and --overwrite replaces them: pass one")
     try:
         output_format(args.out)  # a missing pyarrow is said before the model loads
-        rt = Runtime(args.model, precision=args.precision, max_batch=args.batch_size)
+        if args.ray is not None:
+            rt = _ray_predictor(args)
+        else:
+            rt = Runtime(args.model, precision=args.precision, max_batch=args.batch_size)
     except (ModelDirError, CoreSpecError, PredictError) as exc:
         raise CliError(str(exc)) from None
     try:
@@ -59,3 +68,19 @@ def run(args: argparse.Namespace) -> int:
               f"rows done so far are in {summary.out}: rerun with --resume to continue", file=sys.stderr)
         return 130 if summary.interrupted else 1
     return 0
+
+
+def _ray_predictor(args: argparse.Namespace):
+    """`--ray [ADDRESS]`: what `predict_folder` takes instead of a Runtime to compute the same rows on Ray
+    Data (`parnet_cpu.ray`, imported only here); connected (or a local cluster started) until closed."""
+    from parnet_cpu.cli import CliError
+
+    try:
+        from parnet_cpu.ray.batch import RayPredictor
+    except ImportError as exc:
+        raise CliError(f"--ray needs the 'ray' extra ({exc.name} is missing): pip install 'parnet-cpu[ray]'") from None
+    try:
+        return RayPredictor(args.model, address=None if args.ray == "local" else args.ray, actors=args.actors,
+                            precision=args.precision, progress=not args.quiet)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None

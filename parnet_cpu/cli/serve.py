@@ -68,6 +68,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds one batch may take in the runtime, "
                    "else 504 (a stopped or stuck worker; default: 60)")
     o = p.add_argument_group("operations")
+    o.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="serve through Ray Serve (the 'ray' extra): --replicas N replicas, each one runtime on its "
+                   "own leased cores, the same HTTP API; ADDRESS: a Ray cluster (auto, HOST:PORT, ray://...), "
+                   "or none to start a local one. See docs/serving.md, Scaling out")
     o.add_argument("--runtime-restarts", type=arg("max_restarts"), default=3,
                    help="times the server replaces its runtime when a "
                    "worker process dies (then /v2/health/live turns 503; 0: at once; default: 3)")
@@ -107,6 +111,10 @@ def _validate(args: argparse.Namespace) -> None:
                        "--plan and --cores-per-stream")
     if args.p99_ms is not None and args.replicas != "auto":
         raise CliError("--p99-ms needs --replicas auto")
+    if args.ray is not None and (args.replicas == "auto" or args.cores or args.plan != "auto"
+                                 or args.cores_per_stream != "auto"):
+        raise CliError("--ray runs --replicas N (a number) single-graph replicas, each on its leased share of its "
+                       "node's cores: drop --replicas auto, --cores, --plan and --cores-per-stream")
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -182,6 +190,8 @@ def run(args: argparse.Namespace) -> int:
                          infer_timeout_s=args.infer_timeout, body_timeout_s=args.body_timeout,
                          header_timeout_s=args.header_timeout, max_connections=args.max_connections,
                          max_restarts=args.runtime_restarts)
+    if args.ray is not None:
+        return _serve_on_ray(args, config)
     sock = _bind(args.host, args.port)
     if not _is_loopback(args.host):
         log.warning("binding a non-loopback address: the API has no authentication; put it behind a proxy "
@@ -214,6 +224,25 @@ def run(args: argparse.Namespace) -> int:
     finally:
         runtime.close()  # idempotent: normally the app already closed it after draining
         sock.close()
+    return 0
+
+
+def _serve_on_ray(args: argparse.Namespace, config) -> int:
+    """`--ray [ADDRESS]`: the same app as replicas of a Ray Serve deployment (`parnet_cpu.ray`), until
+    SIGINT/SIGTERM. Ray is imported only here."""
+    try:
+        from parnet_cpu.ray.deployment import run_server
+    except ImportError as exc:
+        raise CliError(f"--ray needs the 'ray' extra ({exc.name} is missing): pip install 'parnet-cpu[ray]'") from None
+    import logging
+
+    log = logging.getLogger("parnet_cpu.serve")
+    address = None if args.ray == "local" else args.ray
+    try:
+        run_server(args.model, int(args.replicas), address=address, host=args.host, port=args.port, config=config,
+                   ready=lambda url: log.info("listening (Ray Serve)", extra={"url": url, "replicas": args.replicas}))
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        raise CliError(f"Ray Serve: {exc}") from None
     return 0
 
 

@@ -21,7 +21,9 @@ from parnet_cpu.predict import NON_FINITE
 from parnet_cpu.ray.placement import pin_process, pool_cores, pool_env, resolved
 from parnet_cpu.runtime.classify import check_top_k, softmax_top_k
 
-__all__ = ["Classifier", "decode_batch", "predict"]
+DECODE_CPUS = 1.0  # Ray CPUs of one decoding task (Ray's default for tasks)
+
+__all__ = ["Classifier", "RayPredictor", "check_cluster_cpus", "decode_batch", "predict"]
 
 
 def decode_batch(batch: dict, cfg) -> dict:
@@ -64,7 +66,7 @@ class Classifier:
 
 
 def predict(model_dir: str | os.PathLike, paths: Sequence[str], *, top_k: int = 5, batch_size: int = 32,
-            actors: int = 1, actors_per_node: int | None = None, num_cpus: float = 1.0, precision: str | None = None,
+            actors: int = 1, actors_per_node: int | None = None, num_cpus: float = 0.5, precision: str | None = None,
             progress: bool = True) -> Iterator[dict]:
     """The rows of `paths` (as `parnet-cpu predict` writes them), in order, computed on the connected Ray
     cluster (`ray.init` first; one is started locally otherwise): decoding in Ray tasks, inference in a pool
@@ -78,8 +80,23 @@ def predict(model_dir: str | os.PathLike, paths: Sequence[str], *, top_k: int = 
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"{what} must be a positive integer, got {n!r}")
     cores = pool_cores(actors if actors_per_node is None else actors_per_node)
+    check_cluster_cpus(actors, num_cpus)
     return _rows(model, md.preprocess_config(), [str(p) for p in paths], cores, top_k, batch_size, actors, num_cpus,
                  precision, progress)
+
+
+def check_cluster_cpus(actors: int, num_cpus: float) -> None:
+    """Refuse an actor pool that leaves the connected cluster no CPU for one decoding task: Ray would wait
+    for one forever (the run hangs with every actor idle). Counted in Ray's scheduling CPUs."""
+    import ray
+
+    if not ray.is_initialized():
+        return  # Ray Data starts a local instance of all this machine's CPUs
+    total = ray.cluster_resources().get("CPU", 0.0)
+    if actors * num_cpus + DECODE_CPUS > total:
+        raise ValueError(f"{actors} actor(s) of {num_cpus:g} Ray CPU each leave no CPU for decoding on a cluster "
+                         f"of {total:g} CPUs (each decoding task takes {DECODE_CPUS:g}): use fewer actors or a "
+                         "smaller num_cpus (it only tells Ray's scheduler how many fit; the cores are leased)")
 
 
 def _rows(model: str, cfg, paths: list[str], cores: str, top_k: int, batch_size: int, actors: int, num_cpus: float,
@@ -93,10 +110,47 @@ def _rows(model: str, cfg, paths: list[str], cores: str, top_k: int, batch_size:
     ctx.enable_progress_bars = progress
     ds = ray.data.from_items([{"i": i, "path": p} for i, p in enumerate(paths)],
                              override_num_blocks=max(1, min(len(paths) // batch_size, 4 * actors)))
-    ds = ds.map_batches(decode_batch, fn_kwargs={"cfg": cfg}, batch_size=batch_size, batch_format="numpy")
+    ds = ds.map_batches(decode_batch, fn_kwargs={"cfg": cfg}, batch_size=batch_size, batch_format="numpy",
+                        num_cpus=DECODE_CPUS)
     ds = ds.map_batches(Classifier, fn_constructor_kwargs={
         "model_dir": model, "cores": cores, "top_k": top_k, "precision": precision, "max_batch": batch_size},
         batch_size=batch_size, batch_format="numpy", concurrency=actors, num_cpus=num_cpus,
         runtime_env={"env_vars": pool_env(f"ray-data/{os.getpid()}")})
     for rec in ds.iter_rows():
         yield json.loads(rec["row"])
+
+
+class RayPredictor:
+    """What `predict.predict_folder` takes instead of a `Runtime` to have its rows computed on Ray (`rows`),
+    written, resumed and committed as its own: `parnet-cpu predict --ray`. Connects to the cluster at
+    `address` (or starts a local one: None) unless Ray is connected already; `close()` disconnects."""
+
+    def __init__(self, model_dir: str | os.PathLike, *, address: str | None = None, actors: int = 1,
+                 actors_per_node: int | None = None, num_cpus: float = 0.5, precision: str | None = None,
+                 progress: bool = True) -> None:
+        import ray
+
+        self.model = resolved(model_dir)
+        md = ModelDir.open(self.model)
+        self.num_classes = int(md.config["num_classes"])
+        self.options = dict(actors=actors, actors_per_node=actors_per_node, num_cpus=num_cpus, precision=precision,
+                            progress=progress)
+        pool_cores(actors if actors_per_node is None else actors_per_node)  # refuse a bad count before connecting
+        self._connected = not ray.is_initialized()
+        if self._connected:
+            ray.init(address=address, include_dashboard=False, log_to_driver=progress)
+        try:
+            check_cluster_cpus(actors, num_cpus)
+        except ValueError:
+            self.close()
+            raise
+
+    def rows(self, paths: Sequence[str], top_k: int, batch_size: int) -> Iterator[dict]:
+        return predict(self.model, paths, top_k=top_k, batch_size=batch_size, **self.options)
+
+    def close(self) -> None:
+        import ray
+
+        if self._connected:
+            self._connected = False
+            ray.shutdown()

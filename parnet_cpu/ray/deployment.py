@@ -60,12 +60,14 @@ class ParnetReplica:
 
 
 def deployment(model_dir: str | os.PathLike, replicas: int = 1, *, replicas_per_node: int | None = None,
-               num_cpus: float = 1.0, name: str = "parnet", **options: Any) -> serve.Application:
+               num_cpus: float = 1.0, config: ServeConfig | None = None, **options: Any) -> serve.Application:
     """A Ray Serve application of `replicas` replicas of `parnet-cpu serve` on `model_dir` (a path that
     exists on every node). Each replica leases `1/replicas_per_node` of its node's free cores (default: all
     replicas on one node); Ray places at most `replicas_per_node` replicas on a node. `num_cpus` is what
-    Ray's scheduler counts per replica, not the cores it gets. `options`: any `ServeConfig` field
-    (max_batch, max_wait_ms, max_queue, precision, share_cores, infer_timeout_s, max_restarts, ...)."""
+    Ray's scheduler counts per replica, not the cores it gets. The server's settings: `config` (a
+    `ServeConfig`, as `parnet-cpu serve` builds it) or `options`, any of its fields (name, max_batch,
+    max_wait_ms, max_queue, precision, share_cores, infer_timeout_s, max_restarts, ...); its core fields
+    (cores, plan, cores_per_stream, replicas) are this function's to set."""
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
         raise ValueError(f"replicas must be a positive integer, got {replicas!r}")
     per_node = replicas if replicas_per_node is None else replicas_per_node
@@ -75,13 +77,15 @@ def deployment(model_dir: str | os.PathLike, replicas: int = 1, *, replicas_per_
         raise TypeError(f"unknown serve option(s) {', '.join(unknown)}; known: {', '.join(sorted(SERVE_FIELDS))}")
     model = resolved(model_dir)
     ModelDir.open(model)  # a wrong folder is said here, not by every replica on start-up
-    config = ServeConfig(model=model, name=name, cores=cores, plan="single", **options)
+    base = config if config is not None else ServeConfig(model=model, **options)
+    config = dataclasses.replace(base, **options, model=model, cores=cores, plan="single", cores_per_stream="auto",
+                                 replicas=1, p99_ms=None)
     dep = serve.deployment(
-        ParnetReplica, name=name, num_replicas=replicas,
+        ParnetReplica, name=config.name, num_replicas=replicas,
         max_replicas_per_node=per_node if per_node < replicas else None,
         # the app's own queue answers 503 when full, as `parnet-cpu serve` does: Ray queues nothing in front
         max_ongoing_requests=config.max_queue + config.max_batch,
-        ray_actor_options={"num_cpus": num_cpus, "runtime_env": {"env_vars": pool_env(f"ray-serve/{name}")}},
+        ray_actor_options={"num_cpus": num_cpus, "runtime_env": {"env_vars": pool_env(f"ray-serve/{config.name}")}},
         health_check_period_s=max(1.0, config.health_interval_s), health_check_timeout_s=30.0)
     return dep.bind(config)
 
@@ -94,7 +98,7 @@ def run_server(model_dir: str | os.PathLike, replicas: int, *, address: str | No
     import ray
 
     app = deployment(model_dir, replicas, **kwargs)
-    name = kwargs.get("name", "parnet")
+    name = kwargs["config"].name if kwargs.get("config") is not None else kwargs.get("name", "parnet")
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     ray.init(address=address, include_dashboard=False, log_to_driver=True)
