@@ -100,8 +100,9 @@ def run_server(model_dir: str | os.PathLike, replicas: int, *, address: str | No
     app = deployment(model_dir, replicas, **kwargs)
     name = kwargs["config"].name if kwargs.get("config") is not None else kwargs.get("name", "parnet")
     stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     ray.init(address=address, include_dashboard=False, log_to_driver=True)
+    # after ray.init, which installs a SIGTERM handler of its own that exits at once: ours drains first
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(app, name=name, route_prefix="/")

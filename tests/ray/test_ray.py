@@ -213,6 +213,9 @@ def test_a_killed_replica_fails_only_its_own_requests_and_comes_back(served):
         t.join(TIMEOUT)
     answered = [(name, body) for name, status, body in results if status == 200]
     assert answered, results
+    failed = [(status, body) for _, status, body in results if status != 200]
+    print("requests failed by the kill:", failed)
+    assert all(status == -1 or status >= 500 for status, _ in failed), failed  # errors, never a client's fault
     with httpx.Client(base_url=str(served.base_url), timeout=TIMEOUT) as c:
         truth = {p.name: classify(c, p).json()["predictions"] for p in PHOTOS[:6]}
     for name, body in answered:  # every answer is its own image's answer
@@ -296,3 +299,39 @@ def test_ray_data_predict_gives_the_local_predict_rows(cluster, model_dir, image
                 assert_same_answer(as_answer(mine), as_answer(theirs), tol=1e-5)
     skipped = {Path(r["path"]).name for r in expected if "skipped" in r}
     assert skipped == {"truncated.jpg", "empty.png"}
+
+
+def test_serve_cli_on_a_ray_cluster_answers_and_stops_on_sigterm(cluster, model_dir, reference, tmp_path):
+    """`parnet-cpu serve --ray ADDRESS --replicas 1`, a second driver on this cluster, as users run it."""
+    from ray import serve
+
+    serve.shutdown()
+    wait_for(lambda: not replica_pids(), "earlier replicas to stop")
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "parnet_cpu", "serve", "--model", str(model_dir), "--name", APP,
+                                 "--port", str(port), "--ray", cluster.get_runtime_context().gcs_address,
+                                 "--replicas", "1", "--no-access-log"], cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                return httpx.get(url + "/v2/health/ready", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, "serve --ray to answer")
+        with httpx.Client(base_url=url, timeout=TIMEOUT) as c:
+            r = classify(c, PHOTOS[1])
+            assert r.status_code == 200, r.text
+            assert_same_answer(r.json()["predictions"], reference["top"][PHOTOS[1].name], tol=1e-5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT) == 0, log.read_text()[-3000:]
+        wait_for(lambda: not replica_pids(), "the application's replicas to stop")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
