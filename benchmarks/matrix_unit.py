@@ -14,7 +14,7 @@ scopes agree). Every configuration is compiled as `Runtime` compiles it (LATENCY
   bf16 (fp32 IR)    the FP32 IR with the bf16 precision hint (the INT8 vs BF16 ratio)
 Two measurements, each interleaved over `--rounds` rounds with ratios taken within a round: batch
 `--batch` wall-clock images/s on all threads, and images per CPU-second on one thread (thread CPU time:
-robust to other load on a shared machine). Per-node profiles (`parnet_cpu.runtime.profile`) of legacy and
+robust to other load on a shared machine). Per-node profiles (`parnet_cpu.perf.profile`) of legacy and
 new are saved. Then the new INT8 IR through `Runtime(plan="single")` against `benchmark_app -hint latency`
 (both of its precision settings), alternating blocks. Last, the demo's Fashion-MNIST accuracy path
 (all 10,000 test images) for each ignored scope and leftover precision.
@@ -206,7 +206,7 @@ def speed(args, irs: dict, threads: int) -> dict:
     """Interleaved throughput of every configuration, profiles of legacy and new, Runtime vs benchmark_app."""
     from parnet_cpu.runtime.engine import core, float_leftovers, isa_cap_allows_bf16, precision_supported
     from parnet_cpu.runtime.macs import model_macs
-    from parnet_cpu.runtime.profile import profile_compiled
+    from parnet_cpu.perf.profile import profile_compiled
 
     shape = core().read_model(str(irs["fp32"])).inputs[0].get_partial_shape()
     x = np.random.default_rng(0).standard_normal((args.batch, *[d.get_length() for d in list(shape)[1:]]),

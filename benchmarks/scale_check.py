@@ -9,7 +9,7 @@ Measures (ParNet INT8, OpenVINO, random weights: speed only):
   * each stage's time (stem, stream1..3, tail) at the same thread counts;
   * the multi-stream runtime with the planner's groups (`auto` sizing) and 2-3 alternatives (equal
     groups, --cores-per-stream 5 on 15+ cores, 8 on 24+), needs >= 3 physical cores;
-  * the cost model (runtime/costmodel.py, fitted on the 1-thread profile only) for every one of them.
+  * the cost model (perf/costmodel.py, fitted on the 1-thread profile only) for every one of them.
 Models are built here from the project's code (random weights) and quantized with NNCF on random
 calibration inputs. Results: benchmarks/results/scale/<cpu-model>-<cores>c/scale_check.json (+ .png with
 matplotlib), also copied into $OUT when that is set. Runs from a bundle without OpenVINO/NNCF
@@ -97,7 +97,7 @@ def measure_multistream(md: Path, cores_per_stream, batches, iters: int) -> dict
 
 
 def check_model(name: str, work: Path, cores: int, batches: list[int], iters: int, calib: int, log=print) -> dict:
-    from parnet_cpu.runtime.costmodel import fit_layer_model, kernel_table, predict_plan, profile_stages, stage_ms, \
+    from parnet_cpu.perf.costmodel import fit_layer_model, kernel_table, predict_plan, profile_stages, stage_ms, \
         sync_cost
 
     md = build_int8(name, work / name, calib, log)

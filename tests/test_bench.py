@@ -27,9 +27,9 @@ def model_dir(tmp_path_factory):
 def test_bench_all_engines_json_and_plot(model_dir, tmp_path, capsys):
     js, png = tmp_path / "bench.json", tmp_path / "bench.png"
     assert main(["bench", "--model", str(model_dir), "--cores", GROUPS, "--batches", "1,2", "--iters", "3",
-                 "--warmup", "1", "--min-seconds", "0", "--cost-model", "--json", str(js), "--plot", str(png)]) == 0
+                 "--warmup", "1", "--min-seconds", "0", "--json", str(js), "--plot", str(png)]) == 0
     out = capsys.readouterr().out
-    assert "ratios are against ov-latency" in out and "cost model" in out
+    assert "ratios are against ov-latency" in out
     res = json.loads(js.read_text())
     rows = {(r["engine"], r["batch"]): r for r in res["rows"]}
     assert set(rows) == {(e, b) for e in ("multistream", "auto", "ov-latency", "ov-throughput", "torch-eager",
@@ -54,12 +54,12 @@ def test_bench_all_engines_json_and_plot(model_dir, tmp_path, capsys):
     # work kept those CPUs busy while it measured (then it says so and caches nothing)
     assert rows[("auto", 1)]["plan"] in ("single", "multistream") and "auto" in rows[("auto", 1)]["plan_reason"]
     assert (model_dir / "plan_cache.json").is_file() or "not cached: CPUs busy" in rows[("auto", 1)]["plan_reason"]
-    preds = res["cost_model"]["predictions"]
-    assert [p["cores"] for p in preds] == [16, 32, 56] and all(p["multistream_ms"] > 0 for p in preds)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bench_errors(model_dir, capsys):
+    assert main(["bench", "--model", str(model_dir), "--cost-model"]) == 2  # retired in favour of plan
+    assert "parnet-cpu plan" in capsys.readouterr().err
     assert main(["bench", "--model", str(model_dir), "--engines", "ov-latency,warp-drive"]) == 2
     assert "unknown engines" in capsys.readouterr().err
     assert main(["bench", "--model", str(model_dir), "--cores", "0-x"]) == 2

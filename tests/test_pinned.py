@@ -1,4 +1,4 @@
-"""The one pinned child-process harness (`parnet_cpu.runtime.pinned`): results and exceptions come back,
+"""The one pinned child-process harness (`parnet_cpu.perf.pinned`): results and exceptions come back,
 and a child that crashes, is killed or hangs gives the parent a clear error within seconds, never a hang."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from parnet_cpu.runtime.pinned import PinnedChildError, PinnedChildTimeout, run_pinned
+from parnet_cpu.perf.pinned import PinnedChildError, PinnedChildTimeout, run_pinned
 
 CPUS = sorted(os.sched_getaffinity(0))
 

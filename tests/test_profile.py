@@ -12,7 +12,7 @@ from conftest import NARROW, randomize_bn
 from parnet_cpu.cli import main
 from parnet_cpu.quantization.ptq import QuantizeOptions, quantize_to_dir
 from parnet_cpu.runtime.engine import CompileOptions, float_leftovers, precision_supported
-from parnet_cpu.runtime.profile import kernel_isa, kernel_precision, macs_per_cycle, peak_gmacs, profile_model
+from parnet_cpu.perf.profile import kernel_isa, kernel_precision, macs_per_cycle, peak_gmacs, profile_model
 from parnet_cpu.system.cpuinfo import describe_machine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,7 +174,7 @@ def test_legacy_defaults_reproduce_the_old_pipeline(tmp_path, monkeypatch, capsy
 
 
 def test_generic_kernels_are_not_counted_as_vnni():
-    from parnet_cpu.runtime.profile import classify
+    from parnet_cpu.perf.profile import classify
 
     vnni = {"avx512f": True, "avx512_vnni": True}
     assert kernel_isa("jit_uni_I8", "int8", vnni) == "AVX512"

@@ -29,7 +29,7 @@ import numpy as np
 from parnet_cpu.artifacts import ONNX_FILE, ModelDir
 from parnet_cpu.bench.base import throughput
 from parnet_cpu.quantization.base import backend_for_engine, bench_engines, quantization_engines
-from parnet_cpu.runtime.pinned import PinnedChildError, PinnedChildTimeout
+from parnet_cpu.perf.pinned import PinnedChildError, PinnedChildTimeout
 from parnet_cpu.runtime.timing import measure_latency
 
 ENGINE_TIMEOUT_S = 1800.0  # one engine's build, or one round of it; a hung child is killed after this

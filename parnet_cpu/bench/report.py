@@ -1,16 +1,7 @@
-"""What a benchmark result looks like to a person: the table, the cost-model lines, the bar chart."""
+"""What a benchmark result looks like to a person: the table and the bar chart."""
 from __future__ import annotations
 
 from pathlib import Path
-
-
-def format_cost_model(cm: dict) -> str:
-    lines = [f"cost model ({cm['caveat']}; handover {cm['handover_ms']:.2f} ms):"]
-    for p in cm["predictions"]:
-        if "multistream_ms" in p:
-            lines.append(f"  {p['cores']:>3} cores: single {p['single_ms']:.2f} ms, multi-stream {p['multistream_ms']:.2f} ms "
-                         f"(groups {'/'.join(map(str, p['groups']))}) -> ratio {p['ratio_multi_vs_single']:.2f}")
-    return "\n".join(lines)
 
 
 def format_table(result: dict) -> str:

@@ -34,7 +34,7 @@ from parnet_cpu.bench.engines import (
 )
 from parnet_cpu.bench.quiet import LoadWatch
 from parnet_cpu.bench.rounds import combine_rounds, interleaved_rounds, per_round_ratios
-from parnet_cpu.runtime.pinned import PinnedChildError
+from parnet_cpu.perf.pinned import PinnedChildError
 from parnet_cpu.runtime.timing import measure_latency
 
 RUNTIME_ENGINES = ("multistream", "auto")
@@ -92,7 +92,7 @@ def start_runtimes(stack: ExitStack, md: ModelDir, engines, cores_per_stream, co
 
 
 def run_bench(model_dir: str | Path, cores_per_stream, cores, precision: str | None, cfg: BenchConfig,
-              use_smt: bool = False, with_cost_model: bool = False, log=print) -> dict:
+              use_smt: bool = False, log=print) -> dict:
     from parnet_cpu.system.cpuinfo import describe_machine, format_cpu_list, machine_summary
 
     md = ModelDir.open(model_dir)
@@ -162,17 +162,7 @@ def run_bench(model_dir: str | Path, cores_per_stream, cores, precision: str | N
         r.setdefault("precision", precision)
     load = watch.finish(rows)
     info = describe_machine()
-    model = None
-    if with_cost_model:
-        from parnet_cpu.bench.scaling import cost_model
-
-        log("cost model: timing every stage at 1..N threads ...")
-        # a request crosses three hand-overs (stem -> streams -> tail -> caller), each a message round trip
-        rtt = next((r["message_round_trip_ms"] for r in rows if "message_round_trip_ms" in r), None)
-        model = cost_model(md.path, precision, handover_ms=3 * rtt if rtt is not None else 0.0)
-        model["handover_source"] = ("3 x measured parent-worker message round trip" if rtt is not None
-                                    else "not measured (no multi-stream run): 0")
-    return {**report_stamp("bench"), "cost_model": model, "model": str(md.path), "config": md.config,
+    return {**report_stamp("bench"), "model": str(md.path), "config": md.config,
             "precision": precision, "cpus": format_cpu_list(cpus), "threads": len(cpus), "plan": plan_info,
             "settings": asdict(cfg), "machine": machine_summary(info), "other_load": load,
             "machine_was_quiet": load["machine_was_quiet"], "rows": rows}

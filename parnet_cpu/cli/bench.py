@@ -70,8 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "split over them; ratios are taken within a round (default 5)")
     p.add_argument("--calib", metavar="DIR", help="images ort-int8 calibrates on (default: the shipped photos; "
                    "give the folder the model folder's INT8 was calibrated on for a like-for-like comparison)")
-    p.add_argument("--cost-model", action="store_true",
-                   help="also time every stage at 1..N threads and predict 16/32/56-core latency")
+    p.add_argument("--cost-model", action="store_true", help=argparse.SUPPRESS)  # retired: says so (run)
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--report-folder", "-report_folder", metavar="DIR",
                    help="write benchmark_report.json (benchmark_app's sections cmd_options, configuration_setup, "
@@ -84,11 +83,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from parnet_cpu.artifacts import ModelDirError, write_json
-    from parnet_cpu.bench import ENGINES, BenchConfig, format_cost_model, format_table, plot, run_bench
+    from parnet_cpu.bench import ENGINES, BenchConfig, format_table, plot, run_bench
     from parnet_cpu.bench.quiet import NotQuietError, refuse
     from parnet_cpu.cli import CliError
     from parnet_cpu.runtime.cores import CoreSpecError, parse_groups
 
+    if args.cost_model:
+        raise CliError("bench --cost-model was retired: `parnet-cpu plan --model-dir DIR [--cpus N]` predicts both "
+                       "plans on bigger machines with the per-layer cost model (the project's one prediction model)")
     engines = tuple(e.strip() for e in args.engines.split(",") if e.strip()) if args.engines else None
     unknown = sorted(set(engines or ()) - set(ENGINES))
     if unknown:
@@ -117,11 +119,8 @@ def run(args: argparse.Namespace) -> int:
     results = []
     try:
         for cps in sweep:
-            res = run_bench(args.model, cps, cores, args.precision, cfg, use_smt=args.use_smt,
-                            with_cost_model=args.cost_model)
+            res = run_bench(args.model, cps, cores, args.precision, cfg, use_smt=args.use_smt)
             print(format_table(res))
-            if res["cost_model"]:
-                print(format_cost_model(res["cost_model"]))
             results.append(res)
     except (ModelDirError, CoreSpecError) as exc:
         raise CliError(str(exc)) from None

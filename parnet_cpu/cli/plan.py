@@ -84,9 +84,10 @@ def make_report(args) -> dict:
     from parnet_cpu.artifacts import ModelDir, ModelDirError
     from parnet_cpu.cli import CliError
     from parnet_cpu.runtime.cores import CoreSpecError, place_stream_groups, single_graph_cores
-    from parnet_cpu.runtime.costmodel import fit_layer_model, predict_plan, profile_stages, stage_ms
+    from parnet_cpu.perf.costmodel import (break_even, fit_layer_model, predict_plan, profile_stages,
+                                           scan_core_counts, stage_ms)
     from parnet_cpu.runtime.partition import RECOMPUTE_STAGES
-    from parnet_cpu.runtime.plan import break_even, scan_core_counts, stage_macs, stream_costs, time_balanced_groups
+    from parnet_cpu.runtime.plan import stage_macs, stream_costs, time_balanced_groups
     from parnet_cpu.system.cpuinfo import format_cpu_list
 
     info = target_machine(args)
@@ -158,7 +159,7 @@ def make_report(args) -> dict:
         report["break_even_cores"] = {k: break_even(scan, k) for k in scan[0] if k.startswith("ratio_")}
         report["cost_model"] = model
         report["caveat"] = ("predicted, not measured: per-layer model fitted on 1 thread of this machine "
-                            "(runtime/costmodel.py); memory bandwidth and clock changes are not modelled")
+                            "(perf/costmodel.py); memory bandwidth and clock changes are not modelled")
     return report
 
 

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from parnet_cpu.artifacts import ModelDirError
     from parnet_cpu.bench.quiet import LoadWatch, NotQuietError, refuse
     from parnet_cpu.cli import CliError
-    from parnet_cpu.runtime.profile import format_table, profile_model
+    from parnet_cpu.perf.profile import format_table, profile_model
 
     try:
         watch = LoadWatch(sorted(os.sched_getaffinity(0)), args.require_quiet, args.quiet_wait, "profile").settle()

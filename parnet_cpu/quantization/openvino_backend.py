@@ -112,6 +112,6 @@ class OpenVinoBackend(QuantizationBackend):
 
     def report_extras(self, folder: Path) -> dict:
         """Where the INT8 time goes, and the float-leftover precision used."""
-        from parnet_cpu.runtime.profile import profile_model
+        from parnet_cpu.perf.profile import profile_model
 
         return {"profile": profile_model(folder, "int8", batch=1, iters=5)}

@@ -31,6 +31,7 @@ from parnet_cpu.runtime.cores import (
     socket_domains,
     validate_groups,
 )
+from parnet_cpu.runtime.engine import cache_root
 from parnet_cpu.runtime.macs import model_macs
 from parnet_cpu.runtime.partition import (
     NUM_STREAMS,
@@ -186,8 +187,12 @@ class PlanCache:
 
     def __init__(self, model_dir: ModelDir) -> None:
         self.model_dir = model_dir
-        self.path = model_dir.path / PLAN_CACHE
+        shipped = model_dir.path / PLAN_CACHE
+        # a read-only folder (KServe, docker -v ...:ro): the user cache, as the compiled models (engine.cache_root)
+        self.path = (cache_root(model_dir) or model_dir.path) / PLAN_CACHE
         self.entries, self.corrupt = read_plan_cache(self.path)
+        if self.path != shipped:  # what the folder was shipped with still counts
+            self.entries = {**read_plan_cache(shipped)[0], **self.entries}
 
     def key(self, cpus: list[int], precision: str, ir_path: Path) -> str:
         import openvino as ov
@@ -279,29 +284,3 @@ def time_balanced_groups(info, costs: Sequence[float], group_time: Callable[[int
             groups[i] = sorted(c for core in cores[start:start + n] for c in core)
             start += n
     return groups
-
-
-def scan_core_counts(model: dict, mac_costs: Sequence[float], core_counts: Sequence[int], batches: Sequence[int],
-                     handover_ms: float, size_batch: int = 1) -> list[dict]:
-    """For single-socket machines of each core count: the predicted multi-stream/single ratio with groups
-    sized by MACs and by predicted time (at batch `size_batch`), per batch. Used by `parnet-cpu plan`."""
-    from parnet_cpu.runtime.costmodel import predict_plan, stage_ms
-
-    def group_time(i: int, n: int) -> float:
-        return stage_ms(model["stages"][f"stream{i + 1}"][str(size_batch)], n, model["sync_ms"])
-
-    rows = []
-    for n in core_counts:
-        splits = {"macs": proportional_sizes(mac_costs, n), "time": time_balanced_sizes(group_time, len(mac_costs), n)}
-        row: dict = {"cores": n, "groups": splits}
-        for kind, sizes in splits.items():
-            for b in batches:
-                p = predict_plan(model, b, sizes, n, n, handover_ms)
-                row[f"ratio_{kind}_b{b}"] = p["ratio_multi_vs_single"]
-        rows.append(row)
-    return rows
-
-
-def break_even(rows: Sequence[dict], key: str) -> int | None:
-    """The smallest scanned core count at which multi-stream is predicted faster (ratio < 1), if any."""
-    return min((r["cores"] for r in rows if r[key] < 1.0), default=None)

@@ -3,8 +3,9 @@
 The per-layer model (`validate`, `predict_plan`; used by `parnet-cpu plan` and benchmarks/scale_check.py):
 each layer's one-thread time split over its parallel work items, fitted on ONE thread, so a 2-thread
 measurement can falsify it (see below). Profiles run in a child process pinned to the cores they time
-(`parnet_cpu.runtime.pinned`). The older whole-stage Amdahl fit of `bench --cost-model` lives with the
-benchmarks (`parnet_cpu.bench.scaling`).
+(`parnet_cpu.perf.pinned`). `scan_core_counts` asks the model what more cores would give. This is the
+project's one prediction model (the whole-stage Amdahl fit of the former `bench --cost-model` was retired
+in its favour, issue 22).
 """
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from typing import Sequence
 import numpy as np
 
 from parnet_cpu.artifacts import ModelDir
+from parnet_cpu.perf.pinned import run_pinned
+from parnet_cpu.runtime.cores import proportional_sizes
 from parnet_cpu.runtime.partition import RECOMPUTE_STAGES, SINGLE_STAGES
-from parnet_cpu.runtime.pinned import run_pinned
+from parnet_cpu.runtime.plan import time_balanced_sizes
 from parnet_cpu.runtime.timing import measure_latency
 
 STAGES = RECOMPUTE_STAGES + SINGLE_STAGES
@@ -89,7 +92,7 @@ def profile_in_child(ir_path: str, precision: str, threads: int, batches: list[i
     profile (PERF_COUNT) and the median wall time; plus the sync microbenchmark."""
     from parnet_cpu.runtime.engine import CompileOptions, compile_model, core
     from parnet_cpu.runtime.partition import cut_stage
-    from parnet_cpu.runtime.profile import collect
+    from parnet_cpu.perf.profile import collect
 
     rng = np.random.default_rng(0)
     opts = CompileOptions(precision=precision, num_threads=threads, pinning=True, perf_count=True)
@@ -122,7 +125,7 @@ def _sync_microbenchmark(ov_core, opts, iters: int, layers: int = 40) -> float:
     for _ in range(layers):
         y = ov.opset13.relu(ov.opset13.convolution(y, w, [1, 1], [1, 1], [1, 1], [1, 1])).output(0)
     compiled = ov_core.compile_model(ov.Model([ov.opset13.result(y)], [x]), "CPU", opts.properties())
-    from parnet_cpu.runtime.profile import collect
+    from parnet_cpu.perf.profile import collect
 
     raw, _ = collect(compiled, {0: np.ones((1, 16, 4, 4), np.float32)}, iters)
     convs = [ms for _, t, _, ms in raw if t == "Convolution"]
@@ -203,3 +206,28 @@ def predict_plan(model: dict, batch: int, stream_cores: Sequence[int], union_cor
     single = stage_ms(st["model"][b], single_cores, sync)
     return {"batch": batch, "multistream_ms": multi, "single_ms": single, "stream_ms": streams,
             "ratio_multi_vs_single": multi / single, "auto_would_choose": "multistream" if multi < single else "single"}
+
+
+# --------------------------------------------------------------------------- what more cores would give
+def scan_core_counts(model: dict, mac_costs: Sequence[float], core_counts: Sequence[int], batches: Sequence[int],
+                     handover_ms: float, size_batch: int = 1) -> list[dict]:
+    """For single-socket machines of each core count: the predicted multi-stream/single ratio with groups
+    sized by MACs and by predicted time (at batch `size_batch`), per batch. Used by `parnet-cpu plan`."""
+    def group_time(i: int, n: int) -> float:
+        return stage_ms(model["stages"][f"stream{i + 1}"][str(size_batch)], n, model["sync_ms"])
+
+    rows = []
+    for n in core_counts:
+        splits = {"macs": proportional_sizes(mac_costs, n), "time": time_balanced_sizes(group_time, len(mac_costs), n)}
+        row: dict = {"cores": n, "groups": splits}
+        for kind, sizes in splits.items():
+            for b in batches:
+                p = predict_plan(model, b, sizes, n, n, handover_ms)
+                row[f"ratio_{kind}_b{b}"] = p["ratio_multi_vs_single"]
+        rows.append(row)
+    return rows
+
+
+def break_even(rows: Sequence[dict], key: str) -> int | None:
+    """The smallest scanned core count at which multi-stream is predicted faster (ratio < 1), if any."""
+    return min((r["cores"] for r in rows if r[key] < 1.0), default=None)
