@@ -41,7 +41,7 @@ from parnet_cpu.runtime.cores import mark_pool, parse_pool_spec, pool_share
 from parnet_cpu.runtime.partition import RECOMPUTE_STAGES, SHARE_STAGES, SINGLE_STAGES
 from parnet_cpu.runtime.plan import Plan, PlanCache, choose, make_plan, single_plan
 from parnet_cpu.runtime.timing import measure_latency
-from parnet_cpu.runtime.engine import core as openvino_core
+from parnet_cpu.runtime.engine import CompileCache, core as openvino_core
 from parnet_cpu.runtime.classify import TopK, check_top_k, softmax_top_k
 from parnet_cpu.data.inputs import MAX_IMAGE_PIXELS, ImageInput, preprocess_batch, preprocess_input
 from parnet_cpu.runtime.worker import (ERROR, PING, READY, RUN, STOP, SYNC, SYNC_REPLY, THREADS, Reply, RunStage,
@@ -235,6 +235,8 @@ class Runtime:
         self.precision = precision or self.model_dir.default_precision
         self.ir_path = self.model_dir.ir_path(self.precision)
         self.input_shape = self.model_dir.input_shape()
+        # compiled models are cached (engine.CompileCache): a restart imports them instead of compiling
+        self.compile_cache = CompileCache.for_model(self.model_dir, self.ir_path, self.precision)
         self.max_batch, self.inflight = max_batch, inflight
         self.stats = StageStats()
         self._closed = False
@@ -281,6 +283,8 @@ class Runtime:
         except BaseException:
             self.close()
             raise
+        if self.compile_cache is not None:
+            self.compile_cache.seal()  # every compile of this start is done: record the blobs it wrote
         self._executor = ThreadPoolExecutor(max_workers=inflight, thread_name_prefix="parnet-rt")
 
     # ------------------------------------------------------------------ start-up (not the hot path)
@@ -293,7 +297,8 @@ class Runtime:
     def _start_in_process(self, plan: Plan) -> None:
         from parnet_cpu.runtime.engine import CompileOptions, compile_model, core
 
-        opts = CompileOptions(precision=self.precision, num_threads=len(plan.cpus), pinning=True)
+        opts = CompileOptions(precision=self.precision, num_threads=len(plan.cpus), pinning=True,
+                              cache_dir=self._compile_cache_dir)
         self._compiled = compile_model(self.ir_path, opts)
         # Full batches run on a second compile with the batch fixed, as benchmark_app does: static shapes
         # measured ~2 % faster than the dynamic batch (ParNet-S INT8 batch 8; benchmarks/matrix_unit.py).
@@ -308,6 +313,10 @@ class Runtime:
         self._ov_objects += [self._compiled, full_compiled, *(s.request for s in self._slots.queue),
                              *(s.full for s in self._slots.queue)]
         plan.reason += "; in this process (its CPUs are all the process may use: no hand-over)"
+
+    @property
+    def _compile_cache_dir(self) -> str | None:
+        return None if self.compile_cache is None else str(self.compile_cache.dir)
 
     def _start(self, plan: Plan) -> None:
         self._inproc = self._in_process(plan)  # decided once: the process's affinity may change later
@@ -334,7 +343,8 @@ class Runtime:
         ctx = mp.get_context("spawn")
         pipes = {w.name: [ctx.Pipe() for _ in range(self.inflight)] for w in plan.workers}
         for w in plan.workers:
-            spec = WorkerSpec(w.name, tuple(w.cpus), str(self.ir_path), self.precision, w.stages, tuple(layout))
+            spec = WorkerSpec(w.name, tuple(w.cpus), str(self.ir_path), self.precision, w.stages, tuple(layout),
+                              cache_dir=self._compile_cache_dir)
             proc = ctx.Process(target=worker_main, args=(spec, [child for _, child in pipes[w.name]]),
                                name=f"parnet-{w.name}", daemon=True)
             proc.start()

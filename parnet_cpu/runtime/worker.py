@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 from parnet_cpu.runtime.partition import Stage
+from parnet_cpu.system.affinity import pin_process, thread_affinities
 
 SYNC_REPLY = b"parnet-sync:"  # + the parent's token, sent raw: the parent skips bytes up to it (Runtime._resync)
 
@@ -68,31 +69,7 @@ class WorkerSpec:
     stages: tuple[Stage, ...]
     layout: tuple[dict[str, TensorSlot], ...]  # per in-flight slot: tensor name -> where it lives
     num_threads: int | None = None
-
-
-def thread_affinities() -> dict[int, str]:
-    """Cpus_allowed_list of every thread of this process, straight from /proc."""
-    out = {}
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/status") as f:
-                for line in f:
-                    if line.startswith("Cpus_allowed_list:"):
-                        out[int(tid)] = line.split(":", 1)[1].strip()
-        except FileNotFoundError:  # thread ended meanwhile
-            pass
-    return out
-
-
-def pin_process(cpus) -> None:
-    """Confine every thread of this process to `cpus`. sched_setaffinity(0) moves only the calling
-    thread; threads started while the worker was being unpickled (numpy's BLAS pool) need their own
-    call. Threads created later inherit the mask."""
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            os.sched_setaffinity(int(tid), cpus)
-        except ProcessLookupError:
-            pass
+    cache_dir: str | None = None  # the Runtime's checked compiled-model cache (engine.CompileCache)
 
 
 def _is_main_guard(node: ast.AST) -> bool:
@@ -179,13 +156,12 @@ def worker_main(spec: WorkerSpec, conns: list[Connection]) -> None:
         pin_process(spec.cpus)  # before OpenVINO creates any thread; a failure goes back to the parent
         import openvino as ov
 
-        from parnet_cpu.runtime.engine import CompileOptions
+        from parnet_cpu.runtime.engine import CompileOptions, compile_model
         from parnet_cpu.runtime.partition import cut_stage
 
-        core = ov.Core()
-        opts = CompileOptions(precision=spec.precision, num_threads=spec.num_threads or len(spec.cpus), pinning=True)
-        compiled = {s.name: core.compile_model(cut_stage(spec.ir_path, s), "CPU", opts.properties())
-                    for s in spec.stages}
+        opts = CompileOptions(precision=spec.precision, num_threads=spec.num_threads or len(spec.cpus), pinning=True,
+                              cache_dir=spec.cache_dir)
+        compiled = {s.name: compile_model(cut_stage(spec.ir_path, s), opts) for s in spec.stages}
         stages = {s.name: s for s in spec.stages}
         views = _attach(spec.layout, shms)
         requests = [{name: c.create_infer_request() for name, c in compiled.items()} for _ in spec.layout]
