@@ -28,7 +28,7 @@ from common import OtherLoad, kernel_counts, other_busy_processes, write_result
 from quantization import make_calibration_images
 
 from parnet_cpu.data import bundled_calibration_dir
-from parnet_cpu.runtime.cores import stream_groups_for_this_machine
+from parnet_cpu.runtime.leases import stream_groups_for_this_machine
 from parnet_cpu.system.cpuinfo import format_cpu_list
 
 REPO = Path(__file__).resolve().parent.parent

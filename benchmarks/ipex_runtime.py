@@ -93,11 +93,11 @@ def resolve_cores(spec: str | None) -> tuple[list[list[int]] | None, str]:
     """Stream groups (None: our Runtime sizes them by cost) and how they were chosen.
 
     `--cores 0-7` confines this process, hence the planner and every engine, to those CPUs;
-    `--cores 0-2:3-5:6-7` gives the three stream groups. Otherwise `runtime.cores` decides: groups
+    `--cores 0-2:3-5:6-7` gives the three stream groups. Otherwise `runtime.leases` decides: groups
     sized by cost with >= 3 physical cores, overlapping single-core groups below that."""
-    from parnet_cpu.runtime.cores import stream_groups_for_this_machine
+    from parnet_cpu.runtime.leases import stream_groups_for_this_machine
     from parnet_cpu.runtime.cores import parse_groups, validate_groups
-    from parnet_cpu.runtime.worker import pin_process
+    from parnet_cpu.system.affinity import pin_process
     from parnet_cpu.system.cpuinfo import parse_cpu_list
 
     if spec and (":" in spec or ";" in spec):
@@ -155,7 +155,7 @@ def busy_threads(fn: Callable[[], Any], seconds: float) -> dict:
     IPEX's Task and OpenMP threads carry no names, so they are told apart by CPU time: one thing runs
     at a time, and the threads doing its work are the busy ones. Python threads (the load sampler)
     are marked and left out of the checks."""
-    from parnet_cpu.runtime.worker import thread_affinities
+    from parnet_cpu.system.affinity import thread_affinities
 
     time.sleep(0.5)  # let OpenMP teams of earlier work stop spinning (KMP_BLOCKTIME defaults to 200 ms)
     main, hz = threading.get_native_id(), os.sysconf("SC_CLK_TCK")

@@ -57,7 +57,7 @@ class OvStreams:
 
 def main() -> int:
     from parnet_cpu.artifacts import ModelDir
-    from parnet_cpu.runtime.cores import available_cores
+    from parnet_cpu.runtime.leases import available_cores
     from parnet_cpu.serve.replicas import ReplicaSet, closed_loop, replica_counts
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -55,7 +55,7 @@ FORK_SCRIPT = r'''
 import gc, json, multiprocessing as mp, os, signal, sys, time
 import numpy as np
 from parnet_cpu.runtime import Runtime
-from parnet_cpu.runtime.cores import current_leases
+from parnet_cpu.runtime.leases import current_leases
 from parnet_cpu.runtime.runtime import RuntimeForkedError
 
 model, plan, how, result_path = sys.argv[1:5]
@@ -275,7 +275,7 @@ def lease_folder(tmp_path, monkeypatch) -> Path:
 
 def refused(fn, *args):
     """fn(*args) must raise LeaseDirError within 20 s (a FIFO must not block it); returns the message."""
-    from parnet_cpu.runtime.cores import LeaseDirError
+    from parnet_cpu.runtime.leases import LeaseDirError
 
     box: dict = {}
 
@@ -294,7 +294,7 @@ def refused(fn, *args):
 
 
 def lease(cpu: int):
-    from parnet_cpu.runtime.cores import CoreLease
+    from parnet_cpu.runtime.leases import CoreLease
 
     return CoreLease([cpu])
 
@@ -303,7 +303,7 @@ def test_c8_symlinked_lock_file_is_never_followed(lease_folder, tmp_path, model_
     """cpuN.lock is a symlink to a file of the test's own: the lease, the Runtime and the lease listing refuse
     it by name; the target's content and mode are unchanged. Before: truncated, overwritten, chmod-ed 0666."""
     from parnet_cpu.runtime import Runtime
-    from parnet_cpu.runtime.cores import current_leases
+    from parnet_cpu.runtime.leases import current_leases
 
     victim = tmp_path / "precious.txt"
     victim.write_text("keep me\n")
@@ -337,7 +337,7 @@ def test_c8_lock_that_is_a_directory_fifo_or_hard_link_is_refused(lease_folder, 
     os.rmdir(lease_folder / f"cpu{CPUS[0]}.lock")
     os.mkfifo(lease_folder / f"cpu{CPUS[0]}.lock")
     assert "FIFO" in refused(lease, CPUS[0])  # refused at once, never blocks
-    from parnet_cpu.runtime.cores import current_leases
+    from parnet_cpu.runtime.leases import current_leases
 
     refused(current_leases)  # the listing (parnet-cpu info) does not block on it either
     os.unlink(lease_folder / f"cpu{CPUS[0]}.lock")
@@ -349,7 +349,7 @@ def test_c8_lock_that_is_a_directory_fifo_or_hard_link_is_refused(lease_folder, 
 
 
 def test_c8_folder_that_is_a_file_or_a_symlink_is_refused(tmp_path, monkeypatch):
-    from parnet_cpu.runtime.cores import lease_dir
+    from parnet_cpu.runtime.leases import lease_dir
 
     as_file = tmp_path / "leases-file"
     as_file.write_text("not a folder")
@@ -422,7 +422,7 @@ def test_c5_fork_while_another_thread_holds_the_lease_registry(lease_folder):
     """A fork while another thread is inside `lease_transaction` (a Runtime starting): the child's copy of the
     registry lock is reset, so the child can lease cores of its own once the parent's transaction ends, instead
     of waiting forever on a lock held by a thread that does not exist in it."""
-    from parnet_cpu.runtime.cores import CoreLease, lease_transaction
+    from parnet_cpu.runtime.leases import CoreLease, lease_transaction
 
     inside, leave = threading.Event(), threading.Event()
 

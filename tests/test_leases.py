@@ -118,7 +118,7 @@ def test_default_runtime_takes_the_free_cores_and_threads_follow(model_dir):
 
 
 def test_killed_holder_frees_its_cores_at_once(model_dir):
-    from parnet_cpu.runtime.cores import current_leases
+    from parnet_cpu.runtime.leases import current_leases
 
     first = Holder(model_dir, plan="single", cores=[CPUS])
     assert set(first.report["cpus"]) == set(CPUS)
@@ -152,7 +152,8 @@ def test_sharing_is_an_opt_in_that_warns(model_dir):
 
 def test_explicit_overlapping_cores_in_one_process(model_dir):
     from parnet_cpu.runtime import Runtime
-    from parnet_cpu.runtime.cores import CoreShareWarning, CoreSpecError, current_leases
+    from parnet_cpu.runtime.cores import CoreSpecError
+    from parnet_cpu.runtime.leases import CoreShareWarning, current_leases
 
     with Runtime(model_dir, precision="fp32", plan="single", cores=[[CPUS[0]]]) as a:
         with pytest.raises(CoreSpecError, match=f"already used by another Runtime .*pid {os.getpid()}"):
@@ -278,7 +279,7 @@ def test_corrupt_plan_cache_is_ignored_and_rewritten(model_dir):
 
 def test_busy_cpus_are_seen_as_busy():
     """The contention check reads real load: a spinning process pinned to a CPU shows on that CPU."""
-    from parnet_cpu.runtime.cores import QUIET_LOAD, other_load
+    from parnet_cpu.system.load import QUIET_LOAD, other_load
 
     spin = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{CPUS[-1]}}})\nwhile True: pass"])
     try:

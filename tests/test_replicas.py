@@ -34,7 +34,7 @@ def reference(model_dir: Path, x: np.ndarray) -> np.ndarray:
 
 @pytest.mark.skipif(len(CPUS) < 2, reason="two replicas need two cores")
 def test_replicas_hold_disjoint_cores_and_share_the_work(model_dir):
-    from parnet_cpu.runtime.cores import current_leases
+    from parnet_cpu.runtime.leases import current_leases
     from parnet_cpu.serve.replicas import ReplicaSet
     from parnet_cpu.system.cpuinfo import parse_cpu_list
 

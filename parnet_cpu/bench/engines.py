@@ -203,7 +203,7 @@ def available_engines(md: ModelDir) -> tuple[str, ...]:
 
 def _engine_child(name: str, spec: EngineSpec, cpus: list[int], conn) -> None:
     """The pinned child: build the engine once, then time it whenever the parent asks (one round)."""
-    from parnet_cpu.runtime.worker import pin_process
+    from parnet_cpu.system.affinity import pin_process
 
     try:
         pin_process(cpus)

@@ -3,7 +3,7 @@
 Every measuring command (`bench`, `profile`, `plan`'s profiling, the demo's speed half) goes through one
 `LoadWatch` on the CPUs it times:
 
-- before: other work on those CPUs is sampled (`runtime.cores.wait_for_quiet`, read while this process
+- before: other work on those CPUs is sampled (`system.load.wait_for_quiet`, read while this process
   sleeps) for at most `wait_s` seconds until it drops to `QUIET_LOAD` or below;
 - during: between measurements (`sample()`), the busy time of those CPUs minus the CPU time of this
   process and its children (the load being measured) is what others used;
@@ -17,7 +17,7 @@ import time
 from typing import Callable, Sequence
 
 from parnet_cpu.options import arg
-from parnet_cpu.runtime.cores import QUIET_LOAD, wait_for_quiet
+from parnet_cpu.system.load import QUIET_LOAD, wait_for_quiet
 
 NOT_QUIET_EXIT = 3  # exit status of a measuring command refused by --require-quiet
 DEFAULT_WAIT_S = 10.0  # how long a busy machine is waited for before measuring anyway (or refusing)

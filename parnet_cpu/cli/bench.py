@@ -24,7 +24,8 @@ def newest_model_dir(where: Path = Path(".")) -> Path | None:
 def check_cores_feasible(sweep: list, cores, use_smt: bool) -> None:
     """Refuse an explicit core request this machine cannot meet before any engine starts (it would
     otherwise run every other engine for minutes and report the failure as a table row)."""
-    from parnet_cpu.runtime.cores import CoreSpecError, available_cores, plan_groups, validate_groups
+    from parnet_cpu.runtime.cores import CoreSpecError, validate_groups
+    from parnet_cpu.runtime.leases import available_cores, plan_groups
     from parnet_cpu.runtime.partition import NUM_STREAMS
 
     if cores:

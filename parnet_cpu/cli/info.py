@@ -46,16 +46,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def live_leases() -> list[dict]:
-    """Cores leased right now by runtimes on this machine (see `parnet_cpu.runtime.cores`)."""
+    """Cores leased right now by runtimes on this machine (see `parnet_cpu.runtime.leases`)."""
     from dataclasses import asdict
 
-    from parnet_cpu.runtime.cores import current_leases
+    from parnet_cpu.runtime.leases import current_leases
 
     return [asdict(lease) for lease in current_leases()]
 
 
 def format_leases(leases: list[dict]) -> str:
-    from parnet_cpu.runtime.cores import lease_dir
+    from parnet_cpu.runtime.leases import lease_dir
 
     if not leases:
         return f"Core leases        none ({lease_dir()})"

@@ -29,7 +29,7 @@ class PinnedChildTimeout(PinnedChildError):
 
 
 def _child_main(target: Callable[..., Any], args: tuple, cpus: list[int], conn) -> None:
-    from parnet_cpu.runtime.worker import pin_process
+    from parnet_cpu.system.affinity import pin_process
 
     try:
         pin_process(cpus)

@@ -1,7 +1,7 @@
 """One leased `Runtime` per Ray process (a Serve replica or a Data actor), on its own cores.
 
 Ray's CPU count is a scheduling number: it decides how many replicas or actors a node runs, never which
-cores they run on. The cores come from the project's machine-wide leases (`runtime.cores`): each process
+cores they run on. The cores come from the project's machine-wide leases (`runtime.leases`): each process
 opens its Runtime with `cores="share:N"`, which leases it an equal, disjoint part of the node's free cores
 among the N members of its pool (N = the replicas or actors one node runs). The pool is named by
 `$PARNET_CPU_POOL`, set per deployment through Ray's `runtime_env`, so two deployments on one node are two
@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from parnet_cpu.runtime.cores import POOL_ENV, POOL_SPEC_PREFIX
+from parnet_cpu.runtime.leases import POOL_ENV, POOL_SPEC_PREFIX
 
 __all__ = ["pin_process", "pool_env", "pool_cores"]
 

@@ -2,7 +2,8 @@
 
 `runtime.Runtime` runs a plan (`plan.Plan`: single graph, or the streams on their own core groups, chosen
 by `plan.make_plan` and, for `plan="auto"`, `plan.PlanCache`) on worker processes (`worker`) that run
-stages cut from the IR (`partition`), compiled by `engine`; `cores` leases and places core groups.
+stages cut from the IR (`partition`), compiled by `engine`; `cores` sizes and places core groups, `leases`
+holds them machine-wide.
 """
 
 from parnet_cpu.runtime.runtime import (InferenceTimeout, Runtime, RuntimeBrokenError,  # noqa: E402

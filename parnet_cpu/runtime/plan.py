@@ -21,17 +21,14 @@ from typing import Callable, NamedTuple, Sequence
 
 from parnet_cpu.artifacts import ModelDir, write_json
 from parnet_cpu.runtime.cores import (
-    QUIET_LOAD,
     CoreSpecError,
-    available_cores,
-    no_free_cores_message,
     place_stream_groups,
-    plan_groups,
     proportional_sizes,
     socket_domains,
     validate_groups,
 )
 from parnet_cpu.runtime.engine import cache_root
+from parnet_cpu.runtime.leases import available_cores, no_free_cores_message, plan_groups
 from parnet_cpu.runtime.macs import model_macs
 from parnet_cpu.runtime.partition import (
     NUM_STREAMS,
@@ -42,6 +39,7 @@ from parnet_cpu.runtime.partition import (
     Stage,
 )
 from parnet_cpu.system.cpuinfo import describe_machine, format_cpu_list
+from parnet_cpu.system.load import QUIET_LOAD
 
 PLAN_CACHE = "plan_cache.json"
 PLAN_KINDS = ("multistream", "single")

@@ -36,8 +36,8 @@ import numpy as np
 
 from parnet_cpu.artifacts import INPUT_NAME, OUTPUT_NAME, STAGE_TENSORS, ModelDir
 from parnet_cpu.options import check_all
-from parnet_cpu.runtime.cores import CoreLease, CoreSpecError, lease_transaction, other_load, parse_groups, wait_for_quiet
-from parnet_cpu.runtime.cores import mark_pool, parse_pool_spec, pool_share
+from parnet_cpu.runtime.cores import CoreSpecError, parse_groups
+from parnet_cpu.runtime.leases import CoreLease, lease_transaction, mark_pool, parse_pool_spec, pool_share
 from parnet_cpu.runtime.partition import RECOMPUTE_STAGES, SHARE_STAGES, SINGLE_STAGES
 from parnet_cpu.runtime.plan import Plan, PlanCache, choose, make_plan, single_plan
 from parnet_cpu.runtime.timing import measure_latency
@@ -45,7 +45,9 @@ from parnet_cpu.runtime.engine import CompileCache, core as openvino_core
 from parnet_cpu.runtime.classify import TopK, check_top_k, softmax_top_k
 from parnet_cpu.data.inputs import MAX_IMAGE_PIXELS, ImageInput, preprocess_batch, preprocess_input
 from parnet_cpu.runtime.worker import (ERROR, PING, READY, RUN, STOP, SYNC, SYNC_REPLY, THREADS, Reply, RunStage,
-                                       TensorSlot, WorkerSpec, thread_affinities, unguarded_main_problem, worker_main)
+                                       TensorSlot, WorkerSpec, unguarded_main_problem, worker_main)
+from parnet_cpu.system.affinity import thread_affinities
+from parnet_cpu.system.load import other_load, wait_for_quiet
 
 
 class RuntimeClosedError(RuntimeError):
@@ -203,7 +205,7 @@ class Runtime:
     ...     logits = rt.infer(images)           # (N, C, H, W) float32 -> (N, classes)
     ...     future = rt.submit(images)          # concurrent.futures.Future
 
-    Its cores are leased machine-wide (`cores.CoreLease`): by default it takes only cores no other Runtime,
+    Its cores are leased machine-wide (`leases.CoreLease`): by default it takes only cores no other Runtime,
     in any process, holds, and refuses explicit `cores` that another holds (naming its pid); `share=True`
     allows it, with a warning. The model folder is verified first (`ModelDir.verify`).
     In each of N worker processes of one server (uvicorn/gunicorn `--workers N`), `cores="share:N"` leases
@@ -727,7 +729,7 @@ class Runtime:
         child does, exiting included, touches the parent's runtime. Its copies of the pipes are closed (no
         message can reach a worker; a worker still sees EOF when the parent goes), the workers leave
         multiprocessing's child list (whose exit handler would SIGTERM them), the shared memory is never
-        unlinked (close() returns at once), the core leases are forgotten (`cores._forget_parent_locks`), and
+        unlinked (close() returns at once), the core leases are forgotten (`leases._forget_parent_locks`), and
         the in-process OpenVINO objects are never destroyed (their destructor waits for threads the fork lost)."""
         self._forked = (f"this Runtime was created in process {self._pid}, and this process ({os.getpid()}) is a "
                         "fork of it: the Runtime's worker processes, pipes, shared memory and OpenVINO threads "

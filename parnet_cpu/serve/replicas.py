@@ -18,7 +18,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from parnet_cpu.runtime.cores import CoreSpecError, available_cores, lease_transaction
+from parnet_cpu.runtime.cores import CoreSpecError
+from parnet_cpu.runtime.leases import available_cores, lease_transaction
 
 
 def split_cores(cores: Sequence[Sequence[int]], replicas: int) -> list[list[int]]:
