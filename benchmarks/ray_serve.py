@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +34,22 @@ class RayServer(Server):
 
     def wait_ready(self, timeout: float = 600.0) -> None:
         super().wait_ready(timeout)
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        deadline = time.monotonic() + 60  # the next server needs the cores the replicas leased
+        while time.monotonic() < deadline and replicas_alive():
+            time.sleep(0.5)
+
+
+def replicas_alive() -> bool:
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::ServeReplica"):
+                return True
+        except OSError:  # ended meanwhile
+            continue
+    return False
 
 
 def server(kind: str, model: Path, logdir: Path, replicas: int) -> Server:
@@ -72,6 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     if busy:
         print("WARNING: other processes are busy, timings will be noisy: " + ", ".join(busy))
     t_start = time.time()
+    # the servers' core leases in a namespace of this run: other sessions' runtimes on this machine neither
+    # refuse these servers nor are refused by them (they still share the CPUs: see other_load_during_run)
+    os.environ["PARNET_CPU_LEASE_DIR"] = tempfile.mkdtemp(prefix="parnet_ray_serve_leases_")
     with tempfile.TemporaryDirectory(prefix="parnet_ray_serve_") as tmp, OtherLoad(exclude_children=True) as load:
         tmp = Path(tmp)
         model = args.model or export_model(args.variant, tmp / "model")
