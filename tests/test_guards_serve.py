@@ -232,7 +232,7 @@ def test_c9_graceful_timeout_is_a_json_500(model_dir, tmp_path):
 
 def budget_under(nofile: tuple[int, int], asked: int = 256) -> dict:
     """`connection_budget(asked)` in a fresh process started under RLIMIT_NOFILE = nofile."""
-    code = ("import json; from parnet_cpu.serve.protocol import connection_budget as b\n"
+    code = ("import json; from parnet_cpu.serve.http_protocol import connection_budget as b\n"
             f"try: print(json.dumps(b({asked}).describe()))\nexcept ValueError as e: print(json.dumps(str(e)))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile))
@@ -296,7 +296,7 @@ def test_c6_repeated_log_lines_are_summarised():
     """RepeatFilter on a real handler: 10,000 identical errors with tracebacks give 5 lines and, after the
     interval, one summary with the count; other messages and INFO lines (the access log) are untouched."""
     from parnet_cpu.serve.metrics import JsonFormatter
-    from parnet_cpu.serve.protocol import RepeatFilter
+    from parnet_cpu.serve.http_protocol import RepeatFilter
 
     now = [0.0]
     stream = io.StringIO()

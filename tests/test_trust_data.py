@@ -375,7 +375,8 @@ def test_one_decoder_for_files_uploads_and_file_objects(tmp_path):
     import numpy as np
 
     from parnet_cpu.data import ImageDecodeError, ImageTooLargeError, PreprocessConfig, decode_image, load_image
-    from parnet_cpu.serve.app import ApiError, decode_image_bytes
+    from parnet_cpu.serve.app import decode_image_bytes
+    from parnet_cpu.serve.v2 import ApiError
 
     img = Image.new("RGBA", (40, 30), (10, 200, 30, 128))  # alpha: composited the same way everywhere
     buf = io.BytesIO()

@@ -176,7 +176,8 @@ def test_unstamped_folder_is_refused_until_stamped_on_purpose(good, tmp_path, ca
 def test_served_metadata_carries_preprocessing(good):
     """`open_runtime` answers one real inference before it returns (the server reports ready after it);
     the v2 model metadata tells clients how to preprocess."""
-    from parnet_cpu.serve.app import ModelInfo, ServeConfig, open_runtime
+    from parnet_cpu.serve.app import ServeConfig, open_runtime
+    from parnet_cpu.serve.v2 import ModelInfo
 
     rt = open_runtime(ServeConfig(model=str(good), plan="single", precision="fp32"))
     try:

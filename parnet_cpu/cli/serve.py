@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
 
         from parnet_cpu.serve.app import ServeConfig, create_app
         from parnet_cpu.serve.metrics import configure_logging
-        from parnet_cpu.serve.protocol import RepeatFilter, connection_budget, server_protocol
+        from parnet_cpu.serve.http_protocol import RepeatFilter, connection_budget, server_protocol
     except ImportError as exc:
         raise CliError(f"serving needs the web stack ({exc.name} is missing): "
                        "pip install starlette uvicorn prometheus-client python-multipart") from None

@@ -32,7 +32,7 @@ from typing import Callable
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from parnet_cpu.serve.app import error_response
+from parnet_cpu.serve.v2 import error_response
 
 __all__ = ["ConnectionBudget", "FD_RESERVE", "RepeatFilter", "connection_budget", "open_descriptors",
            "server_protocol"]
