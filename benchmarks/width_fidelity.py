@@ -114,7 +114,8 @@ def best_row(rows: Sequence[dict]) -> dict:
 def training_summary(report: dict, checkpoint: Path) -> dict:
     """What a reader needs to reproduce the training run, from `parnet-cpu train --report`; without a
     report (a run still in progress: its per-epoch checkpoint), the checkpoint's own record, marked partial."""
-    from parnet_cpu.models.checkpoint import file_sha256, read_checkpoint
+    from parnet_cpu.artifacts import sha256_file
+    from parnet_cpu.models.checkpoint import read_checkpoint
 
     keep = ("command", "seed", "epochs", "training_wall_seconds", "total_wall_seconds", "resumed", "machine",
             "data", "history", "train_config")
@@ -127,7 +128,7 @@ def training_summary(report: dict, checkpoint: Path) -> dict:
                    train_config=ts.get("train_config") or obj.get("train_config"),
                    training_wall_seconds=round(sum(h.get("seconds", 0.0) for h in history), 1) or None)
     return {**out, "checkpoint_file": str(checkpoint), "checkpoint_bytes": checkpoint.stat().st_size,
-            "checkpoint_sha256": file_sha256(checkpoint)}
+            "checkpoint_sha256": sha256_file(checkpoint)}
 
 
 def model_entry(name: str, study: dict, training: dict, config: dict, machine: dict, default: QuantizeOptions,

@@ -79,8 +79,10 @@ def model_files(folder: Path) -> list[str]:
 _digests: dict[tuple, str] = {}  # (path, inode, size, mtime_ns) -> sha256: each file state hashed once per process
 
 
-def sha256_file(path: Path) -> str:
-    """sha256 of a file, streamed (ParNet-S fp32 weights are 80 MB), memoised per file state."""
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file, streamed (ParNet-S fp32 weights are 80 MB), memoised per file state: the project's one
+    file digest (model files, checkpoints, compiled-model cache blobs)."""
+    path = Path(path)
     st = path.stat()
     key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
     if key not in _digests:

@@ -89,7 +89,7 @@ def test_training_step_runs_the_real_cli_records_the_command_and_reuses_the_resu
     from PIL import Image
 
     import width_fidelity as wf
-    from parnet_cpu.models.checkpoint import file_sha256
+    from parnet_cpu.artifacts import sha256_file
 
     images, labels, _ = small_set
     data = tmp_path / "data"
@@ -108,7 +108,7 @@ def test_training_step_runs_the_real_cli_records_the_command_and_reuses_the_resu
     assert report["seed"] == 3 and report["train_config"]["bf16"] is True
     assert report["command"].startswith("parnet-cpu train --data") and "--bf16" in report["command"]
     summary = wf.training_summary(report, ckpt)
-    assert summary["checkpoint_sha256"] == file_sha256(ckpt) and len(summary["history"]) == 1
+    assert summary["checkpoint_sha256"] == sha256_file(ckpt) and len(summary["history"]) == 1
     assert "partial" not in summary
     # a run in progress has no report yet: its per-epoch training checkpoint speaks for itself
     partial = wf.training_summary({}, work / "tiny_train.pt")

@@ -130,14 +130,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"FP32 (EMA) validation top-1: {history[-1]['val_top1_ema']:.2f}%")
 
     if args.export:
-        from parnet_cpu.models.checkpoint import file_sha256
+        from parnet_cpu.artifacts import sha256_file
 
         export_checkpoint(args.out, args.export, **({"test_accuracy": result} if result else {}))
-        print(f"wrote {args.export} (EMA weights, fp32, training form; sha256 {file_sha256(args.export)[:16]}...)")
+        print(f"wrote {args.export} (EMA weights, fp32, training form; sha256 {sha256_file(args.export)[:16]}...)")
     if args.report:
         from pathlib import Path
 
-        from parnet_cpu.models.checkpoint import file_sha256
+        from parnet_cpu.artifacts import sha256_file
 
         shipped = Path(args.export) if args.export else Path(args.out)
         report = {
@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
             **result,
             "config": model.cfg.to_dict(),
             "parameters": int(sum(p.numel() for p in model.parameters())),
-            "checkpoint": {"file": shipped.name, "bytes": shipped.stat().st_size, "sha256": file_sha256(shipped)},
+            "checkpoint": {"file": shipped.name, "bytes": shipped.stat().st_size, "sha256": sha256_file(shipped)},
             "history": history,
         }
         Path(args.report).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -7,7 +7,6 @@ that one class is allow-listed, and there is no fallback to an unrestricted load
 from __future__ import annotations
 
 import argparse
-import hashlib
 import re
 from pathlib import Path
 from typing import Mapping
@@ -15,7 +14,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from parnet_cpu.artifacts import atomic_write
+from parnet_cpu.artifacts import atomic_write, sha256_file
 
 # The one place where the authors' module names map to ours (their blocks wrap a RepVGGBlock in `.block`).
 _AUTHOR_TO_OURS: tuple[tuple[re.Pattern, str], ...] = tuple(
@@ -34,14 +33,6 @@ OUR_FORMAT = "parnet-cpu/1"
 
 class CheckpointError(ValueError):
     """The checkpoint cannot be read or does not fit the model; the message names the keys."""
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def map_author_key(key: str) -> str:
@@ -149,7 +140,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, use_ema: bool = False) -
     if conflicts:  # e.g. the activation: the weights fit, the answers would be wrong
         raise CheckpointError(conflict_text)
     model.load_state_dict(sd, strict=True)
-    return {"path": str(path), "sha256": file_sha256(path), "arch": obj.get("arch"),
+    return {"path": str(path), "sha256": sha256_file(path), "arch": obj.get("arch"),
             "epoch": obj.get("epoch"), "ema": bool(use_ema)}
 
 
