@@ -147,15 +147,23 @@ def user_cache_dir() -> Path | None:
     return Path(base) / "parnet-cpu"
 
 
-def private_dir(path: Path) -> Path | None:
-    """`path`, created 0700 where missing, if it is a real folder of this user that nobody else may write
-    (a blob planted there would be imported as the model); else None."""
+def private_dir(base: Path, *parts: str) -> Path | None:
+    """`base/parts...`, each missing folder on the way created 0700 (as XDG asks), if `base` and every part
+    below it is a real folder (no link) of this user that nobody else may write: a blob planted anywhere
+    on that way would be imported as the model. Else None."""
+    path, levels = base, [base]
+    for part in parts:
+        path = path / part
+        levels.append(path)
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = os.lstat(path)
+        for level in [*reversed(base.parents), *levels]:
+            if not level.exists():
+                level.mkdir(mode=0o700, exist_ok=True)
+        for level in levels:
+            st = os.lstat(level)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                return None
     except OSError:
-        return None
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
         return None
     return path if os.access(path, os.W_OK | os.X_OK) else None
 
@@ -175,7 +183,7 @@ def cache_root(model_dir: ModelDir) -> Path | None:
     ident = hashlib.sha256(json.dumps(sorted((n, str((r or {}).get("sha256"))) for n, r in files.items()))
                            .encode()).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9._-]", "_", folder.resolve().name)[:64] or "model"
-    return private_dir(base / "models" / f"{name}-{ident}")
+    return private_dir(base, "models", f"{name}-{ident}")
 
 
 @lru_cache(maxsize=1)
@@ -245,15 +253,18 @@ class CompileCache:
             return None
         root = cache_root(model_dir)
         if root is None:
-            warnings.warn(f"{model_dir.path} is read-only and no user cache folder is usable ({CACHE_ENV}: "
-                          "set XDG_CACHE_HOME or HOME to a writable folder): compiling without a cache",
-                          CompileCacheWarning, stacklevel=3)
+            warnings.warn(f"compiled-model cache not used: {model_dir.path} is read-only and the user cache folder "
+                          f"{user_cache_dir() or '(no home folder)'} is not usable (it must be a folder of this "
+                          "user that no one else may write; set XDG_CACHE_HOME to one, or "
+                          f"{CACHE_ENV}=off to silence this): compiling from the IR", CompileCacheWarning, stacklevel=3)
             return None
         folder = root / COMPILE_CACHE / compile_cache_key(model_dir, ir_path, precision, leftovers)
-        # in the model folder it is read like the model files (umask); in the user cache, only by its owner
-        mode = 0o777 if root == model_dir.path else 0o700
+        # in the model folder it is read like the model files (umask); in the user cache, only by its owner (0700)
         try:
-            folder.mkdir(mode=mode, parents=True, exist_ok=True)
+            if root == model_dir.path:
+                folder.mkdir(parents=True, exist_ok=True)
+            elif private_dir(root, COMPILE_CACHE, folder.name) is None:
+                raise OSError(f"cannot make a private folder (0700, this user's) at {folder}")
             cache = cls(folder)
             problem = cache.check()
         except OSError as exc:
