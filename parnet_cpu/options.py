@@ -221,20 +221,14 @@ class Arg:
         return f"arg({self.name!r})"
 
 
-class Values(tuple):
-    """A comma-separated flag's values; printed as the user wrote them ("1,8"), e.g. in bench reports."""
-
-    def __str__(self) -> str:
-        return ",".join(map(str, self))
-
-
 class ArgList(Arg):
     """argparse `type=` for comma-separated values of option `name` (e.g. --batches 1,8), each checked."""
 
-    def __call__(self, text: str) -> Values:
+    def __call__(self, text: str) -> tuple:
+        """A plain tuple: the values may end up in a checkpoint's config, which `weights_only` loading reads."""
         items = text.split(",")
         try:
-            return Values(self.spec.parse(self.name, item.strip()) for item in items)
+            return tuple(self.spec.parse(self.name, item.strip()) for item in items)
         except OptionError:
             raise argparse.ArgumentTypeError(f"expected comma-separated values, each {self.spec.rule()}, "
                                              f"got {_value(text)}") from None

@@ -132,7 +132,7 @@ def test_the_range_is_enforced_at_both_ends_and_words_pass(parser, capsys):
                             "--cores-per-stream", "auto", "--replicas", "auto", "--port", "0"])
     assert (ok.max_wait_ms, ok.max_batch, ok.cores_per_stream, ok.replicas, ok.port) == (0.0, 1024, "auto", "auto", 0)
     assert parser.parse_args(["bench", "--batches", "1,8,1024", "--sweep", "auto,2"]).batches == (1, 8, 1024)
-    assert str(parser.parse_args(["bench"]).batches) == "1,8"  # benchmark_app reports show it as written
+    assert type(parser.parse_args(["bench"]).batches) is tuple  # plain: such values can land in checkpoints
     for args in (["serve", "--model-dir", "m", "--max-batch", "1025"], ["serve", "--model-dir", "m", "--port", "65536"],
                  ["serve", "--model-dir", "m", "--max-batch", "8.0"], ["serve", "--model-dir", "m", "--replicas", "0"],
                  ["serve", "--model-dir", "m", "--body-timeout", "0"], ["serve", "--model-dir", "m", "--p99-ms", "0"],

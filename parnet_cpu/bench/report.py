@@ -31,12 +31,17 @@ def _range(lo_hi) -> str:
     return f"{lo_hi[0]:.2f}-{lo_hi[1]:.2f}" if lo_hi else ""
 
 
+def _as_typed(value) -> str:
+    """A flag's value as the user typed it: comma-separated values ("1,8") for lists and tuples."""
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
 def benchmark_app_report(results: list[dict], options: dict) -> dict:
     """benchmark_app's JSON report (`-report_type no_counters -json_stats -report_folder`: the sections
     cmd_options, configuration_setup and execution_results, its key names, its values as strings with two
     decimals), one entry per "<engine> batch <n>" (and cores per stream when sweeping). Latencies are the
     median over the interleaved rounds of each round's statistic, min and max over every call."""
-    cmd = {f"--{k.replace('_', '-')}": "" if v is True else str(v) for k, v in options.items()
+    cmd = {f"--{k.replace('_', '-')}": "" if v is True else _as_typed(v) for k, v in options.items()
            if v is not None and v is not False}
     out = {}
     for res in results:
