@@ -8,7 +8,9 @@ Endpoints
     GET  /v2/models/{name}[/versions/1]/ready
     POST /v2/models/{name}[/versions/1]/infer   FP32 tensors, JSON or the binary tensor data extension
     POST /v1/classify?top_k=5                   a JPEG/PNG/WebP (multipart field or raw body) -> top-k classes
-    GET  /metrics                               Prometheus
+    GET  /v2/models/{name}[/versions/1]/config  Triton's model configuration (serve.triton)
+    GET  /v2/models[/{name}[/versions/1]]/stats  Triton's statistics (serve.triton)
+    GET  /metrics                               Prometheus text, or OpenMetrics when the Accept header asks
 
 Torch-free: only numpy, Pillow, OpenVINO (through `Runtime`) and the web stack are imported. The
 event loop only routes: body parsing, image decoding and response encoding run in a small thread
@@ -44,7 +46,8 @@ from parnet_cpu.data.inputs import MAX_IMAGE_PIXELS
 from parnet_cpu.options import check_fields
 from parnet_cpu.runtime.classify import softmax_top_k
 from parnet_cpu.serve.batcher import BatcherClosedError, DynamicBatcher, QueueFullError
-from parnet_cpu.serve.metrics import CONTENT_TYPE_LATEST, ServeMetrics
+from parnet_cpu.serve import triton
+from parnet_cpu.serve.metrics import ServeMetrics
 from parnet_cpu.serve.middleware import BodyLimitMiddleware, ObservabilityMiddleware
 from parnet_cpu.serve.v2 import (MODEL_VERSION, ApiError, ModelInfo, api_error_response, encode_infer_response,
                                  error_response, parse_infer_request, read_infer_body, require_finite)
@@ -252,7 +255,8 @@ class Service:
         threads = c.cpu_threads or min(4, len(os.sched_getaffinity(0)))
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="parnet-serve")
         self.batcher = DynamicBatcher(rt.submit, max_batch=min(c.max_batch, rt.max_batch), max_wait_s=c.max_wait_ms / 1e3,
-                                      max_queue=c.max_queue, inflight=rt.inflight, on_batch=self.metrics.observe_batch)
+                                      max_queue=c.max_queue, inflight=rt.inflight, on_batch=self.metrics.observe_batch,
+                                      on_item=self.metrics.observe_item)
         await self.batcher.start()
         self.metrics.bind_live(self.batcher, lambda: self.runtime.stats.summary(),
                                {"model": c.name, "precision": rt.precision, "version": __version__},
@@ -407,7 +411,8 @@ def _check_model(svc: Service, request: Request) -> None:
 
 
 async def server_metadata(request: Request) -> Response:
-    return JSONResponse({"name": "parnet-cpu", "version": __version__, "extensions": ["binary_tensor_data"]})
+    return JSONResponse({"name": "parnet-cpu", "version": __version__,
+                         "extensions": ["binary_tensor_data", "model_configuration", "statistics"]})
 
 
 async def live(request: Request) -> Response:
@@ -485,7 +490,8 @@ async def _upload_bytes(request: Request) -> bytes:
 
 
 async def metrics(request: Request) -> Response:
-    return Response(_svc(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    body, content_type = _svc(request).metrics.exposition(request.headers.get("accept"))
+    return Response(body, media_type=content_type)
 
 
 async def _api_error(request: Request, exc: ApiError) -> Response:
@@ -560,7 +566,8 @@ def self_test(rt: RuntimeLike) -> None:
 
 
 def _routes() -> list[Route]:
-    routes = [Route("/v2", server_metadata), Route("/v2/health/live", live), Route("/v2/health/ready", ready),
+    routes = [*triton.routes(_check_model),  # first: /v2/models/stats is not a model named "stats"
+              Route("/v2", server_metadata), Route("/v2/health/live", live), Route("/v2/health/ready", ready),
               Route("/v1/classify", classify, methods=["POST"]), Route("/metrics", metrics)]
     for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
         routes += [Route(prefix, model_metadata), Route(prefix + "/ready", model_ready),

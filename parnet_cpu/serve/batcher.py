@@ -33,6 +33,9 @@ __all__ = ["Batcher", "BatcherClosedError", "DynamicBatcher", "QueueFullError"]
 
 SubmitFn = Callable[[np.ndarray], ThreadFuture]
 BatchHook = Callable[[int, float], None]  # (images in the batch, seconds in the runtime)
+# per request (or max_batch chunk of one) leaving the batcher: (answered, images, seconds queued before its batch
+# started, seconds its batch took in the runtime); what the queue-wait histogram and Triton's statistics count
+ItemHook = Callable[[bool, int, float, float], None]
 
 
 class QueueFullError(Exception):
@@ -72,11 +75,11 @@ class DynamicBatcher:
     """Groups images from concurrent requests into batches for a `submit(batch) -> Future` runtime."""
 
     def __init__(self, submit: SubmitFn, max_batch: int = 8, max_wait_s: float = 0.002, max_queue: int = 256,
-                 inflight: int = 2, on_batch: BatchHook | None = None) -> None:
+                 inflight: int = 2, on_batch: BatchHook | None = None, on_item: ItemHook | None = None) -> None:
         check_all(max_batch=max_batch, max_wait_s=max_wait_s, max_queue=max_queue, inflight=inflight)
         self._submit = submit
         self.max_batch, self.max_wait_s, self.max_queue, self.inflight = max_batch, max_wait_s, max_queue, inflight
-        self._on_batch = on_batch
+        self._on_batch, self._on_item = on_batch, on_item
         self._queue: deque[_Item] = deque()
         self._queued = 0  # images waiting (cancelled ones excluded)
         self._running = 0  # batches inside the runtime
@@ -238,46 +241,54 @@ class DynamicBatcher:
 
     def _launch(self, items: list[_Item]) -> None:
         batch = items[0].images if len(items) == 1 else np.concatenate([it.images for it in items])
-        started = time.perf_counter()
+        started, launched = time.perf_counter(), self._loop.time()  # launched: the clock of `_Item.enqueued`
         try:
             fut = self._submit(batch)
         except Exception as exc:  # runtime closed or refused the batch: fail these requests only
             self._slots.release()
-            self._fail(items, exc)
+            self._fail(items, exc, launched)
             return
         self._running += 1
         loop = self._loop
 
         def on_done(f: ThreadFuture) -> None:  # runtime thread
             try:
-                loop.call_soon_threadsafe(self._finish, items, f, started)
+                loop.call_soon_threadsafe(self._finish, items, f, started, launched)
             except RuntimeError:
                 pass  # loop already closed: nobody is waiting any more
 
         fut.add_done_callback(on_done)
 
-    def _finish(self, items: list[_Item], fut: ThreadFuture, started: float) -> None:
+    def _finish(self, items: list[_Item], fut: ThreadFuture, started: float, launched: float) -> None:
         self._running -= 1
         self._slots.release()
         exc = fut.exception()
         if exc is not None:
-            self._fail(items, exc)
+            self._fail(items, exc, launched)
             return
         logits = fut.result()
         n = sum(it.n for it in items)
         self.stats.batches += 1
         self.stats.images += n
+        seconds = time.perf_counter() - started
         if self._on_batch is not None:
-            self._on_batch(n, time.perf_counter() - started)
+            self._on_batch(n, seconds)
+        if self._on_item is not None:
+            for item in items:
+                self._on_item(True, item.n, launched - item.enqueued, seconds)
         offset = 0
         for item in items:
             if not item.future.done():  # a client that left meanwhile is simply not answered
                 item.future.set_result(logits[offset:offset + item.n])
             offset += item.n
 
-    def _fail(self, items: list[_Item], exc: BaseException) -> None:
+    def _fail(self, items: list[_Item], exc: BaseException, launched: float) -> None:
         self.stats.failed_batches += 1
         self.stats.last_error = f"{type(exc).__name__}: {exc}"
+        if self._on_item is not None:
+            now = self._loop.time()
+            for item in items:
+                self._on_item(False, item.n, launched - item.enqueued, now - launched)
         for item in items:
             if not item.future.done():
                 item.future.set_exception(exc)
