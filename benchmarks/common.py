@@ -7,6 +7,7 @@ and library versions, in its JSON result.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import threading
@@ -176,6 +177,17 @@ def write_result(name: str, payload: dict) -> Path:
     path = RESULTS_DIR / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return path
+
+
+def json_safe(obj: Any) -> Any:
+    """JSON-safe copy: non-finite floats become strings ("inf"), which strict JSON readers accept."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def _fmt(value: Any) -> str:

@@ -48,7 +48,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OtherLoad, kernel_counts, machine_summary, other_busy_processes, print_table, set_threads, time_callable  # noqa: E402
+from common import (OtherLoad, json_safe, kernel_counts, machine_summary, other_busy_processes, print_table,  # noqa: E402
+                    set_threads, time_callable)
 
 from parnet_cpu.data import detect_layout, iter_batches, list_images  # noqa: E402
 from parnet_cpu.evaluation import accuracy_summary, fidelity_summary, run_models, sqnr_db  # noqa: E402
@@ -409,17 +410,6 @@ def _progress_line(r: dict) -> None:
           f"SQNR {r['logit_sqnr_db']:.2f} dB  PTQ {r['quantize_seconds']:.1f} s", flush=True)
 
 
-def _finite(obj: Any) -> Any:
-    """JSON-safe copy: non-finite floats become strings ("inf")."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 def quantization_study(model: ParNet, ckpt: dict, calib: list[Path], test: list, threads: int,
                        default: QuantizeOptions, sqnr_images: int = 200, extended: bool = True,
                        latency: bool = True, grid: list[Setting] | None = None) -> dict:
@@ -551,7 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seconds_total": time.perf_counter() - t_start,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(_finite(result), indent=2, default=str) + "\n")
+    args.out.write_text(json.dumps(json_safe(result), indent=2, default=str) + "\n")
     print(f"\nwrote {args.out} ({result['seconds_total']:.0f} s)")
     return 0
 

@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import OtherLoad, machine_summary, set_threads  # noqa: E402
-from quant_quality import (CALIB_SIZES, STUDY_NOTES, Setting, _finite, load_reference_model,  # noqa: E402
+from common import OtherLoad, json_safe, machine_summary, set_threads  # noqa: E402
+from quant_quality import (CALIB_SIZES, STUDY_NOTES, Setting, load_reference_model,  # noqa: E402
                            prepare_fmnist, quantization_study, settings_grid)
 
 from parnet_cpu.quantization.ptq import QuantizeOptions  # noqa: E402
@@ -255,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seconds_total": time.perf_counter() - t_start,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(_finite(result), indent=2, default=str) + "\n")
+    args.out.write_text(json.dumps(json_safe(result), indent=2, default=str) + "\n")
     print(f"\nwrote {args.out} ({result['seconds_total']:.0f} s)")
     for e in all_entries:
         b = e["best_setting"]
