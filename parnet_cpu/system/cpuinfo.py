@@ -12,6 +12,7 @@ topology falls back from sysfs to /proc/cpuinfo's "physical id"/"core id" and th
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import platform
@@ -19,6 +20,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
+
+from parnet_cpu.options import MAX_CPUS
 
 # Our key -> the flag's name in /proc/cpuinfo. Only the ISA features that change inference kernels.
 ISA_FLAGS: dict[str, str] = {
@@ -164,22 +167,51 @@ class MachineInfo:
 # --------------------------------------------------------------------------- CPU lists
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_id_limit() -> int:
+    """One more than the largest CPU id a CPU list may name: `options.MAX_CPUS`, or more when this kernel's
+    possible CPUs (/sys/devices/system/cpu/possible, its NR_CPUS as booted) reach further. Read once."""
+    try:
+        with open("/sys/devices/system/cpu/possible", encoding="ascii") as f:
+            last = re.findall(r"[0-9]{1,7}", f.read(4096))
+    except (OSError, ValueError):
+        last = []
+    return max(MAX_CPUS, int(last[-1]) + 1 if last else 0)
+
+
 def parse_cpu_list(text: str) -> list[int]:
-    """Parse the kernel's CPU list format ("0-3,8,10-11") into sorted unique CPU ids; "" -> []."""
+    """Parse the kernel's CPU list format ("0-3,8,10-11") into sorted unique CPU ids; "" -> [].
+    Every id is checked against `cpu_id_limit()` before anything is expanded, and overlapping ranges are
+    merged first, so the work and memory are bounded by that limit whatever the text says (a range
+    "0-1000000000" is refused at once, not expanded into a billion-element set)."""
     text = text.strip()
     if not text:
         return []
-    cpus: set[int] = set()
+    limit = cpu_id_limit()
+    spans: list[tuple[int, int]] = []
     for part in text.split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        m = re.fullmatch(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?", part, re.ASCII)
         if m is None:
-            raise ValueError(f"invalid CPU list {text!r}: {part!r} is not 'N' or 'N-M'")
-        lo = int(m.group(1))
-        hi = int(m.group(2)) if m.group(2) is not None else lo
+            raise ValueError(f"invalid CPU list {_short(text)}: {_short(part)} is not 'N' or 'N-M'")
+        ends = [m.group(1), m.group(2) or m.group(1)]
+        if any(len(e) > 7 or int(e) >= limit for e in ends):  # length first: int() of 5000 digits is refused
+            raise ValueError(f"invalid CPU list {_short(text)}: {_short(part.strip())} names a CPU beyond "
+                             f"{limit - 1}, the largest CPU id there can be (MAX_CPUS {MAX_CPUS}, or this kernel's "
+                             "possible CPUs if more)")
+        lo, hi = int(ends[0]), int(ends[1])
         if hi < lo:
-            raise ValueError(f"invalid CPU list {text!r}: range {part!r} is descending")
-        cpus.update(range(lo, hi + 1))
-    return sorted(cpus)
+            raise ValueError(f"invalid CPU list {_short(text)}: range {_short(part)} is descending")
+        spans.append((lo, hi))
+    cpus: list[int] = []
+    for lo, hi in sorted(spans):  # merged: repeated or overlapping ranges expand once
+        start = max(lo, cpus[-1] + 1) if cpus else lo
+        cpus.extend(range(start, hi + 1))
+    return cpus
+
+
+def _short(text: str) -> str:
+    """`text` for a message, cut short (a refused CPU list may be megabytes long)."""
+    return repr(text) if len(text) <= 60 else repr(text[:57]) + "..."
 
 
 def format_cpu_list(cpus: Iterable[int]) -> str:
