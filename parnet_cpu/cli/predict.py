@@ -82,5 +82,5 @@ def _ray_predictor(args: argparse.Namespace):
     try:
         return RayPredictor(args.model, address=None if args.ray == "local" else args.ray, actors=args.actors,
                             precision=args.precision, progress=not args.quiet)
-    except ValueError as exc:
+    except (ValueError, ConnectionError) as exc:
         raise CliError(str(exc)) from None

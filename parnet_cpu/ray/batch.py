@@ -18,7 +18,7 @@ import numpy as np
 from parnet_cpu.artifacts import ModelDir
 from parnet_cpu.data.preprocess import ImageDecodeError, load_and_preprocess
 from parnet_cpu.predict import NON_FINITE
-from parnet_cpu.ray.placement import pin_process, pool_cores, pool_env, resolved
+from parnet_cpu.ray.placement import check_address, pin_process, pool_cores, pool_env, resolved
 from parnet_cpu.runtime.classify import check_top_k, softmax_top_k
 
 DECODE_CPUS = 1.0  # Ray CPUs of one decoding task (Ray's default for tasks)
@@ -138,6 +138,7 @@ class RayPredictor:
         pool_cores(actors if actors_per_node is None else actors_per_node)  # refuse a bad count before connecting
         self._connected = not ray.is_initialized()
         if self._connected:
+            check_address(address)
             ray.init(address=address, include_dashboard=False, log_to_driver=progress)
         try:
             check_cluster_cpus(actors, num_cpus)

@@ -22,7 +22,7 @@ from typing import Any
 from ray import serve
 
 from parnet_cpu.artifacts import ModelDir
-from parnet_cpu.ray.placement import pin_process, pool_cores, pool_env, resolved
+from parnet_cpu.ray.placement import check_address, pin_process, pool_cores, pool_env, resolved
 from parnet_cpu.serve.app import ServeConfig, create_app, open_runtime
 
 __all__ = ["ParnetReplica", "deployment", "leased_runtime", "run_server"]
@@ -100,6 +100,7 @@ def run_server(model_dir: str | os.PathLike, replicas: int, *, address: str | No
     app = deployment(model_dir, replicas, **kwargs)
     name = kwargs["config"].name if kwargs.get("config") is not None else kwargs.get("name", "parnet")
     stop = threading.Event()
+    check_address(address)
     ray.init(address=address, include_dashboard=False, log_to_driver=True)
     # after ray.init, which installs a SIGTERM handler of its own that exits at once: ours drains first
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -12,11 +12,12 @@ replica does runs on another replica's cores.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 from parnet_cpu.runtime.leases import POOL_ENV, POOL_SPEC_PREFIX
 
-__all__ = ["pin_process", "pool_env", "pool_cores"]
+__all__ = ["check_address", "pin_process", "pool_env", "pool_cores"]
 
 
 def pool_cores(members_per_node: int) -> str:
@@ -61,3 +62,18 @@ def pin_process(cpus) -> None:
 def resolved(model_dir: str | os.PathLike) -> str:
     """The model folder as an absolute path: Ray processes do not start in the caller's directory."""
     return str(Path(model_dir).expanduser().resolve())
+
+
+def check_address(address: str | None, timeout: float = 10.0) -> None:
+    """A HOST:PORT Ray address that nothing answers is a `ConnectionError` at once: `ray.init` would retry
+    for minutes, printing only gRPC warnings. "auto", ray:// and None (start a local instance) pass."""
+    if not address or address == "auto" or "://" in address:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConnectionError(f"Ray address {address!r}: expected HOST:PORT (the head's GCS port, 6379 by default), "
+                              "'auto' or ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConnectionError(f"no Ray cluster answers at {address}: {exc}") from None

@@ -137,6 +137,20 @@ def test_the_base_install_and_the_cli_never_import_ray():
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
 
 
+@pytest.mark.parametrize("cmd", [["predict", "--data", str(PHOTOS[0]), "--out", "{tmp}/x.jsonl"],
+                                 ["serve", "--replicas", "2"]])
+@pytest.mark.parametrize("address", ["127.0.0.1:1", "no-port"])
+def test_a_ray_address_nothing_answers_is_a_clear_error_at_once(model_dir, tmp_path, cmd, address):
+    args = [c.format(tmp=tmp_path) for c in cmd]
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "parnet_cpu", args[0], "--model-dir", str(model_dir), *args[1:], "--ray",
+                          address], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and ("no Ray cluster answers" in out.stderr or "HOST:PORT" in out.stderr)
+    assert time.monotonic() - t0 < 120  # not ray.init's minutes of retries
+    assert not (tmp_path / "x.jsonl").exists()
+
+
 def test_serve_replicas_speak_the_servers_api_with_runtimes_answers(served, reference):
     assert served.get("/v2/health/live").status_code == 200
     assert served.get("/v2/health/ready").status_code == 200
@@ -310,7 +324,7 @@ def test_serve_cli_on_a_ray_cluster_answers_and_stops_on_sigterm(cluster, model_
     port = _free_port()
     log = tmp_path / "serve.log"
     with open(log, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "parnet_cpu", "serve", "--model", str(model_dir), "--name", APP,
+        proc = subprocess.Popen([sys.executable, "-m", "parnet_cpu", "serve", "--model-dir", str(model_dir), "--name", APP,
                                  "--port", str(port), "--ray", cluster.get_runtime_context().gcs_address,
                                  "--replicas", "1", "--no-access-log"], cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
     try:
