@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         folder, ptq_seconds = quantize_all(args.model, work, calib, ipex)
         kernels = ov_int8_kernels(folder)
         print(f"OpenVINO INT8 kernels: {kernels}", flush=True)
-        bench = ["bench", "--model", str(folder), "--batches", args.batches, "--min-seconds", args.min_seconds,
+        bench = ["bench", "--model-dir", str(folder), "--batches", args.batches, "--min-seconds", args.min_seconds,
                  "--calib", str(calib)]
         groups, groups_note = stream_groups_for_this_machine()
         print(f"multi-stream: {groups_note}", flush=True)

@@ -70,7 +70,8 @@ def build_irs(variant: str, workdir: Path, n_calib: int, new_scope: tuple[str, .
     from parnet_cpu.data import bundled_calibration_dir
     from parnet_cpu.export import save_ir, write_fp32_artifacts
     from parnet_cpu.models.parnet import create_model
-    from parnet_cpu.quantization.ptq import ImageStream, QuantizeOptions, quantize_ir
+    from parnet_cpu.quantization.openvino_backend import quantize_ir
+    from parnet_cpu.quantization.ptq import ImageStream, QuantizeOptions
     from parnet_cpu.reparam.fuse import reparameterize
     from parnet_cpu.runtime.engine import core
     from quantization import make_calibration_images
@@ -105,7 +106,8 @@ def fmnist_accuracy(workdir: Path, scopes: dict[str, tuple[str, ...]]) -> dict |
     from parnet_cpu.evaluation import accuracy_summary, fidelity_summary, run_models
     from parnet_cpu.export import save_ir, write_fp32_artifacts
     from parnet_cpu.models.parnet import create_model
-    from parnet_cpu.quantization.ptq import ImageStream, QuantizeOptions, quantize_ir
+    from parnet_cpu.quantization.openvino_backend import quantize_ir
+    from parnet_cpu.quantization.ptq import ImageStream, QuantizeOptions
     from parnet_cpu.reparam.fuse import reparameterize
     from parnet_cpu.runtime.engine import core, precision_supported
 

@@ -27,7 +27,7 @@ ranges and hurt PTQ):
 
 The three parts are `quantization_study`, which benchmarks/width_fidelity.py runs on the full-width model too.
 
-Quantization goes through `parnet_cpu.quantization.ptq.quantize_ir`; the NNCF arguments that
+Quantization goes through `parnet_cpu.quantization.openvino_backend.quantize_ir`; the NNCF arguments that
 `QuantizeOptions` cannot express (model_type, advanced SmoothQuant parameters) are added to that same
 `nncf.quantize` call (see `nncf_extra_arguments`). Prints tables and writes the JSON (--out).
 """
@@ -54,9 +54,11 @@ from common import (OtherLoad, json_safe, kernel_counts, machine_summary, other_
 from parnet_cpu.data import detect_layout, iter_batches, list_images  # noqa: E402
 from parnet_cpu.evaluation import accuracy_summary, fidelity_summary, run_models, sqnr_db  # noqa: E402
 from parnet_cpu.models.checkpoint import load_checkpoint, read_checkpoint  # noqa: E402
-from parnet_cpu.models.parnet import DualBN, ParNet, ParNetBlock, ParNetConfig, build_model, resolve_config  # noqa: E402
-from parnet_cpu.quantization.ptq import ImageStream, QuantizeOptions, ignored_scope_patterns, quantize_ir  # noqa: E402
-from parnet_cpu.reparam.fuse import bn_scale_shift, fuse_block, fuse_conv_bn  # noqa: E402
+from parnet_cpu.models.parnet import (DualBN, ParNet, ParNetBlock, ParNetConfig, bn_scale_shift, build_model,  # noqa: E402
+                                      fuse_conv_bn, resolve_config)
+from parnet_cpu.quantization.base import ignored_scope_patterns  # noqa: E402
+from parnet_cpu.quantization.openvino_backend import quantize_ir  # noqa: E402
+from parnet_cpu.quantization.ptq import ImageStream, QuantizeOptions  # noqa: E402
 from parnet_cpu.runtime.engine import CompileOptions, compile_model, core, float_leftovers  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,7 +158,7 @@ def weight_ranges(model: ParNet) -> dict[str, list[dict]]:
         if isinstance(mod, ParNetBlock):
             dense = channel_stats(fuse_conv_bn(mod.dense.conv, mod.dense.bn)[0])
             point = channel_stats(fuse_conv_bn(mod.pointwise.conv, mod.pointwise.bn)[0])
-            fused = channel_stats(fuse_block(mod).conv.weight)
+            fused = channel_stats(mod.reparameterize().conv.weight)
             blocks.append({"block": name, "in": mod.in_ch, "out": mod.out_ch, "stride": mod.stride, "groups": mod.groups,
                            "dense": dense, "pointwise": point, "fused": fused,
                            "max_abs_growth": fused["max_abs"] / dense["max_abs"],

@@ -27,7 +27,8 @@ from common import OtherLoad, kernel_counts, machine_summary, other_busy_process
 from parnet_cpu.data import PreprocessConfig, bundled_calibration_dir, list_images
 from parnet_cpu.export import save_ir, to_openvino
 from parnet_cpu.models.parnet import ParNetConfig, create_model
-from parnet_cpu.quantization.ptq import ImageStream, QuantizeOptions, quantize_ir
+from parnet_cpu.quantization.openvino_backend import quantize_ir
+from parnet_cpu.quantization.ptq import ImageStream, QuantizeOptions
 from parnet_cpu.reparam.fuse import reparameterize
 from parnet_cpu.runtime.engine import CompileOptions, compile_model, core, precision_supported
 

@@ -54,7 +54,8 @@ def build_int8(name: str, folder: Path, calib_images: int, log=print) -> Path:
     from parnet_cpu.artifacts import stamp_manifest
     from parnet_cpu.export import export_model_dir, save_ir
     from parnet_cpu.models.parnet import create_model
-    from parnet_cpu.quantization.ptq import QuantizeOptions, quantize_ir
+    from parnet_cpu.quantization.openvino_backend import quantize_ir
+    from parnet_cpu.quantization.ptq import QuantizeOptions
     from parnet_cpu.runtime.engine import core
 
     t0 = time.perf_counter()

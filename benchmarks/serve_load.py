@@ -55,7 +55,7 @@ class Server:
     def __init__(self, model: Path, logdir: Path, extra: list[str]) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "parnet_cpu.cli.serve", "--model", str(model), "--host", "127.0.0.1",
+        cmd = [sys.executable, "-m", "parnet_cpu.cli.serve", "--model-dir", str(model), "--host", "127.0.0.1",
                "--port", str(self.port), "--precision", "fp32", "--no-access-log", *extra]
         self.log = logdir / f"server_{self.port}.log"
         with open(self.log, "wb") as fh:

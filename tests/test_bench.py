@@ -26,7 +26,7 @@ def model_dir(tmp_path_factory):
 
 def test_bench_all_engines_json_and_plot(model_dir, tmp_path, capsys):
     js, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    assert main(["bench", "--model", str(model_dir), "--cores", GROUPS, "--batches", "1,2", "--iters", "3",
+    assert main(["bench", "--model-dir", str(model_dir), "--cores", GROUPS, "--batches", "1,2", "--iters", "3",
                  "--warmup", "1", "--min-seconds", "0", "--json", str(js), "--plot", str(png)]) == 0
     out = capsys.readouterr().out
     assert "ratios are against ov-latency" in out
@@ -58,14 +58,14 @@ def test_bench_all_engines_json_and_plot(model_dir, tmp_path, capsys):
 
 
 def test_bench_errors(model_dir, capsys):
-    assert main(["bench", "--model", str(model_dir), "--cost-model"]) == 2  # retired in favour of plan
+    assert main(["bench", "--model-dir", str(model_dir), "--cost-model"]) == 2  # retired in favour of plan
     assert "parnet-cpu plan" in capsys.readouterr().err
-    assert main(["bench", "--model", str(model_dir), "--engines", "ov-latency,warp-drive"]) == 2
+    assert main(["bench", "--model-dir", str(model_dir), "--engines", "ov-latency,warp-drive"]) == 2
     assert "unknown engines" in capsys.readouterr().err
-    assert main(["bench", "--model", str(model_dir), "--cores", "0-x"]) == 2
+    assert main(["bench", "--model-dir", str(model_dir), "--cores", "0-x"]) == 2
     assert "bad core spec" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["bench", "--model", str(model_dir), "--cores-per-stream", "0"])
+        main(["bench", "--model-dir", str(model_dir), "--cores-per-stream", "0"])
 
 
 @pytest.fixture
@@ -87,7 +87,7 @@ def test_busy_machine_is_marked_or_refused(model_dir, tmp_path, capsys, busy_loo
     """A busy loop on the measured CPUs: the numbers come out marked with the load recorded, and
     --require-quiet refuses with exit status 3 before measuring anything."""
     js = tmp_path / "busy.json"
-    common = ["bench", "--model", str(model_dir), "--engines", "ov-latency", "--batches", "1", "--iters", "2",
+    common = ["bench", "--model-dir", str(model_dir), "--engines", "ov-latency", "--batches", "1", "--iters", "2",
               "--warmup", "0", "--min-seconds", "0", "--quiet-wait", "0.5"]
     assert main([*common, "--json", str(js)]) == 0
     out = capsys.readouterr().out
@@ -117,7 +117,7 @@ def test_report_folder_speaks_benchmark_apps_language(model_dir, tmp_path, capsy
     from parnet_cpu.artifacts import ModelDir
 
     folder = tmp_path / "report"
-    assert main(["bench", "--model", str(model_dir), "--engines", "ov-latency,ov-throughput,ort-int8", "-b", "1,2",
+    assert main(["bench", "--model-dir", str(model_dir), "--engines", "ov-latency,ov-throughput,ort-int8", "-b", "1,2",
                  "-t", "0", "-niter", "2", "--warmup", "0", "--rounds", "2", "--report-folder", str(folder)]) == 0
     ours = json.loads((folder / "benchmark_report.json").read_text())
     own = json.loads((folder / "parnet_bench.json").read_text())

@@ -411,7 +411,7 @@ if __name__ == "__main__":
     assert str(lease_folder) in report["message"] and "read-only" in report["message"], report
     images = model_dir.parent / "images"
     images.mkdir(exist_ok=True)
-    cli = subprocess.run([*ro, sys.executable, "-m", "parnet_cpu", "predict", "--model", str(model_dir),
+    cli = subprocess.run([*ro, sys.executable, "-m", "parnet_cpu", "predict", "--model-dir", str(model_dir),
                           "--data", str(images), "--out", str(model_dir.parent / "p.jsonl")],
                          capture_output=True, text=True, timeout=240, cwd=REPO)
     assert cli.returncode == 2 and "Traceback" not in cli.stderr, cli.stderr

@@ -171,7 +171,7 @@ def test_c9_names_that_cannot_be_routed_are_refused_by_the_flag_and_the_config(m
         with pytest.raises(ValueError, match="cannot be routed"):
             ServeConfig(model=str(model_dir), name=name)
         with pytest.raises(SystemExit) as exit_:
-            serve.main(["--model", str(model_dir), f"--name={name}"])
+            serve.main(["--model-dir", str(model_dir), f"--name={name}"])
         assert exit_.value.code == 2
         assert "cannot be routed" in capsys.readouterr().err, name
     for name in ROUTED_NAMES:

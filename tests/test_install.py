@@ -70,7 +70,7 @@ def test_serving_install_from_the_wheel_needs_no_torch(tmp_path):
 
     # serve from the same venv: ready, then a real v2 inference over loopback
     port = _free_port()
-    server = subprocess.Popen([str(venv / "bin" / "parnet-cpu"), "serve", "--model", str(model_dir), "--port",
+    server = subprocess.Popen([str(venv / "bin" / "parnet-cpu"), "serve", "--model-dir", str(model_dir), "--port",
                                str(port), "--plan", "single"], cwd=tmp_path, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     try:

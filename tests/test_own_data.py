@@ -52,14 +52,14 @@ def test_fine_tune_on_a_few_synsets_uses_its_own_class_order(synset_folder, tmp_
 
     # the same 3-class model without its class names: the synset labels (0..999) cannot fit; the error says how
     cli("export", "--model", "parnet_s", *NARROW_ARGS, "--num-classes", "3", "--out", tmp_path / "nonames")
-    out = cli("eval", "--model", tmp_path / "nonames", "--data", synset_folder, ok=False)
+    out = cli("eval", "--model-dir", tmp_path / "nonames", "--data", synset_folder, ok=False)
     assert out.returncode == 2 and "--classes FILE" in out.stderr and "Traceback" not in out.stderr
 
     # ... or a classes.txt in the data folder names the label order
     data = tmp_path / "with_txt"
     shutil.copytree(synset_folder, data)
     (data / "classes.txt").write_text("\n".join(SYNSETS) + "\n")
-    cli("eval", "--model", tmp_path / "nonames", "--data", data, "--json", tmp_path / "r2.json", "--quiet")
+    cli("eval", "--model-dir", tmp_path / "nonames", "--data", data, "--json", tmp_path / "r2.json", "--quiet")
     assert json.loads((tmp_path / "r2.json").read_text())["label_mapping"] == {s: SYNSETS.index(s) for s in SYNSETS}
 
     # a model folder given where a variant name is expected: told which flag takes what
@@ -71,7 +71,7 @@ def test_fine_tune_on_a_few_synsets_uses_its_own_class_order(synset_folder, tmp_
     shutil.copytree(synset_folder, extra)
     (extra / "n01491361").mkdir()
     shutil.copy(PHOTOS[-1], extra / "n01491361" / PHOTOS[-1].name)
-    out = cli("eval", "--model", tmp_path / "ft", "--data", extra, ok=False)
+    out = cli("eval", "--model-dir", tmp_path / "ft", "--data", extra, ok=False)
     assert out.returncode == 2 and "n01491361" in out.stderr
 
 
@@ -84,11 +84,11 @@ def test_label_file_outside_the_image_folder(tmp_path):
     labels.parent.mkdir()
     labels.write_text("".join(f"{p.name} {i * 100}\n" for i, p in enumerate(PHOTOS[:6])))
     cli("export", "--model", "parnet_s", *NARROW_ARGS, "--out", tmp_path / "m")
-    out = cli("eval", "--model", tmp_path / "m", "--data", flat, ok=False)
+    out = cli("eval", "--model-dir", tmp_path / "m", "--data", flat, ok=False)
     assert out.returncode == 2 and "no labels" in out.stderr  # not found by itself...
-    cli("eval", "--model", tmp_path / "m", "--data", flat, "--labels", labels, "--json", tmp_path / "r.json",
+    cli("eval", "--model-dir", tmp_path / "m", "--data", flat, "--labels", labels, "--json", tmp_path / "r.json",
         "--quiet")  # ...named, it is used
-    out = cli("eval", "--model", tmp_path / "m", "--data", flat, "--labels", PHOTOS[0], ok=False)  # not a text file
+    out = cli("eval", "--model-dir", tmp_path / "m", "--data", flat, "--labels", PHOTOS[0], ok=False)  # not a text file
     assert out.returncode == 2 and "not a text label file" in out.stderr and "Traceback" not in out.stderr
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["labelled"] == 6 and result["label_file"] == str(labels) and result["layout"] == "caffe_val_txt"

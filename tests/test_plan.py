@@ -107,7 +107,8 @@ def quantize_random(model_dir: Path, images: int = 8) -> Path:
     import numpy as np
 
     from parnet_cpu.export import save_ir
-    from parnet_cpu.quantization.ptq import QuantizeOptions, quantize_ir
+    from parnet_cpu.quantization.openvino_backend import quantize_ir
+    from parnet_cpu.quantization.ptq import QuantizeOptions
     from parnet_cpu.runtime.engine import core
 
     fp32 = core().read_model(str(model_dir / "model_fp32.xml"))
@@ -203,7 +204,7 @@ def test_int8_ir_counts_the_same_macs(int8_dir):
                                   ["--machine", str(MACHINES / "alderlake-i9-12900k")]])
 def test_plan_cli_groups(int8_dir, tmp_path, args, capsys):
     out = tmp_path / "plan.json"
-    assert cli_main(["plan", "--model", str(int8_dir), "--no-latency", "--json", str(out), *args]) == 0
+    assert cli_main(["plan", "--model-dir", str(int8_dir), "--no-latency", "--json", str(out), *args]) == 0
     r = json.loads(out.read_text())
     assert "stream 1:" in capsys.readouterr().out
     threads = [g["threads"] for g in r["groups"]]
@@ -217,14 +218,14 @@ def test_plan_cli_predicts_and_reuses_its_fit(int8_dir, tmp_path):
     """With latency: a 1-thread profile of every stage at batch 1 and 8, predictions for both plans; the
     JSON's cost model can be fed back with --fit (no profiling) and gives the same numbers."""
     first = tmp_path / "a.json"
-    assert cli_main(["plan", "--model", str(int8_dir), "--cpus", "16", "--json", str(first)]) == 0
+    assert cli_main(["plan", "--model-dir", str(int8_dir), "--cpus", "16", "--json", str(first)]) == 0
     a = json.loads(first.read_text())
     assert [p["batch"] for p in a["predictions"]] == [1, 8]
     for p in a["predictions"]:
         assert p["multistream_ms"] > 0 and p["single_ms"] > 0
         assert p["auto_would_choose"] == ("multistream" if p["multistream_ms"] < p["single_ms"] else "single")
     second = tmp_path / "b.json"
-    assert cli_main(["plan", "--model", str(int8_dir), "--cpus", "32", "--fit", str(first), "--json", str(second)]) == 0
+    assert cli_main(["plan", "--model-dir", str(int8_dir), "--cpus", "32", "--fit", str(first), "--json", str(second)]) == 0
     b = json.loads(second.read_text())
     assert b["predictions"][0]["single_ms"] <= a["predictions"][0]["single_ms"]  # more cores, never slower
     # groups sized by predicted time, shown next to the MAC split; at the batch they are sized for (1) the
@@ -282,13 +283,13 @@ def test_time_balanced_groups_on_simulated_machines(cores, sockets, smt):
 
 
 def test_plan_cli_errors(int8_dir, tmp_path, capsys):
-    assert cli_main(["plan", "--model", str(int8_dir), "--no-latency", "--cpus", "2"]) == 2
+    assert cli_main(["plan", "--model-dir", str(int8_dir), "--no-latency", "--cpus", "2"]) == 2
     assert "3 physical cores" in capsys.readouterr().err
-    assert cli_main(["plan", "--model", str(int8_dir), "--no-latency", "--cpus", "15", "--sockets", "2"]) == 2
+    assert cli_main(["plan", "--model-dir", str(int8_dir), "--no-latency", "--cpus", "15", "--sockets", "2"]) == 2
     assert "evenly" in capsys.readouterr().err
-    assert cli_main(["plan", "--model", str(tmp_path / "nothing"), "--no-latency"]) == 2
-    assert cli_main(["plan", "--model", str(int8_dir), "--machine", str(tmp_path)]) == 2
+    assert cli_main(["plan", "--model-dir", str(tmp_path / "nothing"), "--no-latency"]) == 2
+    assert cli_main(["plan", "--model-dir", str(int8_dir), "--machine", str(tmp_path)]) == 2
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
-    assert cli_main(["plan", "--model", str(int8_dir), "--cpus", "16", "--fit", str(bad)]) == 2
+    assert cli_main(["plan", "--model-dir", str(int8_dir), "--cpus", "16", "--fit", str(bad)]) == 2
     assert "cost model" in capsys.readouterr().err

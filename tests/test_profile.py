@@ -115,17 +115,17 @@ def test_profile_reads_real_counters(model_dir, leftovers):
 
 def test_profile_cli_table_json_multistream_and_errors(model_dir, tmp_path, capsys):
     out = tmp_path / "p.json"
-    assert main(["profile", "--model", str(model_dir), "--batch", "1", "--iters", "2", "--threads", "1",
+    assert main(["profile", "--model-dir", str(model_dir), "--batch", "1", "--iters", "2", "--threads", "1",
                  "--plan", "multistream", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "matrix unit (AMX) share" in text and "per op class" in text and "GMAC/s" in text
     report = json.loads(out.read_text())
     assert set(report["stages"]) == {"stem", "stream1", "stream2", "stream3", "tail"}
     assert {l["name"] for l in report["layers"]} and report["nodes"] == len(report["layers"])
-    assert main(["profile", "--model", str(tmp_path / "missing")]) == 2
+    assert main(["profile", "--model-dir", str(tmp_path / "missing")]) == 2
     assert "not a parnet-cpu model folder" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="^2$"):  # a number out of range is a usage error (parnet_cpu.options)
-        main(["profile", "--model", str(model_dir), "--batch", "0"])
+        main(["profile", "--model-dir", str(model_dir), "--batch", "0"])
 
 
 def test_quantize_report_carries_the_profile(model_dir):
@@ -157,15 +157,16 @@ def test_float_leftover_choice_follows_cpu_cap_and_opt_out(monkeypatch):
     assert float_leftovers("int8") == "f32"
 
 
-def test_legacy_defaults_reproduce_the_old_pipeline(tmp_path, monkeypatch, capsys):
-    """`quantize --legacy-defaults`: stem and SE gates in float, float leftovers f32 (what report.json says)."""
+def test_old_defaults_reachable_through_explicit_flags(tmp_path, monkeypatch, capsys):
+    """The defaults before issue 14 (stem and SE gates in float, float leftovers f32) are the default
+    --ignored-scope with `--int8-leftovers f32` (what report.json says); --legacy-defaults is gone."""
     from parnet_cpu.runtime.engine import LEFTOVERS_ENV
 
     monkeypatch.setenv(LEFTOVERS_ENV, "auto")  # restored at teardown, whatever the CLI sets for its process
     out = tmp_path / "legacy"
     assert main(["quantize", "--model", "parnet_s", "--planes", "16,32,64,128", "--input-size", "64", "--calib",
                  str(REPO / "calibration" / "sample"), "--out", str(out), "--subset-size", "8", "--eval-limit", "2",
-                 "--legacy-defaults", "--quiet"]) == 0
+                 "--int8-leftovers", "f32", "--quiet"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["options"]["ignored_scope"] == ["se", "stem"]
     assert report["profile"]["float_leftovers"] == "f32"

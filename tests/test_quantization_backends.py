@@ -44,8 +44,7 @@ def test_cli_choices_come_from_the_registry():
 def test_ignored_scope_policy_belongs_to_the_backend():
     ov, torch_b, ipex_b = (backend_class(n) for n in ("openvino", "torch", "ipex"))
     assert ov.resolve_ignored_scope(None) == QuantizeOptions.ignored_scope == ("se", "stem")
-    assert ov.resolve_ignored_scope(None, legacy=True) == ("se", "stem")
-    assert torch_b.resolve_ignored_scope(None) == ipex_b.resolve_ignored_scope(None, legacy=True) == ()
+    assert torch_b.resolve_ignored_scope(None) == ipex_b.resolve_ignored_scope(None) == ()
     assert ov.resolve_ignored_scope(["none"]) == () and ov.resolve_ignored_scope(["se", "head"]) == ("se", "head")
 
 

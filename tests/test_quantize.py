@@ -111,7 +111,7 @@ def test_quantize_report_matches_independent_computation(tmp_path, checkpoint, l
         assert ev["int8"]["top5"] == pytest.approx(top5)
         # eval on the same folder agrees with our own computation over all images
         res = tmp_path / "eval.json"
-        assert main(["eval", "--model", str(out), "--data", str(data), "--precision", "int8", "--json", str(res),
+        assert main(["eval", "--model-dir", str(out), "--data", str(data), "--precision", "int8", "--json", str(res),
                      "--quiet"]) == 0
         got = json.loads(res.read_text())
         all_labels = np.array([truth()[p.name] for p in all_files])
@@ -155,5 +155,5 @@ def test_bad_inputs_give_clear_errors_and_leave_nothing(tmp_path, checkpoint, ca
 
 def test_eval_errors(tmp_path, capsys):
     data = write_layout(tmp_path / "data", "unlabelled")
-    assert main(["eval", "--model", str(tmp_path), "--data", str(data)]) == 2
+    assert main(["eval", "--model-dir", str(tmp_path), "--data", str(data)]) == 2
     assert "not a parnet-cpu model folder" in capsys.readouterr().err

@@ -67,9 +67,9 @@ def test_more_replicas_than_cores_is_a_clear_error(model_dir):
 def test_cli_refuses_replicas_with_explicit_cores(model_dir, capsys):
     from parnet_cpu.cli import main
 
-    assert main(["serve", "--model", str(model_dir), "--replicas", "2", "--cores", "0:0:0"]) == 2
+    assert main(["serve", "--model-dir", str(model_dir), "--replicas", "2", "--cores", "0:0:0"]) == 2
     assert "drop --cores" in capsys.readouterr().err
-    assert main(["serve", "--model", str(model_dir), "--p99-ms", "5"]) == 2
+    assert main(["serve", "--model-dir", str(model_dir), "--p99-ms", "5"]) == 2
     assert "--p99-ms needs --replicas auto" in capsys.readouterr().err
 
 
@@ -86,7 +86,7 @@ def test_serve_replicas_auto_answers_through_the_chosen_replicas(model_dir, tmp_
     port = free_port()
     err = tmp_path / "stderr.log"
     with open(err, "wb") as e:
-        proc = subprocess.Popen([sys.executable, "-m", "parnet_cpu", "serve", "--model", str(model_dir), "--port",
+        proc = subprocess.Popen([sys.executable, "-m", "parnet_cpu", "serve", "--model-dir", str(model_dir), "--port",
                                  str(port), "--precision", "fp32", "--replicas", "auto", "--p99-ms", "1000"],
                                 cwd=REPO, stdout=subprocess.DEVNULL, stderr=e)
     url = f"http://127.0.0.1:{port}"

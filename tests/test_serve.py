@@ -134,7 +134,7 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.stdout, self.stderr = tmp / "stdout.log", tmp / "stderr.log"
-        cmd = [sys.executable, "-c", WRAPPER, str(self.port), "--model", str(model_dir), "--port", str(self.port),
+        cmd = [sys.executable, "-c", WRAPPER, str(self.port), "--model-dir", str(model_dir), "--port", str(self.port),
                *args]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         with open(self.stdout, "wb") as out, open(self.stderr, "wb") as err:
@@ -580,13 +580,13 @@ def test_cli_arguments_and_errors(tmp_path, capsys):
 
     parser = argparse.ArgumentParser()
     serve.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["serve", "--model", "m"])
+    args = parser.parse_args(["serve", "--model-dir", "m"])
     assert (args.host, args.port, args.max_batch, args.max_wait_ms, args.max_queue, args.cores_per_stream) == \
         ("127.0.0.1", 8000, 8, 2.0, 256, "auto")
     assert args.handler is serve.run
-    assert serve.main(["--model", str(tmp_path)]) == 2
+    assert serve.main(["--model-dir", str(tmp_path)]) == 2
     assert "not a parnet-cpu model folder" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="^2$"):  # a number out of range is a usage error (parnet_cpu.options)
-        serve.main(["--model", str(tmp_path), "--max-batch", "0"])
+        serve.main(["--model-dir", str(tmp_path), "--max-batch", "0"])
     with pytest.raises(SystemExit):
-        serve.main(["--model", str(tmp_path), "--cores-per-stream", "0"])
+        serve.main(["--model-dir", str(tmp_path), "--cores-per-stream", "0"])

@@ -59,7 +59,7 @@ def test_saved_program_reloads_with_identical_outputs(torch_int8):
 def test_one_channel_model_runs_at_batch_above_one(tmp_path):
     """The shipped 1-channel reference model: inductor's dynamic-shape conv breaks on 1-channel inputs at
     batch > 1 (stride assertion), so the backend compiles such models per batch size; it must run."""
-    from parnet_cpu.quantization.ptq import get_backend
+    from parnet_cpu.quantization.base import get_backend
 
     out = tmp_path / "fm"
     assert main(["quantize", "--model", "parnet_fmnist", "--calib", str(REPO / "calibration" / "sample"),

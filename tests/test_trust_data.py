@@ -222,7 +222,7 @@ def _class_name_folders(root: Path, names: tuple[str, ...]) -> Path:
 def test_c4_folders_named_by_class_name_use_the_models_indices(tmp_path, fmnist_dir, capsys):
     data = _class_name_folders(tmp_path / "data", ("Trouser", "Sneaker", "Bag"))
     res = tmp_path / "eval.json"
-    assert main(["eval", "--model", str(fmnist_dir), "--data", str(data), "--precision", "fp32", "--json", str(res),
+    assert main(["eval", "--model-dir", str(fmnist_dir), "--data", str(data), "--precision", "fp32", "--json", str(res),
                  "--quiet"]) == 0
     got = json.loads(res.read_text())
     # alphabetical order would give Bag 0, Sneaker 1, Trouser 2; the model's classes are 1, 7, 8
@@ -232,7 +232,7 @@ def test_c4_folders_named_by_class_name_use_the_models_indices(tmp_path, fmnist_
     (data / "Sandals").mkdir()
     photos_into(data / "Sandals", 1)
     capsys.readouterr()
-    assert main(["eval", "--model", str(fmnist_dir), "--data", str(data), "--quiet"]) == 2
+    assert main(["eval", "--model-dir", str(fmnist_dir), "--data", str(data), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "Sandals" in err and "Sandal" in err
 
@@ -407,7 +407,7 @@ def test_c10_eval_json_names_every_skipped_file(tmp_path, fmnist_dir):
     (data / "Bag" / "bad.png").write_bytes(_not_allowed_files(data)["ppm.png"])
     (data / "Trouser" / "anim.gif").write_bytes(_allowed_files()["anim.gif"])
     res = tmp_path / "eval.json"
-    assert main(["eval", "--model", str(fmnist_dir), "--data", str(data), "--json", str(res), "--quiet"]) == 0
+    assert main(["eval", "--model-dir", str(fmnist_dir), "--data", str(data), "--json", str(res), "--quiet"]) == 0
     got = json.loads(res.read_text())
     assert got["labelled"] == 5  # 4 photos + the GIF
     assert {Path(p).name for p, _ in got["skipped"]} == {"bad.png"}
@@ -425,7 +425,7 @@ def _exit_status(argv: list[str]) -> int:
 
 def test_c12_bad_numbers_and_json_target_are_clear_errors_before_work(tmp_path, fmnist_dir, capsys):
     data = _class_name_folders(tmp_path / "data", ("Trouser", "Bag"))
-    base = ["eval", "--model", str(fmnist_dir), "--data", str(data), "--quiet"]
+    base = ["eval", "--model-dir", str(fmnist_dir), "--data", str(data), "--quiet"]
     for extra, message in ((["--batch-size", "0"], "--batch-size"), (["--workers", "-1"], "--workers"),
                            (["--limit", "-1"], "--limit"),
                            (["--json", str(tmp_path / "missing" / "r.json")], "missing")):

@@ -254,8 +254,8 @@ def test_c11_limits_are_flags_with_defaults():
 
     parser = argparse.ArgumentParser()
     serve.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["serve", "--model", "m"])
+    args = parser.parse_args(["serve", "--model-dir", "m"])
     assert (args.max_connections, args.header_timeout, args.body_timeout, args.infer_timeout,
             args.runtime_restarts) == (256, 10.0, 60.0, 60.0, 3)
     with pytest.raises(SystemExit, match="^2$"):  # a number out of range is a usage error (parnet_cpu.options)
-        serve.main(["--model", "m", "--header-timeout", "0"])
+        serve.main(["--model-dir", "m", "--header-timeout", "0"])

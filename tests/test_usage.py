@@ -157,3 +157,37 @@ def test_a_missing_calibration_folder_is_said_first(tmp_path):
     out = _cli(["quantize", "--calib", "imagenet_val"], tmp_path)
     assert out.returncode == 2 and "--calib imagenet_val: folder not found" in out.stderr, out.stderr
     assert (tmp_path / "parnet_s-int8" / "x").read_text() == "x"
+
+
+def _commands_with(option: str):
+    """Every sub-command of the real `parnet-cpu` parser that declares `option`, with its parser."""
+    import argparse
+
+    from parnet_cpu.cli import build_parser
+
+    for action in build_parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                if any(option in a.option_strings for a in sub._actions):
+                    yield name, sub
+
+
+def test_model_means_a_variant_everywhere_and_folder_commands_name_model_dir(tmp_path, capsys):
+    """One meaning per flag name: --model NAME is a variant; on every command that reads a model folder
+    (found by walking the parser, not listed) --model / --model=DIR / a bare --model is a usage error (exit
+    2) naming --model-dir, never taken as an abbreviation of it."""
+    folder_commands = dict(_commands_with("--model-dir"))
+    assert {"eval", "bench", "serve", "plan", "profile", "predict"} <= set(folder_commands)
+    for name, sub in folder_commands.items():
+        for argv in (["--model", str(tmp_path)], [f"--model={tmp_path}"], ["--model"]):
+            with pytest.raises(SystemExit) as exc:
+                sub.parse_args(argv)
+            assert exc.value.code == 2, (name, argv)
+            err = capsys.readouterr().err
+            assert "--model-dir" in err and "variant" in err, (name, argv, err)
+    variant_commands = {n for n, s in _commands_with("--model") if n not in folder_commands}
+    assert {"export", "quantize", "train"} <= variant_commands
+    for name, sub in _commands_with("--model"):
+        if name in variant_commands:  # a plain option storing the variant name
+            flag = next(a for a in sub._actions if "--model" in a.option_strings)
+            assert flag.dest == "model" and flag.default and "variant" in flag.help, name

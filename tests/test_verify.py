@@ -126,7 +126,7 @@ def test_good_folder_passes_everywhere(good, data, capsys):
     assert main(["verify", str(good)]) == 0
     out = capsys.readouterr().out
     assert "int8 IR" in out and "result        ok" in out
-    assert main(["eval", "--model", str(good), "--data", str(data), "--quiet"]) == 0
+    assert main(["eval", "--model-dir", str(good), "--data", str(data), "--quiet"]) == 0
 
 
 def test_defect_is_refused_by_verify_runtime_eval_and_serve(broken, data, capsys):
@@ -143,10 +143,10 @@ def test_defect_is_refused_by_verify_runtime_eval_and_serve(broken, data, capsys
         Runtime(folder, precision=precision, plan="single")
     assert words in str(exc.value)
 
-    assert main(["eval", "--model", str(folder), "--data", str(data), "--precision", precision, "--quiet"]) == 2
+    assert main(["eval", "--model-dir", str(folder), "--data", str(data), "--precision", precision, "--quiet"]) == 2
     assert words in capsys.readouterr().err
 
-    assert main(["serve", "--model", str(folder), "--port", "0", "--precision", precision, "--plan", "single"]) == 2
+    assert main(["serve", "--model-dir", str(folder), "--port", "0", "--precision", precision, "--plan", "single"]) == 2
     assert words in capsys.readouterr().err
 
 

@@ -14,7 +14,7 @@ cores_per_stream_arg = arg("cores_per_stream")  # also --cores-per-stream of ser
 
 
 def newest_model_dir(where: Path = Path(".")) -> Path | None:
-    """The most recently written model folder directly under `where` (what `bench` uses without --model)."""
+    """The most recently written model folder directly under `where` (what `bench` uses without --model-dir)."""
     from parnet_cpu.artifacts import MANIFEST
 
     found = [d for d in where.iterdir() if d.is_dir() and (d / MANIFEST).is_file()] if where.is_dir() else []
@@ -108,9 +108,9 @@ def run(args: argparse.Namespace) -> int:
     if args.model is None:
         found = newest_model_dir()
         if found is None:
-            raise CliError("no --model given and no model folder in the current directory; create one with "
-                           "`parnet-cpu quantize --calib DIR` or `parnet-cpu export`, or pass --model DIR")
-        print(f"bench: using {found} (the newest model folder here; --model DIR to choose)")
+            raise CliError("no --model-dir given and no model folder in the current directory; create one with "
+                           "`parnet-cpu quantize --calib DIR` or `parnet-cpu export`, or pass --model-dir DIR")
+        print(f"bench: using {found} (the newest model folder here; --model-dir DIR to choose)")
         args.model = str(found)
     try:
         if not engines or "multistream" in engines or "auto" in engines:

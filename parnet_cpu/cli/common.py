@@ -43,11 +43,22 @@ def check_out_arg(out: str, overwrite: bool, **inputs: str | None) -> None:
         raise CliError(str(exc)) from None
 
 
+class _VariantFlagOnFolderCommand(argparse.Action):
+    """`--model` on a command that reads a model folder: a usage error naming --model-dir. Registered (not
+    just absent) because argparse would otherwise take `--model` as an abbreviation of `--model-dir`."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} names a variant (export, quantize, train); this command reads a model "
+                     f"folder: use --model-dir {values or 'DIR'}")
+
+
 def add_model_dir_arg(p: argparse.ArgumentParser, required: bool = True, extra_help: str = "") -> None:
-    """--model-dir DIR for the commands that read a model folder; --model, its old name, stays an alias
-    (the commands that build a model take --model NAME, a variant)."""
-    p.add_argument("--model-dir", "--model", dest="model", metavar="DIR", required=required,
+    """--model-dir DIR for the commands that read a model folder. One meaning per flag name across the CLI:
+    --model NAME is a variant (the commands that build a model), so here it is refused, naming --model-dir."""
+    p.add_argument("--model-dir", dest="model", metavar="DIR", required=required,
                    help="model folder written by export or quantize" + extra_help)
+    p.add_argument("--model", nargs="?", action=_VariantFlagOnFolderCommand, dest="model_flag_refused",
+                   default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def add_model_args(p: argparse.ArgumentParser, default: str = "parnet_s") -> None:

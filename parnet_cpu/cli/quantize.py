@@ -33,10 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--int8-leftovers", choices=("auto", "bf16", "f32"),
                    help="precision of the ops the INT8 model keeps in float, for the evaluation and the profile in "
                         "report.json (and, through PARNET_CPU_INT8_LEFTOVERS, every later compile); default auto: "
-                        "bf16 where the CPU has it, else f32")
-    p.add_argument("--legacy-defaults", action="store_true",
-                   help="the defaults before issue 14 (ignored scope se + stem, float leftovers f32), to rerun "
-                        "the before/after comparison; explicit --ignored-scope / --int8-leftovers still win")
+                        "bf16 where the CPU has it, else f32 (f32 with the default --ignored-scope: the defaults "
+                        "before issue 14)")
     p.add_argument("--max-drop", type=arg("max_drop"),
                    help="accuracy-controlled PTQ: max top-1 drop in points (needs labels)")
     p.add_argument("--eval-limit", type=arg("eval_limit"), default=5000,
@@ -59,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         if args.out is None:
             args.out = default_out(args.model)
             print(f"writing the model folder to ./{args.out} (choose another with --out)")
-        check_out_arg(args.out, args.overwrite, calib=args.calib, checkpoint=args.checkpoint, labels=args.labels)
+        check_out_arg(args.out, args.overwrite, args)
         from parnet_cpu.artifacts import output_lock
 
         with output_lock(args.out):  # a second run to the same --out is refused now, not overwritten later
@@ -80,11 +78,10 @@ def _run(args: argparse.Namespace) -> int:
     from parnet_cpu.runtime.engine import LEFTOVERS_ENV
 
     model, source = model_from_args(args)
-    leftovers = args.int8_leftovers or ("f32" if args.legacy_defaults else None)
-    if leftovers:
-        os.environ[LEFTOVERS_ENV] = leftovers  # this process's compiles: evaluation and the profile
+    if args.int8_leftovers:
+        os.environ[LEFTOVERS_ENV] = args.int8_leftovers  # this process's compiles: evaluation and the profile
     # the backend's ignored-scope policy (OpenVINO: se + stem by default; torch/IPEX: none)
-    ignored = backend_class(args.backend).resolve_ignored_scope(args.ignored_scope, legacy=args.legacy_defaults)
+    ignored = backend_class(args.backend).resolve_ignored_scope(args.ignored_scope)
     opts = QuantizeOptions(subset_size=args.subset_size, preset=args.preset,
                            fast_bias_correction=args.fast_bias_correction, ignored_scope=ignored,
                            max_drop=args.max_drop, eval_limit=args.eval_limit or None, batch_size=args.batch_size,

@@ -3,7 +3,7 @@
 One process per machine (or per core set): the runtime already uses every core it is given, so the
 server scales by replicas behind a load balancer, never by uvicorn workers. See docs/serving.md.
 
-Also runnable as `python -m parnet_cpu.cli.serve --model DIR ...`.
+Also runnable as `python -m parnet_cpu.cli.serve --model-dir DIR ...`.
 """
 from __future__ import annotations
 

@@ -72,13 +72,12 @@ class QuantizationBackend(ABC):
     rank: ClassVar[int] = 100  # order in choices and listings (the default backend first)
     bench_engine: ClassVar[str | None] = None  # `parnet-cpu bench` engine running its INT8 artifact, if any
     default_ignored_scope: ClassVar[tuple[str, ...]] = ()  # `--ignored-scope` not given
-    legacy_ignored_scope: ClassVar[tuple[str, ...]] = ()  # ... with `--legacy-defaults`
 
     @classmethod
-    def resolve_ignored_scope(cls, requested: Sequence[str] | None, legacy: bool = False) -> tuple[str, ...]:
+    def resolve_ignored_scope(cls, requested: Sequence[str] | None) -> tuple[str, ...]:
         """The ignored scope for the CLI's `--ignored-scope` (None: not given; 'none' drops everything)."""
         if requested is None:
-            return cls.legacy_ignored_scope if legacy else cls.default_ignored_scope
+            return cls.default_ignored_scope
         return tuple(p for p in requested if p != "none")
 
     @classmethod

@@ -16,9 +16,6 @@ import numpy as np
 from parnet_cpu.artifacts import IR_FILES, ModelDir
 from parnet_cpu.quantization.base import QuantizationBackend, QuantizeOptions, ignored_scope_patterns, register
 
-LEGACY_IGNORED_SCOPE = ("se", "stem")  # the default before issue 14 (`quantize --legacy-defaults`)
-
-
 def top1_validation(compiled, items) -> tuple[float, list[float]]:
     """NNCF accuracy-control callback: top-1 (fraction) of a compiled model on (image, label) items."""
     hits = [float(np.asarray(compiled(image)[0]).argmax() == label) for image, label in items]
@@ -84,7 +81,6 @@ class OpenVinoBackend(QuantizationBackend):
     rank = 0
     bench_engine = None  # its INT8 IR runs in bench's OpenVINO engines and the multi-stream runtime
     default_ignored_scope = QuantizeOptions.ignored_scope
-    legacy_ignored_scope = LEGACY_IGNORED_SCOPE
 
     def check_options(self, opts: QuantizeOptions) -> None:
         """Every NNCF option applies."""

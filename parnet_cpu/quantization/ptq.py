@@ -18,17 +18,12 @@ from parnet_cpu.artifacts import ModelDir, atomic_output_dir, check_output_dir, 
 from parnet_cpu.data import (DecodeReport, Dataset, ImageDecodeError, PreprocessConfig, detect_layout, iter_batches,
                              load_and_preprocess, match_model_classes)
 from parnet_cpu.evaluation import accuracy_summary, fidelity_summary, run_models
-from parnet_cpu.quantization.base import (IGNORED_SCOPE_ALIASES, QuantizationError, QuantizeOptions, backend_names,
-                                          get_backend, ignored_scope_patterns)
+from parnet_cpu.quantization.base import QuantizationError, QuantizeOptions, get_backend, ignored_scope_patterns
 
-# Re-exported for importers from when ptq.py held everything (benchmarks/, tests): the NNCF functions
-# live in openvino_backend.py now; nothing below uses them.
-from parnet_cpu.quantization.openvino_backend import (LEGACY_IGNORED_SCOPE, layer_precision_summary, quantize_ir,
-                                                      top1_validation)
-
-__all__ = ["IGNORED_SCOPE_ALIASES", "LEGACY_IGNORED_SCOPE", "ImageStream", "Phases", "QuantizationError",
-           "QuantizeOptions", "backend_names", "check_calibration_decodes", "check_labels_fit", "get_backend",
-           "ignored_scope_patterns", "layer_precision_summary", "quantize_ir", "quantize_to_dir", "top1_validation"]
+# the options and the error of quantize_to_dir's signature are part of this module's API; the NNCF functions
+# (quantize_ir, top1_validation, layer_precision_summary) are openvino_backend's, the registry is base's
+__all__ = ["ImageStream", "Phases", "QuantizationError", "QuantizeOptions", "check_calibration_decodes",
+           "check_labels_fit", "quantize_to_dir"]
 
 
 class ImageStream:

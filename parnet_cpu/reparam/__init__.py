@@ -1,4 +1,4 @@
 """Training-form -> deploy-form conversion (exact up to fp32 rounding)."""
-from parnet_cpu.reparam.fuse import fuse_block, fuse_conv_bn, reparameterize
+from parnet_cpu.reparam.fuse import reparameterize
 
-__all__ = ["reparameterize", "fuse_block", "fuse_conv_bn"]
+__all__ = ["reparameterize"]

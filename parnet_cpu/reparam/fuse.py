@@ -17,15 +17,9 @@ import copy
 import torch
 from torch import nn
 
-from parnet_cpu.models.parnet import (ParNet, ParNetBlock, ParNetBlockDeploy, affine_from_bn, bn_scale_shift,
-                                      fuse_conv_bn, pointwise_as_3x3)
+from parnet_cpu.models.parnet import ParNet
 
-__all__ = ["reparameterize", "fuse_block", "fuse_conv_bn", "bn_scale_shift", "pointwise_as_3x3", "affine_from_bn"]
-
-
-def fuse_block(block: ParNetBlock) -> ParNetBlockDeploy:
-    """Deploy form of one training-form block (the block itself is not modified)."""
-    return block.reparameterize()
+__all__ = ["reparameterize"]  # the folding math (fuse_conv_bn, bn_scale_shift, ...) is models.parnet's
 
 
 def _fuse_children(module: nn.Module) -> None:

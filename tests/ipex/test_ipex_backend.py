@@ -50,6 +50,6 @@ def test_reload_identical_and_eval(ipex_int8, tmp_path):
     for p in sorted(SAMPLE.glob("*.jpg"))[:4]:
         shutil.copy(p, data / p.name)
     out = tmp_path / "eval.json"
-    assert main(["eval", "--model", str(ipex_int8), "--data", str(tmp_path / "val"), "--backend", "ipex",
+    assert main(["eval", "--model-dir", str(ipex_int8), "--data", str(tmp_path / "val"), "--backend", "ipex",
                  "--json", str(out), "--quiet"]) == 0
     assert json.loads(out.read_text())["labelled"] == 4
