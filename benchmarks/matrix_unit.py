@@ -102,7 +102,7 @@ def fmnist_accuracy(workdir: Path, scopes: dict[str, tuple[str, ...]]) -> dict |
     it) bf16 float leftovers; every model sees the same decoded images. None without the dataset."""
     from parnet_cpu.artifacts import IR_FILES, ModelDir
     from parnet_cpu.data import detect_layout
-    from parnet_cpu.bench.fmnist import prepare_fmnist
+    from parnet_cpu.data.fmnist import prepare_fmnist
     from parnet_cpu.evaluation import accuracy_summary, fidelity_summary, run_models
     from parnet_cpu.export import save_ir, write_fp32_artifacts
     from parnet_cpu.models.parnet import create_model
@@ -112,7 +112,7 @@ def fmnist_accuracy(workdir: Path, scopes: dict[str, tuple[str, ...]]) -> dict |
     from parnet_cpu.runtime.engine import core, precision_supported
 
     try:
-        calib, test = prepare_fmnist(workdir / "fmnist", None, lambda *a: None)
+        calib, test = prepare_fmnist(workdir / "fmnist")
     except FileNotFoundError:
         return None
     folder = workdir / "parnet_fmnist"

@@ -52,6 +52,7 @@ from common import (OtherLoad, json_safe, kernel_counts, machine_summary, other_
                     set_threads, time_callable)
 
 from parnet_cpu.data import detect_layout, iter_batches, list_images  # noqa: E402
+from parnet_cpu.data.fmnist import prepare_fmnist  # noqa: E402
 from parnet_cpu.evaluation import accuracy_summary, fidelity_summary, run_models, sqnr_db  # noqa: E402
 from parnet_cpu.models.checkpoint import load_checkpoint, read_checkpoint  # noqa: E402
 from parnet_cpu.models.parnet import (DualBN, ParNet, ParNetBlock, ParNetConfig, bn_scale_shift, build_model,  # noqa: E402
@@ -90,34 +91,12 @@ def load_reference_model(checkpoint: Path, config_json: Path | None) -> tuple[Pa
     return model.eval(), info
 
 
-def export_idx(*argv: str) -> None:
-    """Run `parnet-cpu dataset export-idx ARGV` in-process (through the sub-command's own parser)."""
-    from parnet_cpu.cli import dataset as dataset_cli
-
-    parser = argparse.ArgumentParser(prog="parnet-cpu")
-    dataset_cli.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["dataset", "export-idx", *argv, "--quiet"])
-    args.handler(args)
-
-
-def prepare_fmnist(root: Path, calib_max: int, test_limit: int | None) -> tuple[list[Path], list]:
-    """First `calib_max` training images (flat folder, in dataset order) and the first `test_limit`
-    labelled test images (class folders), exported once under `root` and reused when complete."""
-    calib_dir, test_dir = root / f"calib_{calib_max}", root / f"test_{test_limit or 'all'}"
-    if not calib_dir.is_dir() or len(list_images(calib_dir)) != calib_max:
-        export_idx("--fmnist", "train", "--flat", "--limit", str(calib_max), "--out", str(_fresh(calib_dir)))
-    if not (test_dir / "classes.txt").is_file():
-        args = ["--fmnist", "test", "--out", str(_fresh(test_dir))]
-        export_idx(*(args + (["--limit", str(test_limit)] if test_limit else [])))
+def fmnist_samples(root: Path, calib_max: int, test_limit: int | None) -> tuple[list[Path], list]:
+    """The first `calib_max` training images (paths, in dataset order) and the first `test_limit` labelled
+    test samples, from the folders `parnet_cpu.data.fmnist.prepare_fmnist` writes once under `root`."""
+    calib_dir, test_dir = prepare_fmnist(root, calib_max, test_limit)
     calib = list_images(calib_dir)  # names are zero-padded dataset indices: sorted = dataset order
     return calib, detect_layout(test_dir).samples
-
-
-def _fresh(folder: Path) -> Path:
-    import shutil
-
-    shutil.rmtree(folder, ignore_errors=True)
-    return folder
 
 
 # --------------------------------------------------------------------------------------------
@@ -513,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     calib_max = max(CALIB_SIZES + (args.calib_size,))
 
     with tempfile.TemporaryDirectory(prefix="quant_quality_") as tmp, OtherLoad() as load:
-        calib, test = prepare_fmnist(args.data_dir or Path(tmp) / "data", calib_max, args.test_limit)
+        calib, test = fmnist_samples(args.data_dir or Path(tmp) / "data", calib_max, args.test_limit)
         study = quantization_study(model, ckpt, calib, test, threads, default, args.sqnr_images)
 
     import nncf

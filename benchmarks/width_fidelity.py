@@ -39,7 +39,7 @@ from typing import Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import OtherLoad, json_safe, machine_summary, set_threads  # noqa: E402
 from quant_quality import (CALIB_SIZES, STUDY_NOTES, Setting, load_reference_model,  # noqa: E402
-                           prepare_fmnist, quantization_study, settings_grid)
+                           fmnist_samples, quantization_study, settings_grid)
 
 from parnet_cpu.quantization.ptq import QuantizeOptions  # noqa: E402
 from parnet_cpu.runtime.engine import float_leftovers  # noqa: E402
@@ -219,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     leftovers = os.environ.get("PARNET_CPU_INT8_LEFTOVERS")
     entries = []
     with OtherLoad() as load:
-        calib, test = prepare_fmnist(args.workdir / "data", max(CALIB_SIZES + (args.calib_size,)), args.test_limit)
+        calib, test = fmnist_samples(args.workdir / "data", max(CALIB_SIZES + (args.calib_size,)), args.test_limit)
         for name in names:
             spec = MODELS[name]
             if name in reuse:

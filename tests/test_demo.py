@@ -8,7 +8,7 @@ from parnet_cpu.cli import main
 
 def test_demo_end_to_end(tmp_path, capsys):
     from parnet_cpu.runtime.engine import precision_supported
-    from parnet_cpu.training.idx import find_fashion_mnist
+    from parnet_cpu.data.fmnist import find_fashion_mnist
 
     try:
         find_fashion_mnist()

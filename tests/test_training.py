@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from parnet_cpu.training.idx import (FASHION_MNIST_CLASSES, FASHION_MNIST_FOLDERS, IdxError, find_fashion_mnist,
+from parnet_cpu.data.fmnist import (FASHION_MNIST_CLASSES, FASHION_MNIST_FOLDERS, IdxError, find_fashion_mnist,
                                      read_idx, write_idx)
 
 ASSETS = Path(__file__).resolve().parents[1] / "parnet_cpu" / "assets"

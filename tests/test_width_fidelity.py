@@ -176,7 +176,7 @@ def test_quantization_study_and_entry_on_a_tiny_model(tmp_path):
     """The whole study (weight ranges, grid, per-block SQNR) on a tiny trained-form ParNet and 48 real test images."""
     import torch
     import width_fidelity as wf
-    from quant_quality import Setting, prepare_fmnist, quantization_study
+    from quant_quality import Setting, fmnist_samples, quantization_study
 
     from parnet_cpu.models.parnet import build_model
     from parnet_cpu.quantization.ptq import QuantizeOptions
@@ -184,7 +184,7 @@ def test_quantization_study_and_entry_on_a_tiny_model(tmp_path):
     _require_fmnist()
     torch.manual_seed(0)
     model = build_model(replace(_tiny_cfg(10), class_names=tuple(f"c{i}" for i in range(10)))).eval()
-    calib, test = prepare_fmnist(tmp_path / "data", 16, 48)
+    calib, test = fmnist_samples(tmp_path / "data", 16, 48)
     default = QuantizeOptions(subset_size=16, progress=False)
     grid = [Setting("default", default), Setting("leftovers=f32", default, varies="leftovers", leftovers="f32")]
     study = quantization_study(model, {"path": "tiny"}, calib, test, 1, default, sqnr_images=8, latency=False,

@@ -51,7 +51,7 @@ def run_export_idx(args: argparse.Namespace) -> int:
     import numpy as np
 
     from parnet_cpu.cli import CliError
-    from parnet_cpu.training.idx import (FASHION_MNIST_CLASSES, FASHION_MNIST_FOLDERS, IdxError, find_fashion_mnist,
+    from parnet_cpu.data.fmnist import (FASHION_MNIST_CLASSES, FASHION_MNIST_FOLDERS, IdxError, find_fashion_mnist,
                                          read_idx, write_image_folder)
 
     if args.fmnist:

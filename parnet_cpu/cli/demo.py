@@ -47,8 +47,8 @@ def fidelity_half(out: Path, test_limit: int | None, log) -> dict | None:
     """The shipped reference model on real data: reparameterize, INT8 PTQ on 300 training images, FP32
     vs INT8 on the test images. None (said out loud) without the Fashion-MNIST files."""
     from parnet_cpu.artifacts import ModelDir
-    from parnet_cpu.bench.fmnist import prepare_fmnist
     from parnet_cpu.data import detect_layout
+    from parnet_cpu.data.fmnist import prepare_fmnist
     from parnet_cpu.evaluation import accuracy_summary, fidelity_summary, run_models
     from parnet_cpu.models.parnet import count_parameters, create_model
     from parnet_cpu.quantization.ptq import QuantizeOptions, quantize_to_dir
@@ -56,7 +56,7 @@ def fidelity_half(out: Path, test_limit: int | None, log) -> dict | None:
     from parnet_cpu.runtime.engine import CompileOptions, compile_model
 
     try:
-        calib, test = prepare_fmnist(out / "data", test_limit, log)
+        calib, test = prepare_fmnist(out / "data", 300, test_limit, log)
     except FileNotFoundError as exc:
         log(f"NOTE: {exc}\nSkipping the accuracy half (it needs real labelled data); the speed half still runs.")
         return None

@@ -56,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from parnet_cpu.data import DatasetError, ImageDecodeError, detect_layout
     from parnet_cpu.models.parnet import MODEL_CONFIGS
-    from parnet_cpu.training.idx import FASHION_MNIST_CLASSES, IdxError
+    from parnet_cpu.data.fmnist import FASHION_MNIST_CLASSES, IdxError
     from parnet_cpu.training.trainer import (TrainConfig, TrainingError, evaluate, export_checkpoint,
                                              fashion_mnist_arrays, image_folder_arrays, machine_description, train)
 

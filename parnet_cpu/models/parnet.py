@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from parnet_cpu.data.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from parnet_cpu.data.fmnist import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from parnet_cpu.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 

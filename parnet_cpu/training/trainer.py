@@ -128,7 +128,7 @@ def images_to_model_size(images: np.ndarray, input_size: int, crop_fraction: flo
 def fashion_mnist_arrays(cfg, root: str | None = None, split: str = "train",
                          limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Fashion-MNIST ``split`` ('train' or 'test') as (uint8 (N,1,S,S), int64 labels) for model config ``cfg``."""
-    from parnet_cpu.training.idx import find_fashion_mnist, read_idx
+    from parnet_cpu.data.fmnist import find_fashion_mnist, read_idx
 
     if cfg.in_chans != 1:
         raise TrainingError(f"Fashion-MNIST is grayscale: the model needs in_chans=1 (has {cfg.in_chans})")

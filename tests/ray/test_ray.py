@@ -250,7 +250,7 @@ def test_a_killed_replica_fails_only_its_own_requests_and_comes_back(served):
 def images(tmp_path_factory) -> Path:
     """The shipped photos, 2,000 Fashion-MNIST test images (Debian's dataset-fashion-mnist), and files that
     must be skipped with the local loader's reasons."""
-    from parnet_cpu.training.idx import load_fashion_mnist, write_image_folder
+    from parnet_cpu.data.fmnist import load_fashion_mnist, write_image_folder
 
     root = tmp_path_factory.mktemp("ray-data")
     photos = root / "photos"

@@ -1,4 +1,8 @@
-"""IDX files (the MNIST / Fashion-MNIST format) and where Debian installs Fashion-MNIST (numpy only).
+"""Fashion-MNIST in one place (torch-free: numpy, Pillow when writing images): its facts (label order, the
+folder names that sort in label order, normalisation statistics), the IDX reader and writer, where Debian
+installs the files, and the image-folder writers (`write_image_folder`; `prepare_fmnist`, the calibration and
+test folders of the demo and the quantization benchmarks). Read by the model registry (`parnet_fmnist`), the
+trainer, `parnet-cpu dataset export-idx` and the benchmarks.
 
 IDX layout: 2 zero bytes, a type byte (0x08 uint8, 0x09 int8, 0x0B int16, 0x0C int32, 0x0D float32,
 0x0E float64), a byte with the number of dimensions, then one big-endian uint32 per dimension, then
@@ -10,13 +14,9 @@ import gzip
 import os
 import struct
 from pathlib import Path
-
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
-
-from parnet_cpu.data.datasets import (FASHION_MNIST_CLASSES, FASHION_MNIST_FOLDERS, FASHION_MNIST_MEAN,
-                                      FASHION_MNIST_STD)
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -28,9 +28,24 @@ __all__ = [
     "IdxError",
     "find_fashion_mnist",
     "load_fashion_mnist",
+    "prepare_fmnist",
     "read_idx",
     "write_idx",
+    "write_image_folder",
 ]
+
+# Fashion-MNIST, label order of the dataset (0..9)
+FASHION_MNIST_CLASSES: tuple[str, ...] = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+# ImageFolder names that sort in label order (and are safe file names)
+FASHION_MNIST_FOLDERS: tuple[str, ...] = (
+    "0_tshirt-top", "1_trouser", "2_pullover", "3_dress", "4_coat",
+    "5_sandal", "6_shirt", "7_sneaker", "8_bag", "9_ankle-boot",
+)
+# mean/std of the training images in [0, 1]
+FASHION_MNIST_MEAN: tuple[float, ...] = (0.2860,)
+FASHION_MNIST_STD: tuple[float, ...] = (0.3530,)
 
 FMNIST_ENV = "PARNET_FMNIST_DIR"
 DEBIAN_FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -198,3 +213,26 @@ def write_image_folder(images: np.ndarray, labels: np.ndarray | None, out: str |
             dst = out / folders[lab] / name
         Image.fromarray(images[i], mode).save(dst)
     return counts
+
+
+def prepare_fmnist(folder: str | os.PathLike[str], calib_count: int = 300, test_limit: int | None = None,
+                   log: Callable[[str], object] | None = None) -> tuple[Path, Path]:
+    """The first `calib_count` training images (one flat folder, in dataset order) and the first `test_limit`
+    labelled test images (class folders; None: all), written once under `folder` as `calib_<n>/` and
+    `test_<n|all>/` and reused when complete. FileNotFoundError without the dataset (`find_fashion_mnist`)."""
+    import shutil
+
+    folder = Path(folder)
+    data = load_fashion_mnist()
+    n_calib = min(calib_count, len(data["train_images"]))
+    n_test = len(data["test_images"]) if test_limit is None else min(test_limit, len(data["test_images"]))
+    calib, test = folder / f"calib_{n_calib}", folder / f"test_{test_limit or 'all'}"
+    if sum(1 for _ in calib.glob("*.png")) != n_calib:
+        shutil.rmtree(calib, ignore_errors=True)
+        write_image_folder(data["train_images"][:n_calib], None, calib, FASHION_MNIST_FOLDERS)
+    if not (test / "classes.txt").is_file() or sum(1 for _ in test.rglob("*.png")) != n_test:
+        shutil.rmtree(test, ignore_errors=True)
+        write_image_folder(data["test_images"][:n_test], data["test_labels"][:n_test], test, FASHION_MNIST_FOLDERS)
+    if log is not None:
+        log(f"data: {n_calib} calibration images (training set) and {n_test} test images written under {folder}")
+    return calib, test
