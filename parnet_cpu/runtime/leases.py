@@ -71,7 +71,12 @@ def check_lease_dir(d: Path, shared: bool = False) -> Path:
     """Create the lease folder if it is missing (mode 1777 where every user shares it, else 0755), then refuse
     one whose lock files someone else could swap: a symbolic link, not a folder, owned by another user (unless
     sticky, as /tmp is), or writable by others without the sticky bit. Lock files are opened by
-    `_open_lock_file`, which never follows a link."""
+    `_open_lock_file`, which never follows a link. A relative path is refused: it would name a different
+    folder in each working directory, so runtimes started from two folders would share cores unwarned."""
+    if not d.is_absolute():
+        raise LeaseDirError(f"the core lease folder {str(d)!r} is a relative path: runtimes started from different "
+                            f"folders would each use their own and share cores without knowing; give "
+                            f"{LEASE_DIR_ENV} an absolute path (e.g. {LEASE_DIR_ENV}=$PWD/{str(d).strip() or 'leases'})")
     try:
         try:
             st = os.lstat(d)
@@ -312,7 +317,28 @@ def plan_groups(n_groups: int, cores_per_group: Sequence[int] | int, use_smt: bo
     return groups
 
 
-class CoreLease:
+class ProcessBound:
+    """A mix-in for objects that own this process's resources (core leases, worker processes, pipes, shared
+    memory): they refuse `copy.copy`, `copy.deepcopy` and pickling. A copy would share those resources, and
+    its `close()`/`release()` would free what the original still uses (the original then ran on cores it no
+    longer held, or crashed on unmapped shared memory); a pickled one cannot carry them to another process."""
+
+    _OWNS = "this process's core leases, worker processes and shared memory"
+    _TRANSFER_FIX = ("pass the model folder instead and open a Runtime in the other process (threads of this process "
+                     "can share this one object)")
+
+    def __reduce_ex__(self, protocol: object) -> object:  # copy, deepcopy and pickle all come here
+        raise TypeError(f"a {type(self).__name__} cannot be copied or pickled: it owns {self._OWNS}, which a copy "
+                        f"would free under the original; {self._TRANSFER_FIX}")
+
+    def __copy__(self) -> object:
+        return self.__reduce_ex__(2)
+
+    def __deepcopy__(self, memo: object) -> object:
+        return self.__reduce_ex__(2)
+
+
+class CoreLease(ProcessBound):
     """Holds CPUs for one Runtime, machine-wide, until `release()` or until this process ends.
 
     Exclusive by default: CPUs another Runtime holds are refused with its pid. With `share=True` the

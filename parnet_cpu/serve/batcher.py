@@ -28,6 +28,8 @@ import numpy as np
 from parnet_cpu.data.inputs import preprocess_batch
 from parnet_cpu.options import check_all
 from parnet_cpu.runtime.classify import TopK, check_top_k, softmax_top_k
+from parnet_cpu.runtime.leases import ProcessBound
+from parnet_cpu.runtime.runtime import check_images
 
 __all__ = ["Batcher", "BatcherClosedError", "DynamicBatcher", "QueueFullError"]
 
@@ -71,8 +73,12 @@ class BatcherStats:
     last_error: str | None = None
 
 
-class DynamicBatcher:
-    """Groups images from concurrent requests into batches for a `submit(batch) -> Future` runtime."""
+class DynamicBatcher(ProcessBound):
+    """Groups images from concurrent requests into batches for a `submit(batch) -> Future` runtime.
+    Not copyable (`ProcessBound`): a copy would share its queue, task and runtime slots."""
+
+    _OWNS = "its queue, collector task and runtime slots on this process's event loop (and the Runtime they feed)"
+    _TRANSFER_FIX = "pass the model folder and create a Runtime and a Batcher on it in the other process"
 
     def __init__(self, submit: SubmitFn, max_batch: int = 8, max_wait_s: float = 0.002, max_queue: int = 256,
                  inflight: int = 2, on_batch: BatchHook | None = None, on_item: ItemHook | None = None) -> None:
@@ -328,14 +334,7 @@ class Batcher(DynamicBatcher):
         whatever else is queued. Raises `QueueFullError` at once when `max_queue` images already wait."""
         if self._task is None:
             await self.start()
-        x = np.asarray(images)
-        if x.ndim == 3:
-            x = x[None]
-        if x.ndim != 4 or tuple(x.shape[1:]) != self._shape or x.shape[0] < 1:
-            raise ValueError(f"expected images of shape (N, {', '.join(map(str, self._shape))}), got "
-                             f"{tuple(np.shape(images))}")
-        if not np.issubdtype(x.dtype, np.floating):
-            raise ValueError(f"expected float32 preprocessed images, got {x.dtype} (classify() takes raw images)")
+        x = check_images(images, self._shape)  # per request, before batching: a bad one fails no other request
         return await self.enqueue(np.ascontiguousarray(x, dtype=np.float32))
 
     async def classify(self, images, top_k: int = 5) -> list[TopK]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import struct
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
@@ -21,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 
 from parnet_cpu.artifacts import INPUT_NAME, OUTPUT_NAME
 from parnet_cpu.data.preprocess import PreprocessConfig
+from parnet_cpu.runtime.runtime import InputError, check_images
 
 MODEL_VERSION = "1"
 PLATFORM = "openvino_ir"
@@ -101,6 +103,7 @@ class InferRequest:
     images: np.ndarray  # (N, C, H, W) float32, C-contiguous
     id: str | None
     binary_output: bool
+    classification: int | None = None  # Triton's classification extension: top-k "value:index[:label]" strings
 
 
 def parse_infer_request(body: bytes, header_length: str | None, model: ModelInfo, max_images: int) -> InferRequest:
@@ -109,6 +112,7 @@ def parse_infer_request(body: bytes, header_length: str | None, model: ModelInfo
     req = _loads(head)
     if not isinstance(req, dict):
         raise ApiError(400, "request body must be a JSON object")
+    params = parameters(req, "the request", REQUEST_PARAMETERS)
     inputs = req.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise ApiError(400, f"'inputs' must be a list with exactly one tensor, '{INPUT_NAME}'")
@@ -116,7 +120,29 @@ def parse_infer_request(body: bytes, header_length: str | None, model: ModelInfo
     req_id = req.get("id")
     if req_id is not None and not isinstance(req_id, str):
         raise ApiError(400, "'id' must be a string")
-    return InferRequest(images, req_id, _binary_output(req))
+    binary, classification = _outputs(req, params, model.num_classes)
+    return InferRequest(images, req_id, binary, classification)
+
+
+# Every parameter this server honours, per place: anything else is refused (400 naming it), never ignored,
+# so a client asking for an extension it does not get (shared memory, sequences, ...) learns it at once.
+REQUEST_PARAMETERS = frozenset({"binary_data_output"})
+INPUT_PARAMETERS = frozenset({"binary_data_size"})
+OUTPUT_PARAMETERS = frozenset({"binary_data", "classification"})
+
+
+def parameters(spec: dict, where: str, known: frozenset[str]) -> dict:
+    """`spec["parameters"]` (an object, or absent), refused with 400 when it holds a parameter not in `known`:
+    the one check every request, input and output parameter passes."""
+    params = spec.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise ApiError(400, f"{where}: 'parameters' must be an object")
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ApiError(400, f"{where}: unknown parameter(s) {unknown}; this server supports {sorted(known)}")
+    return params
 
 
 def _not_a_number(constant: str) -> Any:
@@ -214,19 +240,17 @@ def _input_tensor(spec: dict, binary: memoryview, model: ModelInfo, max_images: 
     if shape[0] > max_images:
         raise ApiError(400, f"batch of {shape[0]} images is more than this server queues ({max_images})")
     count = int(np.prod(shape))
-    params = spec.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise ApiError(400, "'parameters' must be an object")
+    params = parameters(spec, f"input '{INPUT_NAME}'", INPUT_PARAMETERS)
     if "binary_data_size" in params:
         arr = _binary_tensor(params["binary_data_size"], binary, count)
     else:
         if len(binary):
             raise ApiError(400, "binary data present but no input declares binary_data_size")
         arr = json_tensor(INPUT_NAME, spec.get("data"), shape, np.float32)
-    arr = arr.reshape(shape)
-    if not np.isfinite(arr).all():
-        raise ApiError(400, f"input '{INPUT_NAME}' contains NaN or infinity (or a number beyond the FP32 range)")
-    return arr
+    try:  # the Runtime's own input check (shape, dtype, finiteness): one rule for the API and the server
+        return check_images(arr.reshape(shape), model.input_shape)
+    except InputError as exc:
+        raise ApiError(400, f"input '{INPUT_NAME}': {exc}") from None
 
 
 def _binary_tensor(size: Any, binary: memoryview, count: int) -> np.ndarray:
@@ -282,26 +306,42 @@ def _json_type(kind: type) -> str:
             float: "number"}.get(kind, kind.__name__)
 
 
-def _binary_output(req: dict) -> bool:
-    params = req.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise ApiError(400, "'parameters' must be an object")
-    default = _json_bool(params, "binary_data_output")
+def _outputs(req: dict, params: dict, num_classes: int) -> tuple[bool, int | None]:
+    """(binary output?, classification count or None) from the request's and its outputs' parameters."""
+    binary = _json_bool(params, "binary_data_output")
     outputs = req.get("outputs")
     if not outputs:
-        return default
+        return binary, None
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise ApiError(400, "'outputs' must be a list of objects")
-    binary = default
+    classification = None
     for out in outputs:
         if out.get("name") != OUTPUT_NAME:
             raise ApiError(400, f"unknown output {out.get('name')!r}; this model's output is '{OUTPUT_NAME}'")
-        oparams = out.get("parameters") or {}
-        if not isinstance(oparams, dict):
-            raise ApiError(400, f"output '{OUTPUT_NAME}': 'parameters' must be an object")
+        oparams = parameters(out, f"output '{OUTPUT_NAME}'", OUTPUT_PARAMETERS)
         if "binary_data" in oparams:
             binary = _json_bool(oparams, "binary_data")
-    return binary
+        if "classification" in oparams:
+            k = oparams["classification"]
+            if type(k) is not int or not 1 <= k <= num_classes:
+                raise ApiError(400, f"output '{OUTPUT_NAME}': parameter 'classification' must be an integer in "
+                               f"1..{num_classes}, got {k!r}")
+            classification = k
+    return binary, classification
+
+
+def classification_strings(logits: np.ndarray, k: int, names: tuple[str, ...] | None) -> list[list[str]]:
+    """Triton's classification extension: per row the k highest outputs (ties: lower index first) as
+    "<value>:<index>[:<label>]", value as Triton prints it (C++ std::to_string, 6 decimals)."""
+    order = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    return [[f"{float(row[i]):f}:{i}" + (f":{names[i]}" if names else "") for i in idx]
+            for row, idx in zip(logits, order)]
+
+
+def _bytes_tensor(strings: list[str]) -> bytes:
+    """A BYTES tensor in the binary tensor data extension: each element as a 4-byte little-endian length
+    followed by its bytes."""
+    return b"".join(struct.pack("<I", len(b)) + b for b in (s.encode() for s in strings))
 
 
 def _json_bool(params: dict, key: str) -> bool:
@@ -316,14 +356,18 @@ def encode_infer_response(model: ModelInfo, req: InferRequest, logits: np.ndarra
     """(body, headers, media type) of a v2 inference response; binary when the request asked for it."""
     require_finite(logits)
     out: dict[str, Any] = {"name": OUTPUT_NAME, "datatype": "FP32", "shape": list(logits.shape)}
+    if req.classification is not None:
+        rows = classification_strings(logits, req.classification, model.class_names)
+        out.update(datatype="BYTES", shape=[len(rows), req.classification])
+        flat = [s for row in rows for s in row]
     resp: dict[str, Any] = {"model_name": model.name, "model_version": MODEL_VERSION}
     if req.id is not None:
         resp["id"] = req.id
     resp["outputs"] = [out]
     if req.binary_output:
-        raw = np.ascontiguousarray(logits, dtype="<f4").tobytes()
+        raw = np.ascontiguousarray(logits, dtype="<f4").tobytes() if req.classification is None else _bytes_tensor(flat)
         out["parameters"] = {"binary_data_size": len(raw)}
         head = json.dumps(resp).encode()
         return head + raw, {"Inference-Header-Content-Length": str(len(head))}, "application/octet-stream"
-    out["data"] = logits.ravel().tolist()
+    out["data"] = logits.ravel().tolist() if req.classification is None else flat
     return json.dumps(resp).encode(), {}, "application/json"
