@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import threading
 import time
 from pathlib import Path
@@ -47,28 +46,26 @@ def time_callable(fn: Callable[[], Any], warmup: int = 5, iters: int = 50, min_s
 
 
 def machine_summary(threads: int) -> dict[str, Any]:
-    """CPU model, usable cores, ISA level and library versions, plus the thread count used."""
-    import openvino as ov
+    """The machine record every report shares (`parnet_cpu.system.cpuinfo.machine_summary`: cpu, isa_level,
+    sockets, physical_cores, logical_cpus, usable_cpus, openvino, python, system), plus, alongside, what a
+    benchmark adds: the thread counts used, the ISA flags, OpenVINO's device name and capabilities, the cgroup
+    CPU budget, torch's version and the date."""
     import torch
 
     from parnet_cpu.system.cpuinfo import describe_machine
+    from parnet_cpu.system.cpuinfo import machine_summary as shared_summary
 
     info = describe_machine()
     return {
-        "cpu_model": info.model_name,
-        "openvino_device_name": info.openvino.full_device_name if info.openvino else None,
-        "openvino_capabilities": info.openvino.optimization_capabilities if info.openvino else None,
-        "logical_cpus_usable": len(info.usable_cpus),
-        "physical_cores": info.physical_cores,
-        "cpu_quota_budget": info.cpu_budget,
-        "isa_level": info.isa_level,
-        "isa": {k: v for k, v in info.isa.items() if v},
+        **shared_summary(info),
         "threads_used": threads,
         "torch_threads": torch.get_num_threads(),
         "openvino_inference_num_threads": threads,
+        "isa": {k: v for k, v in info.isa.items() if v},
+        "openvino_device_name": info.openvino.full_device_name if info.openvino else None,
+        "openvino_capabilities": info.openvino.optimization_capabilities if info.openvino else None,
+        "cpu_quota_budget": info.cpu_budget,
         "torch": torch.__version__,
-        "openvino": ov.get_version(),
-        "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

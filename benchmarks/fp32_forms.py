@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = [{"variant": r["variant"], "train ms": r["eager_train_fp32"]["p50"], "deploy ms": r["eager_deploy_fp32"]["p50"],
              "OV fp32 ms": r["openvino_deploy_fp32"]["p50"], "deploy/train": r["deploy_over_train"],
              "OV/eager-deploy": r["ov_over_eager_deploy"]} for r in results]
-    print(f"\nCPU: {machine['cpu_model']} | threads {threads} (torch = OpenVINO) | batch 1 | FP32 everywhere | "
+    print(f"\nCPU: {machine['cpu']} | threads {threads} (torch = OpenVINO) | batch 1 | FP32 everywhere | "
           f"p50 of >= {args.iters} iters and >= {args.min_seconds} s | random weights")
     print_table(rows, ["variant", "train ms", "deploy ms", "OV fp32 ms", "deploy/train", "OV/eager-deploy"])
     payload = {

@@ -533,7 +533,7 @@ def report(payload: dict, cpus: list[int], groups: list[list[int]], log) -> None
     from parnet_cpu.system.cpuinfo import format_cpu_list
 
     checks = payload["checks"]
-    log(f"\nCPU: {payload['machine']['cpu_model']} | CPUs {format_cpu_list(cpus)} | stream groups "
+    log(f"\nCPU: {payload['machine']['cpu']} | CPUs {format_cpu_list(cpus)} | stream groups "
         f"{' / '.join(format_cpu_list(g) for g in groups)} ({payload['cores']['how_chosen']}) | FP32 | "
         f"{payload['model']}, random weights")
     log("lat x = p50 / p50 of ov-latency (< 1: faster); thr x = img/s / img/s of ov-latency (> 1: more)")

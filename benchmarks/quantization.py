@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
             results.append(bench_variant(name.strip(), batches, threads, timing, calib, opts, Path(tmp)))
 
     machine = machine_summary(threads)
-    print(f"\nCPU: {machine['cpu_model']} | threads {threads} (torch = OpenVINO) | RANDOM WEIGHTS (speed only, no accuracy) "
+    print(f"\nCPU: {machine['cpu']} | threads {threads} (torch = OpenVINO) | RANDOM WEIGHTS (speed only, no accuracy) "
           f"| p50/p90/p99 of >= {args.iters} iters and >= {args.min_seconds} s | img/s = batch / mean latency | 'x eager' = eager-FP32 p50 / p50")
     print_table(table_rows(results), ["variant", "batch", "engine", "p50 ms", "p90 ms", "p99 ms", "img/s", "x eager", "x OV-fp32"])
     for r in results:

@@ -157,7 +157,7 @@ def plot(result: dict, path: Path) -> bool:
             ax.plot([sum(r["groups"]) for r in ms], [r["measured_ms"] for r in ms], "s", label=f"multi-stream b{b}")
         ax.set(xscale="log", yscale="log", xlabel="physical cores", ylabel="ms", title=f"{m['model']} INT8")
         ax.legend(fontsize=7)
-    fig.suptitle(f"{result['machine']['cpu_model']} ({result['machine']['physical_cores']} cores)")
+    fig.suptitle(f"{result['machine']['cpu']} ({result['machine']['cores_used']} cores)")
     fig.tight_layout()
     fig.savefig(path)
     return True
@@ -173,21 +173,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default=None, help="where the models are built (default: a temporary folder)")
     args = ap.parse_args(argv)
 
-    from parnet_cpu.system.cpuinfo import describe_machine, usable_physical_cores
+    from parnet_cpu.system.cpuinfo import describe_machine, machine_summary, usable_physical_cores
 
     info = describe_machine()
     cores = len(usable_physical_cores(info))
     models = (args.models or ("parnet_s" if args.quick else "parnet_s,parnet_m")).split(",")
     batches = [int(b) for b in (args.batches or ("1" if args.quick else "1,8")).split(",")]
     iters = args.iters or (5 if args.quick else 10)
-    import openvino as ov
 
     result = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": args.quick, "batches": batches,
               "iters": iters, "precision": "int8",
-              "machine": {"cpu_model": info.model_name, "physical_cores": cores, "sockets": info.sockets,
-                          "logical_cpus_usable": len(info.usable_cpus), "isa_level": info.isa_level,
-                          "int8_kernels": info.int8_kernels, "openvino": ov.get_version(),
-                          "python": sys.version.split()[0]},
+              "machine": {**machine_summary(info), "cores_used": cores, "int8_kernels": info.int8_kernels},
               "method": "single graph and stages: median wall of one infer request in a child process pinned to "
                         "the first N physical cores, INFERENCE_NUM_THREADS=N, PERF_COUNT on; multi-stream: "
                         "Runtime(plan='multistream').infer median; predictions: per-layer cost model fitted on "

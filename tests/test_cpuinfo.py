@@ -188,6 +188,29 @@ def test_machine_summary_is_the_one_machine_description() -> None:
     json.dumps(summary)  # goes into JSON reports as it is
 
 
+def test_every_machine_record_is_machine_summary_plus_extras() -> None:
+    """The trainer's and the benchmark scripts' machine records carry every key of machine_summary with its
+    value (their extras, threads and library versions, alongside), not a schema of their own."""
+    import importlib
+
+    from parnet_cpu.system.cpuinfo import machine_summary
+    from parnet_cpu.training.trainer import machine_description
+
+    shared = machine_summary(describe_machine(query_openvino=False))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        bench_common = importlib.import_module("common")
+    finally:
+        sys.path.pop(0)
+    records = {"trainer": machine_description(), "benchmarks": bench_common.machine_summary(1)}
+    for name, record in records.items():
+        assert set(shared) <= set(record), (name, set(shared) - set(record))
+        same = {k: record[k] for k in shared if k not in ("openvino", "usable_cpus")}  # ov: queried or not
+        assert same == {k: v for k, v in shared.items() if k not in ("openvino", "usable_cpus")}, name
+        json.dumps(record)
+    assert records["benchmarks"]["threads_used"] == 1 and records["benchmarks"]["openvino"]
+
+
 def test_alderlake_hybrid() -> None:
     info = describe_machine(ADL)
     assert info.core_types == {CORE_PERFORMANCE: list(range(16)), CORE_EFFICIENCY: list(range(16, 24))}
