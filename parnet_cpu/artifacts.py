@@ -23,6 +23,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -30,7 +31,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator, Mapping
+from typing import IO, Iterator, Mapping, Sequence
 
 MANIFEST = "parnet.json"
 FORMAT = "parnet-cpu/1"
@@ -69,6 +70,24 @@ class OutputBusyError(ModelDirError):
 class OutputWriteError(OSError):
     """An output could not be written for a reason of the place, not of the input (disk full, quota, read-only,
     permission, I/O error); what was half-written has been removed. The command line exits with 74."""
+
+
+_KINDS = {stat.S_IFDIR: "folder", stat.S_IFLNK: "symbolic link", stat.S_IFIFO: "named pipe (FIFO)",
+          stat.S_IFSOCK: "socket", stat.S_IFCHR: "character device", stat.S_IFBLK: "block device",
+          stat.S_IFREG: "file"}
+
+
+def file_kind(path: str | os.PathLike[str]) -> str:
+    """What is at `path`, in words ("named pipe (FIFO)", "folder", ...; the link itself, not its target), for
+    messages that must say what a thing is rather than that it is missing."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        try:
+            mode = os.lstat(path).st_mode  # a dangling link
+        except OSError:
+            return "missing path"
+    return _KINDS.get(stat.S_IFMT(mode), "special file")
 
 
 def model_files(folder: Path) -> list[str]:
@@ -114,6 +133,8 @@ def read_manifest(folder: Path) -> dict:
     """The manifest of `folder` as a JSON object, or a ModelDirError that says why not (missing, unreadable,
     not UTF-8 text, invalid or duplicated-key JSON, too deep, too large, not an object)."""
     mf = folder / MANIFEST
+    if os.path.lexists(mf) and not mf.is_file():
+        raise ModelDirError(f"{mf} is a {file_kind(mf)}, not a file: not a manifest")
     if not mf.is_file():
         raise ModelDirError(f"{folder} is not a parnet-cpu model folder (no {MANIFEST}); "
                             "create one with `parnet-cpu export` or `parnet-cpu quantize`")
@@ -202,7 +223,7 @@ def manifest_schema() -> Spec:
             "activation": Spec("str", choices=ACTIVATIONS),
             "stem_stride": Spec("int", choices=(1, 2)),
             "dropout": Spec("number", low=0, high=1),
-            "crop_fraction": Spec("number", low=0, low_open=True, high=1),
+            "crop_fraction": Spec("number", low=0.1, high=1),  # options.SPECS["crop_fraction"]
             "interpolation": Spec("str", choices=tuple(INTERPOLATIONS)),
             # mean and std of pixel values on the 0-1 scale: a mean lies in [0, 1], a std is positive
             "mean": Spec("list", length="in_chans", items=Spec("number", low=0, high=1)),
@@ -640,14 +661,56 @@ def remove_stale_temp_dirs(parent: Path) -> list[Path]:
     return removed
 
 
-def is_own_model_dir(folder: Path) -> bool:
-    """True when `folder` holds the manifest this tool writes (the marker that makes --overwrite safe); only
-    the marker is read, so a damaged model folder of ours can still be replaced."""
+# What this tool may leave in a model folder besides the manifest and the model files it records: the
+# quantization report, the runtime's plan and compiled-model caches, and atomic_write's temporaries of those.
+OWN_EXTRAS = frozenset({"report.json", "plan_cache.json", "compile_cache"})
+_OWN_TEMP_RE = re.compile(r"^\.(parnet\.json|report\.json|plan_cache\.json)\..+\.tmp$")
+
+
+def foreign_model_dir_problem(folder: Path) -> str | None:
+    """Why `folder` is not wholly a model folder this tool wrote (None: it is), so `--overwrite` may delete it:
+    its manifest must be ours and match its own digest (content not edited since it was stamped), and every
+    entry must be the manifest, a file it records, or a known artifact of this tool (OWN_EXTRAS). Anything else
+    (a user's class list, notes, images put there) is not ours to delete. File contents are not hashed: a
+    damaged model folder of ours can still be replaced."""
     try:
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+        manifest = read_manifest(folder)
+    except ModelDirError as exc:
+        return str(exc)
+    if manifest.get("format") != FORMAT:
+        return f"its {MANIFEST} is not one parnet-cpu writes (format {_shown(manifest.get('format'))})"
+    if manifest.get("manifest_sha256") != manifest_digest(manifest):
+        return (f"its {MANIFEST} does not match its recorded digest (edited, or from an older parnet-cpu: "
+                f"`parnet-cpu verify --stamp {folder}` records it)")
+    files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+    try:
+        names = os.listdir(folder)
+    except OSError as exc:
+        return f"it cannot be listed ({exc.strerror or exc})"
+    foreign = sorted(n for n in names if n != MANIFEST and n not in files and n not in OWN_EXTRAS
+                     and not _OWN_TEMP_RE.match(n))
+    if foreign:
+        return (f"it holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} its {MANIFEST} does not list "
+                f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''})")
+    return None
+
+
+def is_own_model_dir(folder: Path) -> bool:
+    """True when everything in `folder` is this tool's (see `foreign_model_dir_problem`): what makes
+    --overwrite safe."""
+    return foreign_model_dir_problem(folder) is None
+
+
+InputPaths = Mapping[str, "str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None"]
+
+
+def _input_paths(inputs: InputPaths | None) -> Iterator[tuple[str, str, Path]]:
+    """(flag, path as given, real path) of every input path (a flag may name several, or none)."""
+    for flag, value in (inputs or {}).items():
+        values = [value] if isinstance(value, (str, os.PathLike)) else list(value or ())
+        for src in values:
+            if src is not None:
+                yield flag, str(src), Path(os.path.realpath(Path(src).expanduser()))
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -670,10 +733,7 @@ def check_output_dir(out: str | Path, overwrite: bool = False, inputs: Mapping[s
     if target == cwd or target in cwd.parents:
         raise ModelDirError(f"--out {shown} is the current directory or one of its parents; name a new folder "
                             "for the model")
-    for flag, src in (inputs or {}).items():
-        if src is None:
-            continue
-        real = Path(os.path.realpath(Path(src).expanduser()))
+    for flag, src, real in _input_paths(inputs):
         how = "is" if target == real else "contains" if target in real.parents else \
             "is inside" if real in target.parents else None
         if how:
@@ -689,10 +749,11 @@ def check_output_dir(out: str | Path, overwrite: bool = False, inputs: Mapping[s
         if entries and not overwrite:
             raise ModelDirError(f"output folder {shown} exists and is not empty (use --overwrite to replace a "
                                 "model folder written by parnet-cpu)")
-        if entries and not is_own_model_dir(target):
-            raise ModelDirError(f"--out {shown} is not a parnet-cpu model folder (no {MANIFEST} written by "
-                                f"parnet-cpu) and holds {len(entries)} entries; --overwrite only replaces folders "
-                                "this tool wrote")
+        problem = foreign_model_dir_problem(target) if entries else None
+        if problem:
+            raise ModelDirError(f"--out {shown} is not wholly a model folder parnet-cpu wrote: {problem}; "
+                                "--overwrite only replaces what this tool wrote (move those entries out, or name "
+                                "another --out)")
     base = _nearest_existing(target.parent)
     try:
         if not base.is_dir():
@@ -705,6 +766,97 @@ def check_output_dir(out: str | Path, overwrite: bool = False, inputs: Mapping[s
     except OSError as exc:
         raise ModelDirError(f"cannot write --out {shown}: {exc.strerror or exc} ({base})") from None
     return target
+
+
+class OutputPathError(ModelDirError):
+    """A single-file output (--json, --report, --out FILE, --plot) this command must not write there: an input
+    of the command, a folder, a file this tool did not write, or a place that cannot take it."""
+
+
+MAX_REPORT_BYTES = 64 << 20  # a JSON report is KBs (a profile of every layer: a few MB)
+
+
+def own_report_kind(path: Path) -> str | None:
+    """The kind of JSON report this tool wrote at `path` (its `report_stamp`: "report" and "parnet_cpu"
+    fields), or None when the file is anything else (read through a non-blocking, link-refusing open)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        raw = f.read(MAX_REPORT_BYTES + 1)
+    try:
+        obj = json.loads(raw.decode("utf-8")) if len(raw) <= MAX_REPORT_BYTES else None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if isinstance(obj, dict) and isinstance(obj.get("report"), str) and "parnet_cpu" in obj:
+        return obj["report"]
+    return None
+
+
+def check_output_file(out: str | os.PathLike[str], flag: str, inputs: InputPaths | None = None, *,
+                      overwrite: bool = False, report: str | None = None) -> Path:
+    """Refuse, before any work, a single-file output this command must not write; return the path to write
+    (links resolved: what is replaced is the file the path names).
+
+    Refused (OutputPathError): a folder; a path that is, or lies inside, one of `inputs` (flag -> path or
+    paths: the model folder, data folders and files, checkpoint, label and class files, and the command's
+    other outputs), or the same file as one of them under another name (a hard link); an existing file unless
+    `overwrite` or it is a JSON report of kind `report` this tool wrote (`own_report_kind`: rerunning a command
+    replaces its previous report, as expected, never a user's JPEG or notes); a missing folder, or one that
+    cannot be written or cannot take a write (full, quota, read-only: probed). A device or a pipe
+    (/dev/stdout) is accepted as it is: written directly, nothing is replaced."""
+    shown = str(out)
+    path = Path(out).expanduser()
+    target = Path(os.path.realpath(path))
+    for other, src, real in _input_paths(inputs):
+        how = "is" if target == real else "is inside" if real in target.parents else None
+        if how is None and os.path.exists(target) and os.path.exists(real):
+            a, b = os.stat(target), os.stat(real)
+            how = "is the same file as" if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) else None
+        if how:
+            raise OutputPathError(f"{flag} {shown} {how} {other} {src}, an input of this command; writing it "
+                                  f"would destroy that input: name another file for {flag}")
+    if target.is_dir():
+        raise OutputPathError(f"{flag} {shown} is a folder; name a file")
+    if os.path.exists(target) and not target.is_file():
+        return target  # a device or a pipe (/dev/stdout): written directly, nothing to replace or probe
+    if target.is_file() and not overwrite:
+        kind = own_report_kind(target) if report else None
+        if report is None or kind != report:
+            what = f"a parnet-cpu {kind} report, not {report} one" if kind else "not written by this parnet-cpu " \
+                f"command{' (no ' + report + ' report stamp)' if report else ''}"
+            raise OutputPathError(f"{flag} {shown} exists and is {what}; refusing to replace it: pass --overwrite "
+                                  "to replace it, or name another file")
+    folder = target.parent
+    if not folder.is_dir():
+        raise OutputPathError(f"{flag} {shown}: folder {folder} is missing (create it first)")
+    problem = write_probe(folder, size=1)  # a full disk, a quota, a read-only mount: said before the work
+    if problem is not None:
+        raise OutputPathError(f"{flag} {shown}: folder {folder} cannot take it ({problem.strerror or problem})")
+    return target
+
+
+@contextmanager
+def output_file(out: str | os.PathLike[str], flag: str, inputs: InputPaths | None = None, *,
+                overwrite: bool = False, report: str | None = None, mode: str = "w",
+                encoding: str | None = "utf-8") -> Iterator[IO]:
+    """The one way a command writes a single-file output: checked (`check_output_file`, again: nothing may
+    have become an input or a foreign file since the check before the work), written atomically
+    (`atomic_write`: a whole file or none), and any OSError of the place becomes an OutputWriteError naming
+    `flag` and the path (exit 74)."""
+    target = check_output_file(out, flag, inputs, overwrite=overwrite, report=report)
+    shown = f"{flag} {out}"
+    try:
+        with atomic_write(target, mode, encoding=None if "b" in mode else encoding) as f:
+            yield f
+    except OutputWriteError as exc:
+        raise OutputWriteError(exc.errno, exc.strerror, shown) from exc
+    except OSError as exc:
+        raise OutputWriteError(exc.errno or errno.EIO, f"{exc.strerror or exc}"
+                               f" ({errno.errorcode.get(exc.errno or errno.EIO, '?')})", shown) from exc
 
 
 @contextmanager
@@ -740,12 +892,35 @@ def output_lock_path(out: str | Path) -> Path:
     return target.parent / f".{target.name}{LOCK_SUFFIX}"
 
 
+def _open_lock_file(path: Path) -> int:
+    """Open (create) an output lock file without following a link or blocking on a FIFO, and refuse anything
+    but a plain file with one link: a symlink, FIFO, folder or hard link planted under the lock's name is an
+    OutputPathError naming it, never truncated or written (what `runtime.leases` does for core lease files;
+    that one raises its own LeaseDirError and sits above this module, so it cannot be shared)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise
+        kind = "symbolic link" if exc.errno == errno.ELOOP else file_kind(path)
+        raise OutputPathError(f"the output lock {path} is a {kind}, not a lock file this tool made; remove it "
+                              "and run again") from None
+    st = os.fstat(fd)
+    problem = (f"is a {_KINDS.get(stat.S_IFMT(st.st_mode), 'special file')}" if not stat.S_ISREG(st.st_mode) else
+               f"has {st.st_nlink} hard links (it may be another file)" if st.st_nlink != 1 else None)
+    if problem:
+        os.close(fd)
+        raise OutputPathError(f"the output lock {path} {problem}, not a lock file this tool made; remove it and "
+                              "run again")
+    return fd
+
+
 def _lock_file(path: Path, tries: int = 1) -> int | None:
     """An fd holding an exclusive flock on the file now at `path` (created if needed), or None while another
     process holds it (asked `tries` times, 50 ms apart). A holder removes the file as it releases it, so after
     locking, the file must still be the one at `path` (else try again): two runs never hold different files."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = _open_lock_file(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -824,7 +999,7 @@ def remove_stale_locks(parent: Path) -> None:
     for name in names:
         try:
             fd = _lock_file(parent / name)
-        except OSError:
+        except (OSError, ModelDirError):  # a planted file under a lock's name: left alone, the run says so
             continue
         if fd is not None:
             try:

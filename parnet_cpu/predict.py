@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from parnet_cpu.artifacts import atomic_write
+from parnet_cpu.artifacts import ModelDirError, check_output_file, file_kind, output_file
 from parnet_cpu.data import IMAGE_EXTENSIONS, BatchLoader, DecodeReport, list_images
 from parnet_cpu.runtime.classify import TopK, check_top_k, softmax_top_k
 
@@ -89,6 +89,8 @@ def collect_images(data: Sequence[str | os.PathLike]) -> tuple[list[str], list[t
             found = [str(x) for x in list_images(p, recursive=True, skipped=others)]
         elif p.is_file():
             found = [str(p)]
+        elif os.path.lexists(p):
+            raise PredictError(f"--data {item} is a {file_kind(p)}, not an image file or a folder")
         else:
             raise PredictError(f"--data {item}: no such file or folder")
         for f in found:
@@ -183,6 +185,12 @@ def predict_folder(runtime, data: Sequence[str | os.PathLike], out: str | os.Pat
         raise PredictError(f"--out {out}: folder {out.parent} is not writable")
     if out.exists() and not (resume or overwrite):
         raise PredictError(f"--out {out} exists: --resume continues it, --overwrite replaces it")
+    model = getattr(getattr(runtime, "model_dir", None), "path", None) or getattr(runtime, "model", None)
+    inputs = {"--data": list(data), "--model-dir": model}
+    try:  # never an input: an image of --data, the model folder or one of its files (any name, hard links)
+        check_output_file(out, "--out", inputs, overwrite=True)
+    except ModelDirError as exc:
+        raise PredictError(str(exc)) from None
     done, carried = read_rows(out, fmt, top_k) if resume and out.exists() else (set(), "")
     paths, others = collect_images(data)
     if not paths:
@@ -194,7 +202,7 @@ def predict_folder(runtime, data: Sequence[str | os.PathLike], out: str | os.Pat
     if on_start is not None:
         on_start(len(todo), len(done))
     t0 = time.perf_counter()
-    with atomic_write(out, "w" if fmt != "parquet" else "wb", encoding="utf-8" if fmt != "parquet" else None) as f:
+    with output_file(out, "--out", inputs, overwrite=True, mode="w" if fmt != "parquet" else "wb") as f:
         text = f if fmt != "parquet" else None
         if text is not None and carried:
             text.write(carried if carried.endswith("\n") else carried + "\n")

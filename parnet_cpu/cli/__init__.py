@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"parnet-cpu {args.command}: error: {exc}", file=sys.stderr)
         return 75  # EX_TEMPFAIL: another run holds the output; try again later
     except OSError as exc:
-        if exc.errno not in WRITE_ERRNOS:
+        if exc.errno not in WRITE_ERRNOS and not isinstance(exc, OutputWriteError):
             raise
         if isinstance(exc, OutputWriteError):  # its text names the errno (and what a writer said)
             said = f"cannot write {exc.filename}: {exc.strerror}; nothing half-written was left"

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from parnet_cpu.bench.quiet import add_quiet_args
-from parnet_cpu.cli.common import add_model_dir_arg
+from parnet_cpu.cli.common import add_model_dir_arg, add_overwrite_arg, check_output_arg, output_arg, write_report_arg
 from parnet_cpu.options import arg, arg_list
 
 
@@ -78,12 +78,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "execution_results, one entry per engine and batch) and parnet_bench.json (this tool's "
                         "own JSON) into DIR")
     add_quiet_args(p)
+    add_overwrite_arg(p, "an existing --json or --plot file")
     p.add_argument("--plot", metavar="PNG", help="write latency/throughput vs cores per stream as PNG")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from parnet_cpu.artifacts import ModelDirError, write_json
+    from parnet_cpu.artifacts import ModelDirError
     from parnet_cpu.bench import ENGINES, BenchConfig, format_table, plot, run_bench
     from parnet_cpu.bench.quiet import NotQuietError, refuse
     from parnet_cpu.cli import CliError
@@ -117,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
             check_cores_feasible(sweep, cores, args.use_smt)
     except CoreSpecError as exc:
         raise CliError(str(exc)) from None
+    for dest, kind in (("json", "bench"), ("plot", None)):
+        check_output_arg(args, dest, kind)  # before the measuring
     results = []
     try:
         for cps in sweep:
@@ -129,21 +132,32 @@ def run(args: argparse.Namespace) -> int:
         return refuse("bench", exc)
     payload = results[0] if len(results) == 1 else {"sweep": results}
     if args.json:
-        write_json(Path(args.json), payload)
+        write_report_arg(args, "json", "bench", payload)
     if args.report_folder:
+        import json
+
+        from parnet_cpu.artifacts import own_report_kind
         from parnet_cpu.bench.report import benchmark_app_report
 
         folder = Path(args.report_folder)
         try:
             folder.mkdir(parents=True, exist_ok=True)
             options = {k: v for k, v in vars(args).items() if k != "handler"}
-            write_json(folder / "benchmark_report.json", benchmark_app_report(results, options))
-            write_json(folder / "parnet_bench.json", payload)
+            # each a checked single-file output; benchmark_app's format has no room for our stamp, so its file
+            # is ours to replace when the parnet_bench.json beside it is (the pair is written together)
+            own = own_report_kind(folder / "parnet_bench.json") == "bench"
+            app = argparse.Namespace(**{**vars(args), "report_folder": str(folder / "benchmark_report.json"),
+                                        "overwrite": args.overwrite or own})
+            with output_arg(app, "report_folder") as f:
+                f.write(json.dumps(benchmark_app_report(results, options), indent=2, sort_keys=True, default=str))
+            write_report_arg(argparse.Namespace(**{**vars(args), "report_folder": str(folder / "parnet_bench.json")}),
+                             "report_folder", "bench", payload)
         except OSError as exc:
             raise CliError(f"--report-folder {folder}: {exc}") from None
         print(f"wrote {folder / 'benchmark_report.json'} and {folder / 'parnet_bench.json'}")
     if args.plot:
-        plot(results, Path(args.plot))
+        with output_arg(args, "plot", mode="wb") as f:
+            plot(results, f)  # matplotlib writes PNG to a file object
     if args.require_quiet and not all(res["machine_was_quiet"] for res in results):
         return refuse("bench", NotQuietError("other work used the measured CPUs during the run (see other_load in "
                                              "the JSON); the numbers above are marked and not valid"))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -33,14 +34,94 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
-def check_out_arg(out: str, overwrite: bool, **inputs: str | None) -> None:
-    """Refuse a bad --out before any work (see `artifacts.check_output_dir`); inputs: flag name -> path."""
+# argparse dests whose values are paths a command reads, and the flag each is shown as (a test walks every
+# sub-command's options and fails on a path-like flag that is in neither map, so none is missed)
+INPUT_FLAGS = {"model": "--model-dir", "data": "--data", "val": "--val", "calib": "--calib", "labels": "--labels",
+               "classes": "--classes", "checkpoint": "--checkpoint", "fmnist_dir": "--fmnist-dir", "fit": "--fit",
+               "machine": "--machine", "images": "--images", "class_names": "--class-names", "root": "--root"}
+# argparse dests of what a command writes (single files, or folders for export/quantize/dataset/demo/bench)
+OUTPUT_FLAGS = {"json": "--json", "report": "--report", "plot": "--plot", "export": "--export", "out": "--out",
+                "report_folder": "--report-folder"}
+
+
+def command_paths(args: argparse.Namespace, exclude: str | None = None) -> dict[str, object]:
+    """Flag -> path(s) of everything the command reads and of its other outputs (not `exclude`, the dest
+    being checked): what an output must not be, nor lie inside. Booleans (`info --json`) and unset flags are
+    left out; an input (`--model parnet_s`, `--data fmnist`) only counts where it names an existing path, an
+    output always (two outputs must not be one file)."""
+    found: dict[str, object] = {}
+    for dest, flag in (*INPUT_FLAGS.items(), *OUTPUT_FLAGS.items()):
+        value = getattr(args, dest, None)
+        if dest == exclude or value is None or isinstance(value, bool):
+            continue
+        if dest in INPUT_FLAGS and not (isinstance(value, list) or os.path.lexists(str(value))):
+            continue  # a variant name, `--data fmnist`: not a path
+        if dest == "model" and not os.path.isdir(str(value)):
+            flag = "--model"
+        found[flag] = value
+    return found
+
+
+def check_out_arg(out: str, overwrite: bool, args: argparse.Namespace | None = None, **inputs: str | None) -> None:
+    """Refuse a bad --out folder before any work (see `artifacts.check_output_dir`); its inputs: every path
+    flag of `args` (`command_paths`) plus `inputs` (flag name -> path)."""
     from parnet_cpu.artifacts import ModelDirError, check_output_dir
 
+    every = {**(command_paths(args, exclude="out") if args is not None else {}),
+             **{f"--{k}": v for k, v in inputs.items()}}
     try:
-        check_output_dir(out, overwrite, {f"--{k}": v for k, v in inputs.items()})
+        check_output_dir(out, overwrite, every)
     except ModelDirError as exc:
         raise CliError(str(exc)) from None
+
+
+def check_output_arg(args: argparse.Namespace, dest: str, report: str | None = None) -> None:
+    """Refuse, before any work, a single-file output flag (`dest`: json, report, plot, export, out) that would
+    destroy an input or another output of the command, or replace a file this tool did not write (a
+    `report` of that kind it wrote may be replaced; anything else needs --overwrite): see
+    `artifacts.check_output_file`. Unset: nothing to check."""
+    from parnet_cpu.artifacts import ModelDirError, check_output_file
+
+    out = getattr(args, dest, None)
+    if out is None:
+        return
+    try:
+        check_output_file(out, OUTPUT_FLAGS[dest], command_paths(args, exclude=dest),
+                          overwrite=bool(getattr(args, "overwrite", False)), report=report)
+    except ModelDirError as exc:
+        raise CliError(str(exc)) from None
+
+
+@contextmanager
+def output_arg(args: argparse.Namespace, dest: str, report: str | None = None, mode: str = "w") -> Iterator:
+    """Write the single-file output `dest` of the command: `artifacts.output_file` (checked again, atomic, a
+    place's OSError is exit 74 naming the flag and path) with this command's inputs and other outputs."""
+    from parnet_cpu.artifacts import ModelDirError, output_file
+
+    check_output_arg(args, dest, report)  # said as a usage error (exit 2); output_file checks once more
+    try:
+        with output_file(getattr(args, dest), OUTPUT_FLAGS[dest], command_paths(args, exclude=dest),
+                         overwrite=bool(getattr(args, "overwrite", False)), report=report, mode=mode) as f:
+            yield f
+    except ModelDirError as exc:  # something became an input or a foreign file since the check
+        raise CliError(str(exc)) from None
+
+
+def write_report_arg(args: argparse.Namespace, dest: str, kind: str, obj: dict) -> None:
+    """A JSON report flag (--json, --report) through `output_arg`, stamped as `kind` (`artifacts.report_stamp`)
+    so the next run of the command recognises it as its own to replace."""
+    from parnet_cpu.artifacts import report_stamp
+
+    body = obj if "report" in obj else {**report_stamp(kind), **obj}
+    with output_arg(args, dest, report=kind) as f:
+        f.write(json.dumps(body, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def add_overwrite_arg(p: argparse.ArgumentParser, what: str = "an existing output file") -> None:
+    """--overwrite for commands with single-file outputs: replace {what} this tool did not write (never an
+    input of the command)."""
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace {what} even when it is not a report of this command (never an input)")
 
 
 class _VariantFlagOnFolderCommand(argparse.Action):

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
 
-from parnet_cpu.cli.common import add_model_dir_arg
+from parnet_cpu.cli import CliError
+from parnet_cpu.cli.common import (add_model_dir_arg, add_overwrite_arg, check_output_arg,
+                                     write_report_arg)
 from parnet_cpu.options import arg
 from parnet_cpu.quantization.base import QuantizeOptions, backend_names
 
@@ -24,19 +24,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=arg("batch_size"), default=32)
     p.add_argument("--workers", type=arg("workers"))
     p.add_argument("--json", metavar="FILE", help="write the full result (with per-class counts) as JSON")
+    add_overwrite_arg(p, "an existing --json file")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from parnet_cpu.artifacts import ModelDir, ModelDirError, report_stamp
-    from parnet_cpu.cli import CliError
     from parnet_cpu.data import DatasetError, detect_layout, match_model_classes
     from parnet_cpu.evaluation import accuracy_summary, run_models
     from parnet_cpu.runtime.engine import CompileOptions, compile_model, precision_supported
 
-    if args.json:
-        check_json_target(Path(args.json))
+    check_output_arg(args, "json", "eval")  # before the evaluation, not found unwritable after it
     try:
         md = ModelDir.open(args.model)
         precision = args.precision or ("int8" if args.backend != "openvino" else md.default_precision)
@@ -77,45 +76,21 @@ def run(args: argparse.Namespace) -> int:
     print(f"{precision}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  on {result['labelled']} images"
           + (f" ({len(result['skipped'])} undecodable skipped)" if result["skipped"] else ""))
     if args.json:
-        save_json(Path(args.json), result)
+        save_json(args, result)
     return 0
 
 
-def save_json(path: Path, result: dict) -> None:
-    """Write --json; when the place refuses it after all (a disk that filled meanwhile, /dev/full), the figures
-    go to stdout instead of being lost, and the error (exit 74) says where they are."""
+def save_json(args: argparse.Namespace, result: dict) -> None:
+    """Write --json (`common.write_report_arg`); when the place refuses it after all (a disk that filled
+    meanwhile, /dev/full), the figures go to stdout instead of being lost, and the error (exit 74) says where
+    they are."""
     import json
     import sys
 
-    from parnet_cpu.artifacts import OutputWriteError, write_json
-    from parnet_cpu.cli import CliError
-
     try:
-        write_json(path, result)
-    except OSError as exc:
+        write_report_arg(args, "json", "eval", result)
+    except (OSError, CliError):
         print(json.dumps(result, indent=2, sort_keys=True, default=str), flush=True)
-        print(f"the evaluation's figures are printed above (JSON), because --json {path} could not be written",
+        print(f"the evaluation's figures are printed above (JSON), because --json {args.json} could not be written",
               file=sys.stderr)
-        if isinstance(exc, OutputWriteError):
-            raise
-        raise CliError(f"cannot write --json {path}: {exc.strerror or exc}") from None
-
-
-def check_json_target(path: Path) -> None:
-    """--json must be writable before the evaluation runs, not found unwritable after it."""
-    from parnet_cpu.cli import CliError
-
-    folder = path.parent
-    if path.is_dir():
-        raise CliError(f"--json {path} is a folder; name a file")
-    if not folder.is_dir():
-        raise CliError(f"--json {path}: folder {folder} is missing (create it first)")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise CliError(f"--json {path}: folder {folder} is not writable")
-    if path.exists() and not path.is_file():
-        return  # a device or a pipe (/dev/stdout): written directly, nothing to probe without writing into it
-    from parnet_cpu.artifacts import write_probe
-
-    problem = write_probe(folder)  # a full disk, a quota, a read-only mount: said now, before the evaluation
-    if problem is not None:
-        raise CliError(f"--json {path}: folder {folder} cannot take the result ({problem.strerror or problem})")
+        raise

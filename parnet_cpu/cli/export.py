@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     with sigterm_as_interrupt():
-        check_out_arg(args.out, args.overwrite, checkpoint=args.checkpoint)  # before any work (and before torch is even imported)
+        check_out_arg(args.out, args.overwrite, args)  # before any work (and before torch is even imported)
         from parnet_cpu.artifacts import output_lock
         from parnet_cpu.models.parnet import count_parameters
 

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from parnet_cpu.bench.quiet import add_quiet_args
-from parnet_cpu.cli.common import add_model_dir_arg
+from parnet_cpu.cli.common import add_model_dir_arg, add_overwrite_arg, check_output_arg, write_report_arg
 from parnet_cpu.options import arg
 
 
@@ -33,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "message round trip measured here, or the one recorded in --fit)")
     p.add_argument("--json", metavar="FILE", help="also write the plan (and the fitted cost model) as JSON")
     add_quiet_args(p)
+    add_overwrite_arg(p, "an existing --json file")
     p.set_defaults(handler=run)
 
 
@@ -197,12 +198,12 @@ def format_report(r: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     from parnet_cpu.bench.quiet import NotQuietError, refuse
 
+    check_output_arg(args, "json", "plan")  # before the profiling
     try:
         report = make_report(args)
     except NotQuietError as exc:
         return refuse("plan", exc)
     print(format_report(report))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        write_report_arg(args, "json", "plan", report)
     return 0

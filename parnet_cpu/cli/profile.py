@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from parnet_cpu.bench.quiet import add_quiet_args
-from parnet_cpu.cli.common import add_model_dir_arg
+from parnet_cpu.cli.common import add_model_dir_arg, add_overwrite_arg, check_output_arg, write_report_arg
 from parnet_cpu.options import arg
 
 
@@ -26,19 +25,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="precision of the ops an INT8 IR keeps in float (default auto: bf16 where the CPU has it)")
     p.add_argument("--top", type=arg("top"), default=25, help="slowest layers listed in the table (default 25)")
     p.add_argument("--json", metavar="FILE", help="also write the full profile (every layer) as JSON")
+    add_overwrite_arg(p, "an existing --json file")
     add_quiet_args(p)
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import os
-    from pathlib import Path
 
     from parnet_cpu.artifacts import ModelDirError
     from parnet_cpu.bench.quiet import LoadWatch, NotQuietError, refuse
     from parnet_cpu.cli import CliError
     from parnet_cpu.perf.profile import format_table, profile_model
 
+    check_output_arg(args, "json", "profile")  # before the profiling
     try:
         watch = LoadWatch(sorted(os.sched_getaffinity(0)), args.require_quiet, args.quiet_wait, "profile").settle()
         report = profile_model(args.model, args.precision, args.batch, args.plan, args.iters, args.threads,
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     report["machine_was_quiet"] = watch.quiet
     print(format_table(report, args.top))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        write_report_arg(args, "json", "profile", report)
         print(f"wrote {args.json}")
     try:
         watch.check()

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
 import time
 
 from parnet_cpu.cli import CliError
-from parnet_cpu.cli.common import add_model_args, model_from_args
+from parnet_cpu.cli.common import (add_model_args, add_overwrite_arg, check_output_arg, model_from_args, output_arg,
+                                     write_report_arg)
 from parnet_cpu.options import arg
 
 
@@ -49,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--export", metavar="FILE", help="at the end, also write a slim checkpoint (EMA weights only)")
     p.add_argument("--report", metavar="JSON",
                    help="at the end, write a JSON report (command, seed, time, machine, accuracies)")
+    add_overwrite_arg(p, "an existing --out, --export or --report file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=run)
 
@@ -66,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"unknown model {args.model!r}; available: {', '.join(sorted(MODEL_CONFIGS))}")
     if args.resume and args.checkpoint:
         raise CliError("--resume continues from --out; do not combine it with --checkpoint")
+    if args.resume and args.overwrite:
+        raise CliError("--resume continues --out and --overwrite replaces it: pass one")
+    check_outputs(args)
     try:
         if fmnist:
             if args.val:
@@ -132,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
     if args.export:
         from parnet_cpu.artifacts import sha256_file
 
-        export_checkpoint(args.out, args.export, **({"test_accuracy": result} if result else {}))
+        with output_arg(args, "export", mode="wb") as f:
+            export_checkpoint(args.out, f, **({"test_accuracy": result} if result else {}))
         print(f"wrote {args.export} (EMA weights, fp32, training form; sha256 {sha256_file(args.export)[:16]}...)")
     if args.report:
         from pathlib import Path
@@ -157,6 +162,18 @@ def run(args: argparse.Namespace) -> int:
             "checkpoint": {"file": shipped.name, "bytes": shipped.stat().st_size, "sha256": sha256_file(shipped)},
             "history": history,
         }
-        Path(args.report).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_report_arg(args, "report", "train", report)
         print(f"wrote {args.report}")
     return 0
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every output of `train`, before any work: none may be an input (the data, --val, --checkpoint,
+    --classes) or another output, and an existing file is replaced only with --overwrite (--report: or when it
+    is an earlier train report); with --resume, --out is the checkpoint to continue, so it may exist."""
+    if args.resume:  # --out is read and rewritten: only its collisions with the other paths are checked
+        check_output_arg(argparse.Namespace(**{**vars(args), "overwrite": True}), "out")
+    else:
+        check_output_arg(args, "out")
+    check_output_arg(args, "export")
+    check_output_arg(args, "report", "train")

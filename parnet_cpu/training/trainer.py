@@ -22,7 +22,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import IO, Callable, Sequence
 
 import numpy as np
 import torch
@@ -293,8 +293,9 @@ def _save(path: Path, ema: ModelEma, model: nn.Module, opt: torch.optim.Optimize
                     **({"extra": cfg.extra} if cfg.extra else {}))
 
 
-def export_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], **metadata) -> Path:
-    """Slim copy of a training checkpoint: the EMA weights (fp32, training form) + config, no optimizer."""
+def export_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str] | IO[bytes], **metadata) -> Path | None:
+    """Slim copy of a training checkpoint: the EMA weights (fp32, training form) + config, no optimizer.
+    `dst`: a path (written atomically) or an open binary file (the CLI's checked output, `cli.common.output_arg`)."""
     from parnet_cpu.models.checkpoint import read_checkpoint
 
     obj = read_checkpoint(src)
@@ -308,6 +309,9 @@ def export_checkpoint(src: str | os.PathLike[str], dst: str | os.PathLike[str], 
            "train_config": obj["train_state"].get("train_config"), **metadata}
     if history:
         out["history"] = history
+    if hasattr(dst, "write"):
+        torch.save(out, dst)
+        return None
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(dst, "wb") as f:
