@@ -27,7 +27,7 @@ from PIL import Image
 from conftest import export_narrow
 from parnet_cpu.data import ImageDecodeError, ImageTooLargeError, PreprocessConfig, bundled_calibration_dir
 from parnet_cpu.data.inputs import MAX_IMAGE_PIXELS, preprocess_input
-from parnet_cpu.data.preprocess import (ORDINARY_ASPECT_RATIO, load_and_preprocess, plan_image,
+from parnet_cpu.data.preprocess import (load_and_preprocess, plan_image,
                                         plan_preprocess, preprocess)
 from test_serve import ServerProcess
 
@@ -247,11 +247,10 @@ print(json.dumps(out))
     assert "more than the limit of 40000000" in res[f"{files['wide_40000x1.png']}|bytes_40M"]
 
 
-def test_limits_are_exact_and_a_small_limit_still_resizes_ordinary_images():
+def test_limits_are_exact_and_a_small_limit_bounds_every_intermediate():
     """At a 120000-pixel limit with a 64 px input (resize to 73): 400x300 (exactly the limit) passes and
     401x300 is refused at decode; 1x22 (resize 73x1606 = 117238 px) passes, 1x23 (122567 px) is refused at
-    resize. A limit below what any resize needs (100 px) still takes a 10x10 image: the resize may always
-    make what an ORDINARY_ASPECT_RATIO image needs, and no more (17:1 at that limit is refused)."""
+    resize. A limit below what any resize needs (100 px) refuses every image: no bound grows with the config."""
     cfg = PreprocessConfig(input_size=64)
     r = cfg.resize_size
     assert r == 73
@@ -267,9 +266,9 @@ def test_limits_are_exact_and_a_small_limit_still_resizes_ordinary_images():
     assert run(401, 300, 120_000).startswith("decode: image of 401x300 pixels is larger than the limit of 120000")
     assert run(1, 22, 120_000) == "ok"
     assert run(1, 23, 120_000).startswith("resize: ") and "73x1679 intermediate of 122567 pixels" in run(1, 23, 120_000)
-    assert run(10, 10, 100) == "ok"
-    assert run(1, ORDINARY_ASPECT_RATIO, 100) == "ok"
-    assert run(1, ORDINARY_ASPECT_RATIO + 1, 100).startswith("resize: ")
+    # no bound scales with the config: below the resize's 73x73 even a 10x10 image is refused (hostile21 #7)
+    assert run(10, 10, 100).startswith("resize: ") and "73x73 intermediate of 5329 pixels" in run(10, 10, 100)
+    assert run(1, 16, 100).startswith("resize: ")
     # a 3000x2 JPEG: refused at the server's 40 M; under Pillow's default limit (eval, quantize) its
     # 384000x256 resize is allowed, and the plan says what it costs before anything is decoded
     with pytest.raises(ImageTooLargeError, match="384000x256 intermediate of 98304000 pixels"):
@@ -429,7 +428,7 @@ def test_decode_budget_queues_decodes_that_do_not_fit_and_gives_bytes_back_when_
         raise AssertionError(f"timed out waiting for {what}")
 
     async def main() -> None:
-        budget, pool = DecodeBudget(100), ThreadPoolExecutor(8)
+        budget, pool = DecodeBudget(100, patience_s=0), ThreadPoolExecutor(8)  # patience 0: strict arrival order
         sizes = {"a": 60, "b": 60, "c": 30, "gone": 10, "d": 5, "huge": 500}
         for name in sizes:
             started[name], gates[name] = threading.Event(), threading.Event()

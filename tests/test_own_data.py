@@ -121,7 +121,7 @@ def test_custom_normalisation_is_stored_and_used(tmp_path):
     assert c.shape == a.shape and np.abs(c - a).mean() > 0.01  # no crop, another filter: other pixels
 
     for bad, why in ((["--mean", "0.5,0.5"], "needs 3 value"), (["--std", "0,1,1"], "positive"),
-                     (["--crop-pct", "1.5"], "(0, 1]"), (["--interpolation", "cubic"], "invalid choice")):
+                     (["--crop-pct", "1.5"], "[0.1, 1]"), (["--interpolation", "cubic"], "invalid choice")):
         out = cli("export", "--model", "parnet_s", *NARROW_ARGS, *bad, "--out", tmp_path / "bad", ok=False)
         assert out.returncode == 2 and why in out.stderr and "Traceback" not in out.stderr, (bad, out.stderr)
         assert not Path(tmp_path / "bad").exists()

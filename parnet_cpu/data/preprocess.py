@@ -29,7 +29,6 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "INTERPOLATIONS",
-    "ORDINARY_ASPECT_RATIO",
     "ImageDecodeError",
     "ImageTooLargeError",
     "PreprocessConfig",
@@ -215,9 +214,6 @@ _CONVERT_BYTES: dict[str, int] = {"RGB": 0, "L": 0, "1": 1, "I": 13, "F": 9, "P"
 # (2 bytes per sample, 3 samples).
 _DECODER_BYTES: dict[str, int] = {"JPEG": 6}
 _GREY_MODES = ("1", "L", "I", "F")
-# Images up to this aspect ratio are always resized, however small the pixel limit: their resize
-# intermediate (R x 16 R pixels, 1 M for R = 256) is what any ordinary banner or panorama needs.
-ORDINARY_ASPECT_RATIO = 16
 
 
 def _pixel_bytes(mode: str) -> int:
@@ -231,7 +227,8 @@ def decode_limit(max_pixels: int | None) -> int:
     """The pixel limit every buffer of a decode is held to: the caller's ``max_pixels`` (``serve
     --max-image-pixels``), else Pillow's own decompression-bomb limit (``2 * Image.MAX_IMAGE_PIXELS``, what
     ``Image.open`` refuses), else 40 M. One knob for the decoded image, each intermediate and so the aspect
-    ratio (the resize intermediate may always reach that of an ``ORDINARY_ASPECT_RATIO`` image)."""
+    ratio. No bound scales with a config value: a small ``crop_fraction`` (a huge resize size) or a large
+    ``input_size`` makes its intermediates refused, never larger."""
     if max_pixels is not None:
         return int(max_pixels)
     pillow = Image.MAX_IMAGE_PIXELS
@@ -241,8 +238,7 @@ def decode_limit(max_pixels: int | None) -> int:
 @dataclass(frozen=True)
 class PreprocessPlan:
     """What decoding and preprocessing one image will allocate, worked out from its header: each step as
-    ``(step, width, height, bytes)``. Every buffer is at most ``limit`` pixels, the resize intermediate at
-    most that of an ``ORDINARY_ASPECT_RATIO`` image if larger (else no plan exists)."""
+    ``(step, width, height, bytes)``. Every buffer is at most ``limit`` pixels (else no plan exists)."""
 
     name: str
     size: tuple[int, int]
@@ -262,16 +258,17 @@ def _ratio(x: float) -> str:
 
 def _resized_size(w: int, h: int, size: int, limit: int, name: str) -> tuple[int, int]:
     """The shorter-side resize's output size (torchvision ``Resize(int)`` rule), refused over the pixel
-    ``limit`` (or the resize of an ``ORDINARY_ASPECT_RATIO`` image, if larger): it grows with the aspect
-    ratio (a 40000x1 image resized to 256 becomes 10240000x256), so this bounds the aspect ratio."""
+    ``limit``: it grows with the aspect ratio (a 40000x1 image resized to 256 becomes 10240000x256) and with
+    the resize size (``input_size / crop_fraction``), so this bounds both."""
     rw, rh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-    bound = max(limit, ORDINARY_ASPECT_RATIO * size * size)
-    if rw * rh > bound:
+    if rw * rh > limit:
+        most = (f"aspect ratio at most {_ratio(limit / (size * size))}:1 at this resize size"
+                if size * size <= limit else f"even a square image's {size}x{size} resize is over the limit: "
+                                               f"the model's preprocessing needs at least {size * size} pixels")
         raise ImageTooLargeError(
             name, f"resize: the shorter-side resize of a {w}x{h} image (aspect ratio "
                   f"{_ratio(max(w, h) / min(w, h))}:1) to {size} px would make a {rw}x{rh} intermediate of "
-                  f"{rw * rh} pixels, more than the limit of {bound} (aspect ratio at most "
-                  f"{_ratio(bound / (size * size))}:1 at this resize size)")
+                  f"{rw * rh} pixels, more than the limit of {limit} ({most})")
     return rw, rh
 
 
@@ -316,18 +313,28 @@ def plan_preprocess(size: tuple[int, int], mode: str, cfg: PreprocessConfig | No
         steps.append(("resize", rw, rh, rw * rh * out_bpp))
     s = cfg.input_size
     steps.append(("crop", s, s, s * s * (out_bpp + cfg.channels + 4 * cfg.channels)))
+    for step, sw, sh, _ in steps:  # every buffer, whatever the config: the one bound of the plan
+        if sw * sh > limit:
+            raise ImageTooLargeError(name, f"{step}: a {sw}x{sh} buffer of {sw * sh} pixels for a {w}x{h} image "
+                                           f"is more than the limit of {limit}")
     return PreprocessPlan(name, (w, h), mode, limit, tuple(steps))
 
 
 def max_plan_bytes(cfg: PreprocessConfig | None = None, max_pixels: int | None = None) -> int:
     """The largest :attr:`PreprocessPlan.bytes` of any image the limits allow (a square image at the pixel
-    limit in the costliest mode, or the thinnest image the resize allows): what one decode may hold."""
+    limit in the costliest mode, or the thinnest image the resize allows): what one decode may hold.
+    Raises :class:`ImageTooLargeError` when no image at all fits (the config's resize of a square image is
+    over the limit): a server would refuse every upload, so it says so at start."""
     limit = decode_limit(max_pixels)
     side = math.isqrt(limit)
     shapes = [(side, side)]
     if cfg is not None:
         r = cfg.resize_size
-        shapes.append((1, max(1, min(limit, max(limit, ORDINARY_ASPECT_RATIO * r * r) // (r * r)))))
+        if r * r > limit:
+            raise ImageTooLargeError("of any size", f"resize: this preprocessing resizes every image to at least "
+                                     f"{r}x{r} = {r * r} pixels (input_size {cfg.input_size} / crop_fraction "
+                                     f"{cfg.crop_fraction}), more than the limit of {limit}: no image fits")
+        shapes.append((1, limit // (r * r)))
     return max(plan_preprocess(shape, mode, cfg, max_pixels=limit, fmt=fmt).bytes
                for shape in shapes for mode in (*_CONVERT_BYTES, "I;16", "CMYK") for fmt in (None, *_DECODER_BYTES))
 

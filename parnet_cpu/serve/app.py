@@ -35,7 +35,7 @@ import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -146,14 +146,19 @@ def plan_upload(data: bytes, cfg: PreprocessConfig, max_pixels: int) -> Preproce
 
 
 class DecodeBudget:
-    """Bytes of upload decoding in flight at once, by the plans' estimates: an async weighted semaphore,
-    first come first served, so concurrent large-but-allowed uploads queue instead of multiplying memory.
-    A request larger than the whole budget counts as the whole budget (it runs alone)."""
+    """Bytes of upload decoding in flight at once, by the plans' estimates: an async weighted semaphore, so
+    concurrent large-but-allowed uploads queue instead of multiplying memory. A decode that fits in what is
+    left goes ahead of larger ones waiting (a 100x100 upload is not held behind four 40 M-pixel ones), but a
+    decode that has waited `patience_s` gets a reservation: from then on decodes are granted in arrival
+    order until it runs, so a big one is never starved by a stream of small ones. A request larger than the
+    whole budget counts as the whole budget (it runs alone)."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, patience_s: float = 1.0) -> None:
         self.capacity = max(1, int(capacity))
+        self.patience_s = patience_s
         self.used = 0
-        self._waiters: deque[tuple[int, asyncio.Future]] = deque()
+        self._waiters: deque[tuple[int, asyncio.Future, float]] = deque()  # (bytes, future, since), arrival order
+        self._timer: asyncio.TimerHandle | None = None  # wakes the queue when the head's patience runs out
 
     async def run(self, nbytes: int, pool: Executor, fn: Callable, *args) -> Any:
         """`fn(*args)` in `pool` once `nbytes` fit; they are given back when `fn` returns, not when the
@@ -169,12 +174,19 @@ class DecodeBudget:
         cf.add_done_callback(lambda _: self._release_from_thread(loop, n))
         return await asyncio.wrap_future(cf)
 
+    def _reserved(self, now: float) -> bool:
+        """Whether the longest waiter has waited `patience_s`: then only arrival order counts."""
+        return bool(self._waiters) and now - self._waiters[0][2] >= self.patience_s
+
     async def _acquire(self, n: int) -> None:
-        if not self._waiters and self.used + n <= self.capacity:
+        loop = asyncio.get_running_loop()
+        if self.used + n <= self.capacity and not self._reserved(loop.time()):
             self.used += n
             return
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.append((n, fut))
+        fut = loop.create_future()
+        self._waiters.append((n, fut, loop.time()))
+        if len(self._waiters) == 1:  # the head's reservation must start even if nothing is released meanwhile
+            self._arm(loop)
         try:
             await fut
         except asyncio.CancelledError:
@@ -196,28 +208,47 @@ class DecodeBudget:
         self._wake()
 
     def _wake(self) -> None:
-        while self._waiters:
-            n, fut = self._waiters[0]
+        """Grant the waiters that fit: in arrival order, skipping those that do not fit, unless the head has
+        a reservation (then stop at the first that does not fit)."""
+        while self._waiters and self._waiters[0][1].done():
+            self._waiters.popleft()
+        if not self._waiters:
+            return
+        loop = self._waiters[0][1].get_loop()
+        strict = self._reserved(loop.time())
+        kept: deque[tuple[int, asyncio.Future, float]] = deque()
+        for n, fut, since in self._waiters:
             if fut.done():
-                self._waiters.popleft()
-            elif self.used + n <= self.capacity:
-                self._waiters.popleft()
+                continue
+            if self.used + n <= self.capacity and (not strict or not kept):
                 self.used += n
                 fut.set_result(None)
             else:
-                break
+                kept.append((n, fut, since))
+        self._waiters = kept
+        if kept and not strict:  # the (new) head's reservation, when its patience runs out
+            self._arm(loop)
+
+    def _arm(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = loop.call_later(max(0.0, self._waiters[0][2] + self.patience_s - loop.time()), self._wake)
+
+
+# Uploads whose plan holds a buffer larger than this (a 16 MP photo) decode in their own pool, one thread
+# fewer than the CPU pool: however many of them arrive, a thread stays free for ordinary uploads and bodies.
+LARGE_DECODE_PIXELS = 16_000_000
 
 
 async def decode_upload(svc: "Service", data: bytes) -> np.ndarray:
     """An upload -> (1, C, H, W) float32: planned from its header first (413/400 before any pixel is
-    decoded), then decoded in the CPU pool once its estimated bytes fit the server's decode budget (two of
-    the costliest decodes `--max-image-pixels` allows, created on first use)."""
+    decoded), then decoded once its estimated bytes fit the server's decode budget (two of the costliest
+    decodes `--max-image-pixels` allows): large ones in the large-decode pool, the others in the CPU pool."""
     cfg, limit = svc.model.preprocess, svc.config.max_image_pixels
     plan = await svc.run_cpu(plan_upload, data, cfg, limit)
-    budget = getattr(svc, "decode_budget", None)
-    if budget is None:
-        budget = svc.decode_budget = DecodeBudget(2 * max_plan_bytes(cfg, limit))
-    return await budget.run(plan.bytes, svc.pool, decode_image_bytes, data, cfg, limit)
+    large = max(w * h for _, w, h, _ in plan.steps) > LARGE_DECODE_PIXELS
+    return await svc.decode_budget.run(plan.bytes, svc.large_pool if large else svc.pool, decode_image_bytes,
+                                       data, cfg, limit)
 
 
 def top_k(model: ModelInfo, logits: np.ndarray, k: int) -> list[dict]:
@@ -240,6 +271,8 @@ class Service:
         self.model: ModelInfo | None = None
         self.batcher: DynamicBatcher | None = None
         self.pool: ThreadPoolExecutor | None = None
+        self.large_pool: ThreadPoolExecutor | None = None  # decodes over LARGE_DECODE_PIXELS
+        self.decode_budget: DecodeBudget | None = None
         self.ready = False
         self.broken: str | None = None  # the runtime failed: not live any more, let the orchestrator restart us
         self._stopping = False
@@ -253,7 +286,10 @@ class Service:
         rt = self.runtime
         self.model = ModelInfo.from_runtime(c.name, rt)
         threads = c.cpu_threads or min(4, len(os.sched_getaffinity(0)))
+        # raises ImageTooLargeError when no image fits the limit with this model's resize (checked at start)
+        self.decode_budget = DecodeBudget(2 * max_plan_bytes(self.model.preprocess, c.max_image_pixels))
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="parnet-serve")
+        self.large_pool = ThreadPoolExecutor(max_workers=max(1, threads - 1), thread_name_prefix="parnet-decode")
         self.batcher = DynamicBatcher(rt.submit, max_batch=min(c.max_batch, rt.max_batch), max_wait_s=c.max_wait_ms / 1e3,
                                       max_queue=c.max_queue, inflight=rt.inflight, on_batch=self.metrics.observe_batch,
                                       on_item=self.metrics.observe_item)
@@ -279,8 +315,9 @@ class Service:
             await self.batcher.close()
         if self.runtime is not None:
             await asyncio.to_thread(self.runtime.close)
-        if self.pool is not None:
-            self.pool.shutdown(wait=False)
+        for pool in (self.pool, self.large_pool):
+            if pool is not None:
+                pool.shutdown(wait=False)
         log.info("stopped")
 
     def run_cpu(self, fn: Callable, *args) -> asyncio.Future:
@@ -412,7 +449,8 @@ def _check_model(svc: Service, request: Request) -> None:
 
 async def server_metadata(request: Request) -> Response:
     return JSONResponse({"name": "parnet-cpu", "version": __version__,
-                         "extensions": ["binary_tensor_data", "model_configuration", "statistics"]})
+                         "extensions": ["binary_tensor_data", "classification", "model_configuration",
+                                        "statistics"]})
 
 
 async def live(request: Request) -> Response:
@@ -498,6 +536,12 @@ async def _api_error(request: Request, exc: ApiError) -> Response:
     return api_error_response(exc)
 
 
+async def _client_disconnect(request: Request, exc: ClientDisconnect) -> Response:
+    """The client went away while its body was being read: its doing, not a server error. Recorded as 499
+    (the metrics and the one access-log line); nobody receives the answer, and nothing else is logged."""
+    return Response(status_code=CLIENT_CLOSED)
+
+
 async def _decode_error(request: Request, exc: ImageDecodeError) -> Response:
     return JSONResponse({"error": f"cannot decode image: {exc.reason}"}, status_code=400)
 
@@ -529,6 +573,11 @@ def open_runtime(config: ServeConfig) -> RuntimeLike:
         log.warning(str(w.message), extra={"category": w.category.__name__})
     try:
         self_test(rt)
+        try:  # a limit no image fits with this model's resize would refuse every upload: say so at start
+            max_plan_bytes(rt.model_dir.preprocess_config(), config.max_image_pixels)
+        except ImageTooLargeError as exc:
+            raise ValueError(f"--max-image-pixels {config.max_image_pixels} is too small for {rt.model_dir.path}: "
+                             f"{exc.reason}") from None
     except BaseException:
         rt.close()
         raise
@@ -593,7 +642,8 @@ def create_app(config: ServeConfig, runtime: RuntimeLike | None = None,
                     middleware=[Middleware(ObservabilityMiddleware, service=service),
                                 Middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes,
                                            timeout_s=config.body_timeout_s)],
-                    exception_handlers={ApiError: _api_error, ImageDecodeError: _decode_error,
+                    exception_handlers={ApiError: _api_error, ClientDisconnect: _client_disconnect,
+                                        ImageDecodeError: _decode_error,
                                         HTTPException: _http_error, Exception: _internal_error})
     app.state.service = service
     return app

@@ -160,11 +160,18 @@ def server_protocol(header_timeout: float, budget: ConnectionBudget) -> type[H11
 
             try:
                 await self._inner_app(scope, receive, tracked_send)
-            except BaseException as exc:
+            except asyncio.CancelledError:
+                # uvicorn cancels what still runs when --graceful-timeout is over: an expected end, one line
+                self.logger.warning("a request was cut at shutdown (--graceful-timeout): %s %s",
+                                    scope.get("method"), scope.get("path"))
                 if not started:
-                    why = ("the server shut down before this request finished (--graceful-timeout)"
-                           if isinstance(exc, asyncio.CancelledError) else "internal server error")
-                    await error_response(500, why, {"Connection": "close"})(scope, receive, send)
+                    await error_response(500, "the server shut down before this request finished "
+                                         "(--graceful-timeout)", {"Connection": "close"})(scope, receive, send)
+                self.transport.close()
+                return
+            except BaseException:
+                if not started:
+                    await error_response(500, "internal server error", {"Connection": "close"})(scope, receive, send)
                 raise  # uvicorn logs it and closes the connection
             if not started and not self.transport.is_closing():
                 self.logger.error("the app returned without answering")
