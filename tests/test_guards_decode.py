@@ -247,7 +247,7 @@ print(json.dumps(out))
     assert "more than the limit of 40000000" in res[f"{files['wide_40000x1.png']}|bytes_40M"]
 
 
-def test_limits_are_exact_and_a_small_limit_bounds_every_intermediate():
+def test_limits_are_exact_and_a_small_limit_still_resizes_ordinary_images():
     """At a 120000-pixel limit with a 64 px input (resize to 73): 400x300 (exactly the limit) passes and
     401x300 is refused at decode; 1x22 (resize 73x1606 = 117238 px) passes, 1x23 (122567 px) is refused at
     resize. A limit below what any resize needs (100 px) refuses every image: no bound grows with the config."""

@@ -325,3 +325,30 @@ def test_decode_budget_lets_small_decodes_pass_and_reserves_for_a_big_one_that_w
 
     asyncio.run(main())
     assert state["peak"] <= 100
+
+
+# ---------------------------------------------------------------------------------------------- defect 12
+
+def test_replicas_auto_with_a_target_nothing_meets_warns_with_what_was_measured(model_dir, caplog):
+    """`--replicas auto` with a p99 target no count can meet started 1 replica with an INFO line only. Now a
+    WARNING naming the target and the lowest p99 measured, `target_met` False in the logged JSON, and the
+    count with the lowest p99 is started. (The target is set below the option's 1 ms floor on the frozen
+    config, so that no machine can meet it; everything else is the real measurement.)"""
+    import logging
+
+    from parnet_cpu.serve.app import ServeConfig, open_replicas
+
+    config = ServeConfig(model=str(model_dir), replicas="auto", p99_ms=1.0, share_cores=True, precision="fp32")
+    object.__setattr__(config, "p99_ms", 1e-6)
+    with caplog.at_level(logging.INFO, logger="parnet_cpu.serve"):
+        rs = open_replicas(config)
+    try:
+        records = [r for r in caplog.records if "p99 target" in r.getMessage()]
+        assert len(records) == 1 and records[0].levelno == logging.WARNING, caplog.text
+        rec = records[0]
+        assert rec.target_met is False and "lowest p99 measured is" in rec.getMessage()
+        best = min(rec.measured, key=lambda r: r["p99_ms"])
+        assert rec.chosen == best["replicas"] == len(rs.runtimes)
+        assert not any(r.getMessage() == "replicas chosen" for r in caplog.records)
+    finally:
+        rs.close()

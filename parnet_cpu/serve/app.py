@@ -592,7 +592,10 @@ def open_replicas(config: ServeConfig) -> RuntimeLike:
                   share=config.share_cores, timeout=config.infer_timeout_s)
     if config.replicas == "auto":
         rs, chosen = choose_replicas(config.model, config.p99_ms, **kwargs)
-        log.info("replicas chosen", extra=chosen)
+        if chosen["target_met"]:
+            log.info("replicas chosen", extra=chosen)
+        else:
+            log.warning(chosen["warning"], extra=chosen)
         return rs
     return ReplicaSet(config.model, int(config.replicas), **kwargs)
 
