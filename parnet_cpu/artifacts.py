@@ -134,7 +134,7 @@ def read_manifest(folder: Path) -> dict:
     not UTF-8 text, invalid or duplicated-key JSON, too deep, too large, not an object)."""
     mf = folder / MANIFEST
     if os.path.lexists(mf) and not mf.is_file():
-        raise ModelDirError(f"{mf} is a {file_kind(mf)}, not a file: not a manifest")
+        raise ModelDirError(f"{folder} has no {MANIFEST} file ({mf} is a {file_kind(mf)}, not a file)")
     if not mf.is_file():
         raise ModelDirError(f"{folder} is not a parnet-cpu model folder (no {MANIFEST}); "
                             "create one with `parnet-cpu export` or `parnet-cpu quantize`")
@@ -835,7 +835,8 @@ def check_output_file(out: str | os.PathLike[str], flag: str, inputs: InputPaths
         raise OutputPathError(f"{flag} {shown}: folder {folder} is missing (create it first)")
     problem = write_probe(folder, size=1)  # a full disk, a quota, a read-only mount: said before the work
     if problem is not None:
-        raise OutputPathError(f"{flag} {shown}: folder {folder} cannot take it ({problem.strerror or problem})")
+        raise OutputPathError(f"{flag} {shown}: folder {folder} cannot take the result "
+                              f"({problem.strerror or problem})")
     return target
 
 
@@ -846,9 +847,9 @@ def output_file(out: str | os.PathLike[str], flag: str, inputs: InputPaths | Non
     """The one way a command writes a single-file output: checked (`check_output_file`, again: nothing may
     have become an input or a foreign file since the check before the work), written atomically
     (`atomic_write`: a whole file or none), and any OSError of the place becomes an OutputWriteError naming
-    `flag` and the path (exit 74)."""
+    the path (exit 74)."""
     target = check_output_file(out, flag, inputs, overwrite=overwrite, report=report)
-    shown = f"{flag} {out}"
+    shown = str(out)
     try:
         with atomic_write(target, mode, encoding=None if "b" in mode else encoding) as f:
             yield f
