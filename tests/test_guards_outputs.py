@@ -279,3 +279,13 @@ def test_every_single_file_output_flag_refuses_the_model_folder(model, capsys):
     assert (model / "parnet.json").read_bytes() == before
     assert {"eval --json", "plan --json", "profile --json", "bench --json", "bench --plot", "train --report",
             "train --export"} <= set(tried), tried
+
+
+def test_export_with_a_planted_lock_link_is_a_clear_refusal(tmp_path, capsys):
+    """Row 31 through the command line: exit 2 naming the link, the victim intact, no traceback."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious data")
+    (tmp_path / ".q_out.parnet-cpu.lock").symlink_to(victim)
+    refused(["export", "--model", "parnet_s", "--planes", "16,32,64,128", "--input-size", "64",
+             "--out", str(tmp_path / "q_out")], capsys, "symbolic link")
+    assert victim.read_text() == "precious data" and not (tmp_path / "q_out").exists()
