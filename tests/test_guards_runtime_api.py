@@ -118,6 +118,17 @@ def test_5_leases_and_batchers_refuse_copies_too(rt):
                 attempt(batcher)
 
 
+
+def test_5_replica_sets_refuse_copies_too():
+    """A ReplicaSet owns several Runtimes: a copy's close() would close the original's. Checked on a bare
+    instance (no runtimes started), since copy and pickle refuse before looking at any state."""
+    from parnet_cpu.serve.replicas import ReplicaSet
+
+    bare = ReplicaSet.__new__(ReplicaSet)
+    for attempt in (copy.copy, copy.deepcopy, pickle.dumps):
+        with pytest.raises(TypeError, match="ReplicaSet cannot be copied"):
+            attempt(bare)
+
 # ---------------------------------------------------------------------------------------------- 6: CPU lists
 
 BOUNDED = r'''

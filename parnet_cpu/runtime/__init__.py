@@ -6,7 +6,9 @@ stages cut from the IR (`partition`), compiled by `engine`; `cores` sizes and pl
 holds them machine-wide.
 """
 
-from parnet_cpu.runtime.runtime import (InferenceTimeout, Runtime, RuntimeBrokenError,  # noqa: E402
-                                       RuntimeClosedError, StageError)
+from parnet_cpu.runtime.leases import LeaseDirError  # noqa: E402
+from parnet_cpu.runtime.runtime import (InferenceTimeout, InputError, Runtime, RuntimeBrokenError,  # noqa: E402
+                                       RuntimeClosedError, RuntimeForkedError, SharedMemoryError, StageError)
 
-__all__ = ["InferenceTimeout", "Runtime", "RuntimeBrokenError", "RuntimeClosedError", "StageError"]
+__all__ = ["InferenceTimeout", "InputError", "LeaseDirError", "Runtime", "RuntimeBrokenError", "RuntimeClosedError",
+           "RuntimeForkedError", "SharedMemoryError", "StageError"]

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from parnet_cpu.runtime.cores import CoreSpecError
-from parnet_cpu.runtime.leases import available_cores, lease_transaction
+from parnet_cpu.runtime.leases import ProcessBound, available_cores, lease_transaction
 
 
 def split_cores(cores: Sequence[Sequence[int]], replicas: int) -> list[list[int]]:
@@ -33,7 +33,7 @@ def split_cores(cores: Sequence[Sequence[int]], replicas: int) -> list[list[int]
     return [sorted(c for core in cores[i * per:(i + 1) * per] for c in core) for i in range(replicas)]
 
 
-class ReplicaSet:
+class ReplicaSet(ProcessBound):
     """N `Runtime`s (single graph each) on disjoint leased cores, answering like one Runtime."""
 
     def __init__(self, model_dir: str | Path, replicas: int, precision: str | None = None, max_batch: int = 8,
