@@ -24,6 +24,7 @@ def model_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_bench_all_engines_json_and_plot(model_dir, tmp_path, capsys):
     js, png = tmp_path / "bench.json", tmp_path / "bench.png"
     assert main(["bench", "--model-dir", str(model_dir), "--cores", GROUPS, "--batches", "1,2", "--iters", "3",
@@ -107,6 +108,7 @@ def test_every_measuring_command_refuses_a_busy_machine(model_dir, capsys, busy_
     assert "not quiet" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_report_folder_speaks_benchmark_apps_language(model_dir, tmp_path, capsys):
     """--report-folder writes benchmark_report.json whose sections and keys are those benchmark_app itself
     writes (checked against a real benchmark_app run on the same IR), one entry per engine and batch, next

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from parnet_cpu.cli import main
+
+pytestmark = pytest.mark.slow  # the whole demo
 
 
 def test_demo_end_to_end(tmp_path, capsys):

@@ -281,6 +281,7 @@ def _start_pool_child(model_dir, spec):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
 
 
+@pytest.mark.slow
 def test_pool_workers_lease_disjoint_shares_and_one_too_many_is_told_the_option(model_dir, rt):
     import json
 
@@ -375,6 +376,7 @@ def _pinned_cpus(pid: int) -> set[int]:
     return cpus
 
 
+@pytest.mark.slow
 def test_fastapi_example_two_uvicorn_workers_disjoint_cores_and_serves_answers(model_dir, rt, tmp_path):
     rt.close()
     n = len(os.sched_getaffinity(0))

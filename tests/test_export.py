@@ -73,6 +73,7 @@ def test_model_dir_errors(tmp_path, exported):
         ModelDir.open(out).ir_path("int8")
 
 
+@pytest.mark.slow
 def test_export_cli_and_no_half_written_output(tmp_path, capsys):
     out = tmp_path / "m"
     args = ["export", "--model", "parnet_s", "--planes", "16,32,64,128", "--input-size", "64", "--out", str(out)]

@@ -340,6 +340,7 @@ PY = f"{sys.executable} -m parnet_cpu"
 FILL = "cat /dev/zero > {disk}/filler 2>/dev/null; true"  # every byte that is left
 
 
+@pytest.mark.slow
 def test_export_and_quantize_on_a_full_disk_are_clear_errors_leaving_nothing(can_mount, tmp_path):
     disk = tmp_path / "disk"
     args = "--model parnet_s --planes 16,32,64,128 --input-size 64"
@@ -404,6 +405,7 @@ def _lock_note(lock: Path) -> dict | None:
         return None
 
 
+@pytest.mark.slow
 def test_second_run_to_the_same_out_is_refused_at_once_naming_the_first(good, tmp_path, capsys):
     out = tmp_path / "models" / "int8"
     lock = tmp_path / "models" / ".int8.parnet-cpu.lock"

@@ -243,6 +243,7 @@ def test_c7_too_small_dev_shm_is_refused_at_start_with_the_size_and_the_fix(mode
     assert needed > 1.0 and f"{inflight} in-flight slot(s)" in msg and f"of {max_batch} images" in msg, msg
 
 
+@pytest.mark.slow
 @needs_unshare
 def test_c7_plans_that_fit_still_run_in_a_small_dev_shm(model_dir):
     """Only what the plan needs is refused: in the same 1 MiB /dev/shm, the single graph (no shared memory)

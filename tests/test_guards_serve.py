@@ -254,6 +254,7 @@ def test_c6_the_connection_cap_fits_the_descriptor_limit():
     assert isinstance(err, str) and "ulimit -n" in err and "raise it" in err
 
 
+@pytest.mark.slow
 def test_c6_out_of_descriptors_the_server_refuses_logs_little_and_recovers(model_dir, tmp_path, monkeypatch):
     """`ulimit -n 64` and 200 idle connections: no request was answered, the log grew by tens of MB of
     `accept() out of system resource` tracebacks, and the server could stay deaf after the clients left.

@@ -13,9 +13,12 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import NARROW
+
+pytestmark = pytest.mark.slow  # builds a wheel and a venv
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -258,6 +258,7 @@ def test_worker_dying_at_start_is_reported_at_once(model_dir):
     assert time.monotonic() - t0 < 60
 
 
+@pytest.mark.slow
 def test_corrupt_plan_cache_is_ignored_and_rewritten(model_dir):
     """A torn plan_cache.json no longer breaks every `plan="auto"` start; it is replaced by whole JSON."""
     from parnet_cpu.runtime import Runtime
@@ -290,6 +291,7 @@ def test_busy_cpus_are_seen_as_busy():
         spin.wait()
 
 
+@pytest.mark.slow
 def test_cache_entry_from_another_core_set_or_machine_is_ignored(model_dir):
     """The cache key holds the machine id and the core set: a planted entry for other CPUs is not used."""
     from parnet_cpu.runtime import Runtime

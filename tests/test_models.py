@@ -24,6 +24,7 @@ def test_parameter_counts_both_forms(name):
     assert (count_parameters(model), count_parameters(deploy)) == PARAMS[name]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PARAMS))
 def test_reparameterization_equivalence_every_variant(name):
     torch.manual_seed(0)

@@ -14,6 +14,8 @@ import pytest
 
 from parnet_cpu.data import bundled_calibration_dir
 
+pytestmark = pytest.mark.slow  # fine-tunes and quantizes real folders
+
 PHOTOS = sorted(bundled_calibration_dir().glob("*.jpg"))
 NARROW_ARGS = ["--planes", "16,32,64,128", "--blocks", "5,6,6,1", "--input-size", "64"]
 # three real ILSVRC2012 synsets; the fine-tune's output order is NOT their sorted order

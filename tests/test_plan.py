@@ -68,6 +68,7 @@ def variant_irs(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["parnet_s", "parnet_m"])
 def test_stage_macs_match_torch_layer_shapes(variant_irs, name):
     model, ir = variant_irs[name]
@@ -92,6 +93,7 @@ def test_deploy_gmacs_at_224_match_the_paper(name, gmacs):
     assert sum(torch_stage_macs(create_model(name), 224).values()) / 1e9 == pytest.approx(gmacs, abs=0.01)
 
 
+@pytest.mark.slow
 def test_most_cores_go_to_the_most_expensive_stream(variant_irs):
     """ParNet-S (the demo model) on 12 cores: ascending groups ([3, 4, 5]-like), not the [5, 4, 3] that
     the kH*kW-only count gave."""
@@ -193,12 +195,14 @@ def int8_dir(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_int8_ir_counts_the_same_macs(int8_dir):
     """The INT8 IR (weights behind Convert/Multiply) counts exactly what the FP32 IR counts."""
     fp32 = stage_macs(int8_dir / "model_fp32.xml", RECOMPUTE_STAGES)
     assert stage_macs(int8_dir / "model_int8.xml", RECOMPUTE_STAGES) == fp32 and all(v > 0 for v in fp32.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["--cpus", "16"], ["--cpus", "32"], ["--cpus", "56"], ["--cpus", "112", "--sockets", "2"],
                                   ["--machine", str(MACHINES / "xeon-spr-2s")],
                                   ["--machine", str(MACHINES / "alderlake-i9-12900k")]])
@@ -214,6 +218,7 @@ def test_plan_cli_groups(int8_dir, tmp_path, args, capsys):
     assert sum(threads) <= r["machine"]["physical_cores"] and r["predictions"] is None
 
 
+@pytest.mark.slow
 def test_plan_cli_predicts_and_reuses_its_fit(int8_dir, tmp_path):
     """With latency: a 1-thread profile of every stage at batch 1 and 8, predictions for both plans; the
     JSON's cost model can be fed back with --fit (no profiling) and gives the same numbers."""
@@ -282,6 +287,7 @@ def test_time_balanced_groups_on_simulated_machines(cores, sockets, smt):
         max(group_time(i, n) for i, n in enumerate(mac_physical)) + 1e-12
 
 
+@pytest.mark.slow
 def test_plan_cli_errors(int8_dir, tmp_path, capsys):
     assert cli_main(["plan", "--model-dir", str(int8_dir), "--no-latency", "--cpus", "2"]) == 2
     assert "3 physical cores" in capsys.readouterr().err

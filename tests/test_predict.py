@@ -110,6 +110,7 @@ def test_predict_folder_rows_equal_runtime_classify_and_skip_bad_files(model_dir
         _stop(srv)
 
 
+@pytest.mark.slow
 def test_csv_files_given_one_by_one_and_resume_adds_only_the_rest(model_dir, folder, tmp_path):
     out = tmp_path / "preds.csv"
     first = sorted(folder.glob("class_a/*.jpg"))[:3]
@@ -131,6 +132,7 @@ def test_csv_files_given_one_by_one_and_resume_adds_only_the_rest(model_dir, fol
     assert sum(bool(r["skipped"]) for r in table) == len(SKIPPED)
 
 
+@pytest.mark.slow
 def test_interrupted_run_keeps_its_rows_and_resume_finishes_without_repeats(model_dir, tmp_path):
     data = tmp_path / "many"
     data.mkdir()
@@ -158,6 +160,7 @@ def test_interrupted_run_keeps_its_rows_and_resume_finishes_without_repeats(mode
     assert rows[:len(kept)] == kept and len(rows) == 1500 and len({r["path"] for r in rows}) == 1500
 
 
+@pytest.mark.slow
 def test_bad_requests_are_clear_errors(model_dir, folder, tmp_path):
     cases = [
         (["--data", str(folder), "--out", str(tmp_path / "x.txt")], "name a .jsonl, .csv or .parquet"),

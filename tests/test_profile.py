@@ -15,6 +15,8 @@ from parnet_cpu.runtime.engine import CompileOptions, float_leftovers, precision
 from parnet_cpu.perf.profile import kernel_isa, kernel_precision, macs_per_cycle, peak_gmacs, profile_model
 from parnet_cpu.system.cpuinfo import describe_machine
 
+pytestmark = pytest.mark.slow  # its module fixture quantizes a model
+
 REPO = Path(__file__).resolve().parents[1]
 ISA = describe_machine(query_openvino=False).isa
 

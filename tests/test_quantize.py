@@ -17,6 +17,8 @@ from parnet_cpu.models.checkpoint import save_checkpoint
 from parnet_cpu.models.parnet import create_model
 from parnet_cpu.runtime.engine import CompileOptions, compile_model
 
+pytestmark = pytest.mark.slow  # NNCF quantization end to end
+
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = sorted((REPO / "calibration" / "sample").glob("*.jpg"))
 NARROW_ARGS = ["--model", "parnet_s", "--planes", "16,32,64,128", "--input-size", "64"]

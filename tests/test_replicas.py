@@ -79,6 +79,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(len(CPUS) < 2, reason="two replicas need two cores")
 def test_serve_replicas_auto_answers_through_the_chosen_replicas(model_dir, tmp_path):
     import httpx

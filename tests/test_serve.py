@@ -540,6 +540,7 @@ def test_disconnected_client_is_dropped_before_inference(gated):
 
 # ---------------------------------------------------------------------------------------------- drain
 
+@pytest.mark.slow
 def test_sigterm_drains_in_flight_requests(model_dir, reference, tmp_path):
     import psutil
 

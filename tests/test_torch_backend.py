@@ -13,6 +13,8 @@ from parnet_cpu.cli import main
 from parnet_cpu.data import load_and_preprocess
 from parnet_cpu.artifacts import ModelDir
 
+pytestmark = pytest.mark.slow  # quantizes with the torch backend (minutes)
+
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = sorted((REPO / "calibration" / "sample").glob("*.jpg"))
 NARROW_ARGS = ["--model", "parnet_s", "--planes", "16,32,64,128", "--input-size", "64", "--activation", "silu"]

@@ -144,6 +144,7 @@ def _train_cfg(tmp_path, **kw):
     return TrainConfig(**base)
 
 
+@pytest.mark.slow
 def test_trainer_loss_decreases_and_checkpoint_is_weights_only(tmp_path, small_set):
     import torch
 
@@ -180,6 +181,7 @@ class _Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resume_continues_at_the_right_epoch_and_matches_an_uninterrupted_run(tmp_path, small_set):
     import torch
 
@@ -285,6 +287,7 @@ def test_export_idx_layout_counts_and_classes_txt(tmp_path, capsys):
                            "--out", str(tmp_path / "o3")])
 
 
+@pytest.mark.slow
 def test_train_cli_on_an_image_folder_then_resume(tmp_path, small_set, capsys):
     """`train --data DIR` end to end (tiny model, 2 steps), report written, --resume of a finished run."""
     from PIL import Image
@@ -353,6 +356,7 @@ def test_shipped_checkpoint_is_small_strict_and_matches_the_registry():
         assert MODEL_CONFIGS["parnet_fmnist"].class_names == FASHION_MNIST_CLASSES
 
 
+@pytest.mark.slow
 def test_shipped_checkpoint_accuracy_on_test_images_0_to_999_equals_the_record():
     from parnet_cpu.training.trainer import fashion_mnist_arrays, evaluate
 

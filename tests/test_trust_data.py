@@ -69,6 +69,7 @@ def fmnist_dir(tmp_path_factory) -> Path:
 
 # ------------------------------------------------------------------------------------------------ class 1
 
+@pytest.mark.slow
 def test_c1_overwrite_refuses_foreign_folder_and_keeps_own(tmp_path, tiny_ckpt, capsys):
     foreign = tmp_path / "mine"
     foreign.mkdir()
@@ -158,6 +159,7 @@ def _wait_for_temp(proc: subprocess.Popen, parent: Path, timeout: float = 120) -
     raise AssertionError("no temporary folder appeared")
 
 
+@pytest.mark.slow
 def test_c2_sigterm_during_quantize_removes_its_temp_folder(tmp_path, tiny_ckpt):
     parent = tmp_path / "models"
     parent.mkdir()
@@ -174,6 +176,7 @@ def test_c2_sigterm_during_quantize_removes_its_temp_folder(tmp_path, tiny_ckpt)
     assert list(parent.iterdir()) == []  # neither a temporary nor a half-written model
 
 
+@pytest.mark.slow
 def test_c2_stale_temp_of_a_dead_run_is_removed_by_the_next(tmp_path, tiny_ckpt):
     parent = tmp_path / "models"
     parent.mkdir()
@@ -237,6 +240,7 @@ def test_c4_folders_named_by_class_name_use_the_models_indices(tmp_path, fmnist_
     assert "Sandals" in err and "Sandal" in err
 
 
+@pytest.mark.slow
 def test_c4_quantize_report_records_the_folder_to_index_mapping(tmp_path):
     data = _class_name_folders(tmp_path / "data", ("Coat", "Bag", "Dress"))
     (data / "Shirt").mkdir()  # empty: keeps its index, with a warning

@@ -131,6 +131,7 @@ def test_c6_keyboard_interrupt_then_correct_answers(model_dir):
         assert all_correct(rt, x, ref)
 
 
+@pytest.mark.slow
 def test_c6_stage_failing_inside_a_worker_then_correct_answers(model_dir, tmp_path):
     """A stage really fails in its worker: the model folder's IR is fixed to batch 1, so OpenVINO refuses
     a batch of 2 inside the worker. That call raises StageError naming the stage; every later call on

@@ -95,6 +95,7 @@ def runtime_workers(pid: int) -> list[psutil.Process]:
             if "spawn_main" in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline())]
 
 
+@pytest.mark.slow
 def test_c8_stopped_worker_504_killed_worker_restart_then_503_health(model_dir, tmp_path):
     """Multi-stream server, --runtime-restarts 1. A stopped worker: that batch fails with 504 after
     --infer-timeout (still ready: the worker may come back), and once it continues answers are bit-exact.

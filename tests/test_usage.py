@@ -79,6 +79,7 @@ def test_bench_without_model_folder_says_what_to_run(tmp_path):
     assert out.returncode == 2 and "parnet-cpu quantize" in out.stderr, out.stderr
 
 
+@pytest.mark.slow
 def test_bench_exits_nonzero_when_every_engine_failed(workdir_with_model):
     # no torch INT8 program in the folder: the only requested engine fails
     out = _cli(["bench", "--engines", "torch-int8", "--batches", "1", "--iters", "1", "--warmup", "0",
@@ -86,6 +87,7 @@ def test_bench_exits_nonzero_when_every_engine_failed(workdir_with_model):
     assert out.returncode == 1 and "every engine failed" in out.stderr, (out.stdout, out.stderr)
 
 
+@pytest.mark.slow
 def test_python_api_quantize_then_runtime_on_a_folder_of_images(tmp_path):
     import json
 
@@ -123,6 +125,7 @@ def test_python_api_quantize_then_runtime_on_a_folder_of_images(tmp_path):
         parnet_cpu.load_images([tmp_path / "nope.jpg"], tmp_path / "int8")
 
 
+@pytest.mark.slow
 def test_the_usage_line_as_typed_in_an_empty_folder(tmp_path):
     """`parnet-cpu quantize --calib imagenet_val` then `parnet-cpu bench --cores-per-stream 8`, nothing else."""
     import json

@@ -16,6 +16,8 @@ import pytest
 
 from conftest import NARROW, randomize_bn
 
+pytestmark = pytest.mark.slow  # its module fixture quantizes a model
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -17,6 +17,8 @@ if str(BENCH) not in sys.path:
 
 from test_training import _require_fmnist, _small_training_set, _tiny_cfg, _train_cfg  # noqa: E402
 
+pytestmark = pytest.mark.slow  # trains and quantizes
+
 
 @pytest.fixture(scope="module")
 def small_set():
