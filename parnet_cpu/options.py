@@ -12,8 +12,12 @@ from __future__ import annotations
 import argparse
 import math
 import numbers
+import re
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
+
+# a number as typed on a command line: ASCII digits, optional sign, decimals and exponent, nothing else
+_PLAIN_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)
 
 MAX_BATCH = 1024  # images per batch: beyond this one batch's tensors outgrow any CPU's caches and most RAM
 MAX_CPUS = 4096  # cores on one machine (Linux's usual NR_CPUS is 4096-8192)
@@ -75,6 +79,8 @@ class Num:
         """The command-line text of one value, checked."""
         if text in self.words:
             return text
+        if not _PLAIN_NUMBER.fullmatch(text):  # int()/float() also take '8_0', ' 8' and non-ASCII digits
+            raise OptionError(option, f"expected {self.rule()}, got {_value(text)}")
         try:
             value = int(text) if self.kind is int else float(text)
         except ValueError:
@@ -199,8 +205,8 @@ def check_fields(obj: Any) -> None:
     if not is_dataclass(obj):
         raise TypeError(f"check_fields takes a dataclass instance, got {type(obj).__name__}")
     for f in fields(obj):
-        if f.name in SPECS:
-            check(f.name, getattr(obj, f.name))
+        if f.name in SPECS:  # the checked value (plain int/float) replaces e.g. a numpy scalar
+            object.__setattr__(obj, f.name, check(f.name, getattr(obj, f.name)))
 
 
 class Arg:

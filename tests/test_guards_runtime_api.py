@@ -321,3 +321,16 @@ def test_11_an_absolute_lease_dir_still_works(model_dir, tmp_path, monkeypatch):
     assert lease_dir() == tmp_path / "abs" / "leases" and lease_dir().is_dir()
     assert current_leases() == []
 
+
+
+def test_3_numpy_scalars_become_plain_numbers_in_runtime_and_config(model_dir):
+    """Second hostile pass: Runtime(max_batch=np.int64(8)) passed the check but kept the numpy scalar, which
+    OpenVINO's reshape refused with its own TypeError. The checked (plain) values are the ones kept."""
+    from parnet_cpu.runtime import Runtime
+    from parnet_cpu.serve.app import ServeConfig
+
+    with _no_fail(), Runtime(model_dir, plan="single", share=True, max_batch=np.int64(2), inflight=np.int32(1),
+                             timeout=np.float32(30)) as runtime:
+        assert type(runtime.max_batch) is int and type(runtime.inflight) is int and type(runtime.timeout) is float
+        assert runtime.infer(np.zeros((2, *runtime.input_shape), np.float32)).shape[0] == 2
+    assert type(ServeConfig(model="m", max_batch=np.int64(4)).max_batch) is int

@@ -264,8 +264,11 @@ class Runtime(ProcessBound):
             cores, plan = None, "single"
         if isinstance(cores, str):
             cores = parse_groups(cores)
-        check_all(cores_per_stream=cores_per_stream, max_batch=max_batch, inflight=inflight,  # ranges: options.py
-                  start_timeout=start_timeout, timeout=timeout)
+        # ranges: options.py; the checked values (plain int/float, e.g. from numpy scalars) are the ones kept
+        checked = check_all(cores_per_stream=cores_per_stream, max_batch=max_batch, inflight=inflight,
+                            start_timeout=start_timeout, timeout=timeout)
+        cores_per_stream, max_batch, inflight = checked["cores_per_stream"], checked["max_batch"], checked["inflight"]
+        start_timeout, timeout = checked["start_timeout"], checked["timeout"]
         self.model_dir = ModelDir.open(model_dir)
         self.precision = precision or self.model_dir.default_precision
         self.ir_path = self.model_dir.ir_path(self.precision)
