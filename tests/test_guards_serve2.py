@@ -352,3 +352,18 @@ def test_replicas_auto_with_a_target_nothing_meets_warns_with_what_was_measured(
         assert not any(r.getMessage() == "replicas chosen" for r in caplog.records)
     finally:
         rs.close()
+
+
+def test_classify_query_parameters_are_checked_not_ignored(server):
+    """Second hostile pass: `?TOP_K=3` and `?topk=2` answered the default 5, `top_k=5&top_k=7` answered 7.
+    One check over the query string: unknown, repeated or non-plain values are 400s naming them."""
+    jpeg = (REPO / "parnet_cpu" / "assets" / "calibration_sample" / "cat_chelsea.jpg").read_bytes()
+    head = {"content-type": "image/jpeg"}
+    for query, words in {"TOP_K=3": "unknown query parameter(s) 'TOP_K'", "topk=2": "'topk'",
+                         "top_k=5&top_k=7": "'top_k' given more than once", "top_k=5&debug=1": "'debug'",
+                         "top_k=%205": "top_k must be an integer", "top_k=5_0": "top_k must be an integer",
+                         "top_k=%EF%BC%93": "top_k must be an integer"}.items():
+        r = httpx.post(f"{server.url}/v1/classify?{query}", content=jpeg, headers=head, timeout=30)
+        assert r.status_code == 400 and words in r.json()["error"], (query, r.status_code, r.text)
+    ok = httpx.post(f"{server.url}/v1/classify?top_k=3", content=jpeg, headers=head, timeout=30)
+    assert ok.status_code == 200 and len(ok.json()["predictions"]) == 3, ok.text

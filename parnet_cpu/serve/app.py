@@ -501,12 +501,24 @@ async def classify(request: Request) -> Response:
     return JSONResponse({"model": svc.config.name, "predictions": top_k(svc.model, logits[0], k)})
 
 
+def query_params(request: Request, allowed: frozenset[str]) -> dict[str, str]:
+    """The query string, each parameter once and only those the route knows: a misspelt or repeated one
+    (`TOP_K=3`, `top_k=5&top_k=7`) is a 400, never silently ignored or resolved by position."""
+    items = request.query_params.multi_items()
+    unknown = sorted({k for k, _ in items} - allowed)
+    if unknown:
+        raise ApiError(400, f"unknown query parameter(s) {', '.join(map(repr, unknown))}; this route takes "
+                            f"{', '.join(sorted(allowed)) or 'none'}")
+    seen = [k for k, _ in items]
+    repeated = sorted({k for k in seen if seen.count(k) > 1})
+    if repeated:
+        raise ApiError(400, f"query parameter(s) {', '.join(map(repr, repeated))} given more than once")
+    return dict(items)
+
+
 def _top_k_param(request: Request, num_classes: int) -> int:
-    raw = request.query_params.get("top_k", "5")
-    try:
-        k = int(raw)
-    except ValueError:
-        k = 0
+    raw = query_params(request, frozenset({"top_k"})).get("top_k", "5")
+    k = int(raw) if raw.isascii() and raw.isdigit() else 0  # int() would also take ' 5' and '5_0'
     if not 1 <= k <= num_classes:
         raise ApiError(400, f"top_k must be an integer in 1..{num_classes}, got {raw!r}")
     return k
