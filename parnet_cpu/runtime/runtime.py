@@ -350,6 +350,10 @@ class Runtime(ProcessBound):
                                   full=full_compiled.create_infer_request()))
         self._ov_objects += [self._compiled, full_compiled, *(s.request for s in self._slots.queue),
                              *(s.full for s in self._slots.queue)]
+        # The first numpy call into OpenVINO runs pybind11's one-time numpy API set-up, which deadlocked the
+        # whole process when two threads made their first call at once (two slots' first infer, seen under
+        # `predict`): make that first call here, in one thread, before any concurrent use.
+        self._slots.queue[0].request.infer({0: np.zeros((1, *self.input_shape), np.float32)})
         plan.reason += "; in this process (its CPUs are all the process may use: no hand-over)"
 
     @property
