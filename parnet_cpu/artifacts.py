@@ -687,12 +687,32 @@ def foreign_model_dir_problem(folder: Path) -> str | None:
         names = os.listdir(folder)
     except OSError as exc:
         return f"it cannot be listed ({exc.strerror or exc})"
-    foreign = sorted(n for n in names if n != MANIFEST and n not in files and n not in OWN_EXTRAS
-                     and not _OWN_TEMP_RE.match(n))
+    foreign = sorted(n for n in names if n != MANIFEST and n not in files
+                     and not (n in OWN_EXTRAS and _is_own_extra(folder / n)) and not _OWN_TEMP_RE.match(n))
     if foreign:
         return (f"it holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} its {MANIFEST} does not list "
                 f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''})")
     return None
+
+
+def _is_own_extra(path: Path) -> bool:
+    """An OWN_EXTRAS name proves it is ours by content, not by name alone (a user's own report.json in a model
+    folder is not ours to delete): report.json carries this tool's report stamp, plan_cache.json is the plan
+    cache's object of choices, compile_cache is a real folder (not a link) holding only folders (one per
+    model, precision and ISA, which the compile cache writes)."""
+    try:
+        if path.is_symlink():
+            return False
+        if path.name == "compile_cache":
+            return path.is_dir() and all(e.is_dir() and not e.is_symlink() for e in path.iterdir())
+        if not path.is_file() or path.stat().st_size > MAX_MANIFEST_BYTES:
+            return False
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if path.name == "report.json":
+        return isinstance(obj, dict) and isinstance(obj.get("report"), str) and "parnet_cpu" in obj
+    return isinstance(obj, dict) and all(isinstance(v, dict) and "choice" in v for v in obj.values())
 
 
 def is_own_model_dir(folder: Path) -> bool:

@@ -181,6 +181,31 @@ def test_overwrite_never_deletes_what_the_manifest_does_not_list(model, tmp_path
         check_output_dir(q, overwrite=True)
 
 
+def test_overwrite_trusts_tool_artifacts_by_content_not_by_name(model, tmp_path):
+    """Second hostile pass: a user's own report.json (or files put in compile_cache/) were deleted by
+    --overwrite because the names alone were trusted. Each artifact must show it is this tool's."""
+    from parnet_cpu.artifacts import report_stamp
+
+    q = tmp_path / "q"
+    shutil.copytree(model, q)
+    (q / "report.json").write_text(json.dumps({**report_stamp("quantize"), "top1": 1.0}))
+    (q / "plan_cache.json").write_text(json.dumps({"key": {"choice": "single"}}))
+    (q / "compile_cache").mkdir()
+    (q / "compile_cache" / "model-key").mkdir()
+    assert check_output_dir(q, overwrite=True) == q.resolve()  # ours, by content
+    for name, content in {"report.json": '{"my": "notes"}', "plan_cache.json": "my plans",
+                          "compile_cache/thesis.pdf": "%PDF"}.items():
+        saved = (q / name).read_bytes() if (q / name).is_file() else None
+        (q / name).write_text(content)
+        with pytest.raises(OutputPathError.__mro__[1], match=name.split("/")[0]):
+            check_output_dir(q, overwrite=True)
+        assert (q / name).read_text() == content
+        if saved is None:
+            (q / name).unlink()
+        else:
+            (q / name).write_bytes(saved)
+    assert check_output_dir(q, overwrite=True) == q.resolve()
+
 def test_quantize_out_refuses_its_classes_and_labels(model, data, tmp_path, capsys):
     q = tmp_path / "q"
     shutil.copytree(model, q)
