@@ -399,7 +399,10 @@ def test_one_decoder_for_files_uploads_and_file_objects(tmp_path):
     with pytest.raises(ImageDecodeError, match="empty file"):
         decode_image(b"")
     cfg = PreprocessConfig(input_size=32)
-    assert decode_image_bytes(blob, cfg, 1200).shape == (1, 3, 32, 32)
+    # the limit holds every intermediate (issue 21): the 40x30 image is resized to 48x36 = 1728 pixels first
+    assert decode_image_bytes(blob, cfg, 1728).shape == (1, 3, 32, 32)
+    with pytest.raises(ApiError, match="48x36 intermediate of 1728 pixels"):
+        decode_image_bytes(blob, cfg, 1727)
     with pytest.raises(ApiError) as err:
         decode_image_bytes(blob, cfg, 1000)
     assert err.value.status == 413 and "limit of 1000" in err.value.message
