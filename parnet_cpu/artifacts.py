@@ -829,8 +829,12 @@ def check_output_file(out: str | os.PathLike[str], flag: str, inputs: InputPaths
     cannot be written or cannot take a write (full, quota, read-only: probed). A device or a pipe
     (/dev/stdout) is accepted as it is: written directly, nothing is replaced."""
     shown = str(out)
+    if not str(out).strip():
+        raise OutputPathError(f"{flag} is empty; name a file")
     path = Path(out).expanduser()
     target = Path(os.path.realpath(path))
+    if os.path.exists(path) and not os.path.isdir(path) and not os.path.isfile(path):
+        target = path  # a device or pipe such as /dev/stdout (its realpath may be an unopenable pipe:[...] name)
     for other, src, real in _input_paths(inputs):
         how = "is" if target == real else "is inside" if real in target.parents else None
         if how is None and os.path.exists(target) and os.path.exists(real):

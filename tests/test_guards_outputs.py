@@ -314,3 +314,17 @@ def test_export_with_a_planted_lock_link_is_a_clear_refusal(tmp_path, capsys):
     refused(["export", "--model", "parnet_s", "--planes", "16,32,64,128", "--input-size", "64",
              "--out", str(tmp_path / "q_out")], capsys, "symbolic link")
     assert victim.read_text() == "precious data" and not (tmp_path / "q_out").exists()
+
+
+def test_empty_and_stdout_outputs_are_said_plainly():
+    """Second hostile pass: `--json ''` was called a folder and `--json /dev/stdout` (a pipe under a runner)
+    a /proc folder that cannot take the result."""
+    with pytest.raises(OutputPathError.__mro__[1], match="--json is empty"):
+        check_output_file("", "--json")
+    read, write = os.pipe()
+    try:
+        os.dup2(write, 99)
+        assert check_output_file("/dev/fd/99", "--json") == Path("/dev/fd/99")  # written directly
+    finally:
+        for fd in (read, write, 99):
+            os.close(fd)
