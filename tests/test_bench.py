@@ -145,3 +145,25 @@ def test_report_folder_speaks_benchmark_apps_language(model_dir, tmp_path, capsy
     assert entry["configuration_setup"]["batch size"] == "2" and float(entry["execution_results"]["throughput"]) > 0
     assert ours["ov-throughput batch 1"]["configuration_setup"]["API"] == "async"
     assert ours["ort-int8 batch 1"]["configuration_setup"]["precision"] == "INT8"
+
+
+def test_nthreads_runs_every_engine_on_the_first_n_cores(model_dir, tmp_path, capsys):
+    """benchmark_app's -nthreads: every engine on the same first N free cores, N threads; more than exist or
+    together with --cores is refused before anything runs. (A subprocess: the flag narrows the affinity of the
+    process that runs bench.)"""
+    import subprocess
+    import sys
+
+    js = tmp_path / "nt.json"
+    proc = subprocess.run([sys.executable, "-m", "parnet_cpu", "bench", "--model-dir", str(model_dir), "-nthreads", "1",
+                           "--engines", "ov-latency,ort-parallel", "-b", "1", "--rounds", "1", "-niter", "2", "-t", "0",
+                           "--warmup", "0", "--json", str(js)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(js.read_text())
+    assert res["threads"] == 1 and res["cpus"] == str(CPUS[0])
+    assert {r["engine"] for r in res["rows"] if "error" not in r} == {"ov-latency", "ort-parallel"}
+    assert main(["bench", "--model-dir", str(model_dir), "-nthreads", str(len(CPUS) + 1)]) == 2
+    assert f"ask for at most {len(CPUS)}" in capsys.readouterr().err
+    assert main(["bench", "--model-dir", str(model_dir), "-nthreads", "1", "--cores", GROUPS]) == 2
+    assert "give one of them" in capsys.readouterr().err
+    assert sorted(os.sched_getaffinity(0)) == CPUS  # a refused run narrowed nothing

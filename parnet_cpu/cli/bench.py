@@ -44,6 +44,26 @@ def check_cores_feasible(sweep: list, cores, use_smt: bool) -> None:
                                     f"{largest}") from None
 
 
+def restrict_to_threads(threads: int, use_smt: bool) -> list[int]:
+    """benchmark_app's `-nthreads N` here: narrow this process (and so every engine, pinned child and Runtime
+    it starts, which all take their CPUs from the affinity) to the first N free physical cores (N logical CPUs
+    with --use-smt), so every engine runs N threads on the same N CPUs. Returns the CPUs."""
+    import os
+
+    from parnet_cpu.runtime.cores import CoreSpecError
+    from parnet_cpu.runtime.leases import available_cores
+
+    cores = available_cores(use_smt)
+    cpus = [c for core in cores for c in core] if use_smt else [core[0] for core in cores]
+    if threads > len(cpus):
+        unit = "logical CPUs" if use_smt else "physical cores"
+        raise CoreSpecError(f"-nthreads {threads}: this process may use {len(cpus)} free {unit} here; "
+                            f"ask for at most {len(cpus)}")
+    chosen = sorted(cpus[:threads])
+    os.sched_setaffinity(0, chosen)
+    return chosen
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     from parnet_cpu.bench import ENGINES
 
@@ -56,6 +76,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sweep", type=arg_list("cores_per_stream"),
                    help="comma-separated cores-per-stream values to sweep (for the plot)")
     p.add_argument("--use-smt", action="store_true", help="also use SMT siblings")
+    p.add_argument("--threads", "-nthreads", type=arg("threads"),
+                   help="run every engine on the first N free physical cores, one thread each (benchmark_app's "
+                        "-nthreads; default: every free core; not with --cores)")
     p.add_argument("--precision", choices=("fp32", "bf16", "int8"), help="default: int8 if present, else fp32")
     p.add_argument("--batches", "-b", type=arg_list("batch_size"), default="1,8",
                    help="batch sizes (default 1,8; -b as in benchmark_app)")
@@ -101,6 +124,10 @@ def run(args: argparse.Namespace) -> int:
         batches = tuple(args.batches)  # checked by the flag's type
         sweep = list(args.sweep) if args.sweep else [args.cores_per_stream]
         cores = parse_groups(args.cores) if args.cores else None
+        if args.threads is not None:
+            if cores:
+                raise CliError("-nthreads and --cores both choose the CPUs: give one of them")
+            restrict_to_threads(args.threads, args.use_smt)
     except (ValueError, argparse.ArgumentTypeError, CoreSpecError) as exc:
         raise CliError(str(exc)) from None
     cfg = BenchConfig(batches=batches, warmup=args.warmup, iters=args.iters, min_seconds=args.min_seconds,
