@@ -461,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     import openvino as ov
     import torch
 
-    from parnet_cpu.artifacts import ModelDir, write_json
+    from parnet_cpu.artifacts import ModelDir
+    from parnet_cpu.outputs import write_json
     from parnet_cpu.bench import BenchConfig, run_bench
     from parnet_cpu.export import load_deploy_model
     from parnet_cpu.system.cpuinfo import format_cpu_list

@@ -73,7 +73,7 @@ def build_irs(variant: str, workdir: Path, n_calib: int, new_scope: tuple[str, .
     from parnet_cpu.quantization.openvino_backend import quantize_ir
     from parnet_cpu.quantization.ptq import ImageStream, QuantizeOptions
     from parnet_cpu.reparam.fuse import reparameterize
-    from parnet_cpu.runtime.engine import core
+    from parnet_cpu.system.openvino_core import core
     from quantization import make_calibration_images
 
     folder = workdir / variant
@@ -109,7 +109,8 @@ def fmnist_accuracy(workdir: Path, scopes: dict[str, tuple[str, ...]]) -> dict |
     from parnet_cpu.quantization.openvino_backend import quantize_ir
     from parnet_cpu.quantization.ptq import ImageStream, QuantizeOptions
     from parnet_cpu.reparam.fuse import reparameterize
-    from parnet_cpu.runtime.engine import core, precision_supported
+    from parnet_cpu.runtime.engine import precision_supported
+    from parnet_cpu.system.openvino_core import core
 
     try:
         calib, test = prepare_fmnist(workdir / "fmnist")
@@ -206,7 +207,8 @@ def runtime_block(rt, x: np.ndarray, seconds: float) -> float:
 
 def speed(args, irs: dict, threads: int) -> dict:
     """Interleaved throughput of every configuration, profiles of legacy and new, Runtime vs benchmark_app."""
-    from parnet_cpu.runtime.engine import core, float_leftovers, isa_cap_allows_bf16, precision_supported
+    from parnet_cpu.runtime.engine import float_leftovers, isa_cap_allows_bf16, precision_supported
+    from parnet_cpu.system.openvino_core import core
     from parnet_cpu.runtime.macs import model_macs
     from parnet_cpu.perf.profile import profile_compiled
 

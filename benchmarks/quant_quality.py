@@ -60,7 +60,8 @@ from parnet_cpu.models.parnet import (DualBN, ParNet, ParNetBlock, ParNetConfig,
 from parnet_cpu.quantization.base import ignored_scope_patterns  # noqa: E402
 from parnet_cpu.quantization.openvino_backend import quantize_ir  # noqa: E402
 from parnet_cpu.quantization.ptq import ImageStream, QuantizeOptions  # noqa: E402
-from parnet_cpu.runtime.engine import CompileOptions, compile_model, core, float_leftovers  # noqa: E402
+from parnet_cpu.runtime.engine import CompileOptions, compile_model, float_leftovers  # noqa: E402
+from parnet_cpu.system.openvino_core import core  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CHECKPOINT = REPO / "parnet_cpu" / "assets" / "parnet_fmnist.pt"

@@ -30,7 +30,8 @@ from parnet_cpu.models.parnet import ParNetConfig, create_model
 from parnet_cpu.quantization.openvino_backend import quantize_ir
 from parnet_cpu.quantization.ptq import ImageStream, QuantizeOptions
 from parnet_cpu.reparam.fuse import reparameterize
-from parnet_cpu.runtime.engine import CompileOptions, compile_model, core, precision_supported
+from parnet_cpu.runtime.engine import CompileOptions, compile_model, precision_supported
+from parnet_cpu.system.openvino_core import core
 
 PRECISION_NOTES = {
     "eager_fp32": "PyTorch eager, fp32, deploy form, torch.inference_mode",

@@ -56,7 +56,7 @@ def build_int8(name: str, folder: Path, calib_images: int, log=print) -> Path:
     from parnet_cpu.models.parnet import create_model
     from parnet_cpu.quantization.openvino_backend import quantize_ir
     from parnet_cpu.quantization.ptq import QuantizeOptions
-    from parnet_cpu.runtime.engine import core
+    from parnet_cpu.system.openvino_core import core
 
     t0 = time.perf_counter()
     torch.manual_seed(0)

@@ -114,7 +114,7 @@ def best_row(rows: Sequence[dict]) -> dict:
 def training_summary(report: dict, checkpoint: Path) -> dict:
     """What a reader needs to reproduce the training run, from `parnet-cpu train --report`; without a
     report (a run still in progress: its per-epoch checkpoint), the checkpoint's own record, marked partial."""
-    from parnet_cpu.artifacts import sha256_file
+    from parnet_cpu.outputs import sha256_file
     from parnet_cpu.models.checkpoint import read_checkpoint
 
     keep = ("command", "seed", "epochs", "training_wall_seconds", "total_wall_seconds", "resumed", "machine",

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from parnet_cpu.artifacts import (DEPLOY_WEIGHTS, FORMAT, INPUT_NAME, IR_FILES, MANIFEST, ONNX_FILE, OUTPUT_NAME,
-                                  STAGE_TENSORS, atomic_output_dir, stamp_manifest, write_json, write_probe)
+                                  STAGE_TENSORS, foreign_model_dir_problem, stamp_manifest)
+from parnet_cpu.outputs import atomic_output_dir, write_json, write_probe
 from parnet_cpu.models.parnet import ParNet
 from parnet_cpu.reparam.fuse import reparameterize
 
@@ -128,7 +129,7 @@ def export_model_dir(model: ParNet, out: str | Path, source: dict | None = None,
                      overwrite: bool = False) -> Path:
     """Write the deploy form as a model folder: FP32 IR (+ ONNX) and the manifest."""
     deploy = deploy_form(model)
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite, foreign=foreign_model_dir_problem) as tmp:
         write_fp32_artifacts(deploy, tmp, source or {})
         if onnx:
             to_onnx(deploy, tmp / ONNX_FILE)

@@ -8,7 +8,7 @@ up to `inflight` batches in flight), so decode and inference overlap. The rankin
 truncated, too large) gets a row with the reason and the run goes on.
 
 Rows are written, in input order, into a temporary file next to the output, renamed over it only when the
-run ends (`artifacts.atomic_write`): readers never see half a file. Ctrl-C or SIGTERM ends the run early
+run ends (`outputs.atomic_write`): readers never see half a file. Ctrl-C or SIGTERM ends the run early
 but still commits the rows done so far, so `resume=True` continues from them. Torch-free.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from parnet_cpu.artifacts import ModelDirError, check_output_file, file_kind, output_file
+from parnet_cpu.outputs import OutputError, check_output_file, file_kind, output_file
 from parnet_cpu.data import IMAGE_EXTENSIONS, BatchLoader, DecodeReport, list_images
 from parnet_cpu.runtime.classify import TopK, check_top_k, softmax_top_k
 
@@ -189,7 +189,7 @@ def predict_folder(runtime, data: Sequence[str | os.PathLike], out: str | os.Pat
     inputs = {"--data": list(data), "--model-dir": model}
     try:  # never an input: an image of --data, the model folder or one of its files (any name, hard links)
         check_output_file(out, "--out", inputs, overwrite=True)
-    except ModelDirError as exc:
+    except OutputError as exc:
         raise PredictError(str(exc)) from None
     done, carried = read_rows(out, fmt, top_k) if resume and out.exists() else (set(), "")
     paths, others = collect_images(data)

@@ -11,7 +11,8 @@ from conftest import NARROW, rel_l2
 from parnet_cpu.artifacts import STAGE_TENSORS, ModelDir, ModelDirError
 from parnet_cpu.cli import main
 from parnet_cpu.export import export_model_dir
-from parnet_cpu.runtime.engine import CompileOptions, compile_model, core, runtime_layers
+from parnet_cpu.runtime.engine import CompileOptions, compile_model, runtime_layers
+from parnet_cpu.system.openvino_core import core
 
 
 @pytest.fixture(scope="module")

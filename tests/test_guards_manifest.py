@@ -385,7 +385,7 @@ def test_eval_json_checks_its_folder_first_and_never_loses_the_figures(can_mount
 def test_atomic_write_turns_write_failures_into_output_write_errors(tmp_path):
     """The one file writer: /dev/full (a device, written directly, never replaced) and a writer that hides
     errno behind a RuntimeError on a healthy disk (a bug: it stays itself, nothing is left)."""
-    from parnet_cpu.artifacts import OutputWriteError, atomic_write, write_json
+    from parnet_cpu.outputs import OutputWriteError, atomic_write, write_json
 
     with pytest.raises(OutputWriteError) as exc:
         write_json(Path("/dev/full"), {"a": 1})
@@ -441,7 +441,7 @@ def test_second_run_to_the_same_out_is_refused_at_once_naming_the_first(good, tm
 
 
 def test_output_lock_is_exclusive_between_processes_and_reentrant_within_one(tmp_path):
-    from parnet_cpu.artifacts import OutputBusyError, output_lock
+    from parnet_cpu.outputs import OutputBusyError, output_lock
 
     out = tmp_path / "m"
     code = ("import sys, time; from parnet_cpu.artifacts import output_lock\n"

@@ -1,5 +1,5 @@
 """Hostile pass on issue 21, outputs: every single-file output of every command goes through one function
-(`artifacts.check_output_file` / `output_file`, called by `cli.common.output_arg`), which refuses a path that
+(`outputs.check_output_file` / `output_file`, called by `cli.common.output_arg`), which refuses a path that
 is, lies inside, or is (a hard link of) an input or another output of the command, and replaces an existing
 file only when it is a report of the same kind this tool wrote, or with --overwrite; `--overwrite` of a model
 folder deletes only what its digest-checked manifest lists; the output lock opens no link and no FIFO.
@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from conftest import export_narrow
-from parnet_cpu.artifacts import (OutputPathError, check_output_dir, check_output_file, output_lock, read_manifest,
-                                  report_stamp)
+from parnet_cpu.artifacts import ModelDirError, foreign_model_dir_problem, read_manifest
+from parnet_cpu.outputs import OutputPathError, check_output_dir, check_output_file, output_lock, report_stamp
 from parnet_cpu.cli import build_parser, main
 from parnet_cpu.cli.common import INPUT_FLAGS, OUTPUT_FLAGS
 
@@ -159,7 +159,8 @@ def test_overwrite_never_deletes_what_the_manifest_does_not_list(model, tmp_path
     shutil.copytree(model, q)
     (q / "plan_cache.json").write_text("{}")
     (q / "compile_cache").mkdir()
-    assert check_output_dir(q, overwrite=True) == q.resolve()  # only tool artifacts: ours to replace
+    # only tool artifacts: ours to replace
+    assert check_output_dir(q, overwrite=True, foreign=foreign_model_dir_problem) == q.resolve()
     mine = q / "my_classes.txt"
     mine.write_text("\n".join(f"c{i}" for i in range(1000)) + "\n")
     refused(["export", "--model", "parnet_s", "--planes", "16,32,64,128", "--classes", str(mine), "--out", str(q),
@@ -171,20 +172,20 @@ def test_overwrite_never_deletes_what_the_manifest_does_not_list(model, tmp_path
     assert mine.is_file()
     mine.unlink()
     (q / "notes").mkdir()  # a folder of the user's, not only files
-    with pytest.raises(OutputPathError.__mro__[1], match="notes"):
-        check_output_dir(q, overwrite=True)
+    with pytest.raises(OutputPathError, match="notes"):
+        check_output_dir(q, overwrite=True, foreign=foreign_model_dir_problem)
     (q / "notes").rmdir()
     m = json.loads((q / "parnet.json").read_text())
     m["created"] = "edited"
     (q / "parnet.json").write_text(json.dumps(m))  # an edited manifest: its digest no longer vouches for it
-    with pytest.raises(OutputPathError.__mro__[1], match="digest"):
-        check_output_dir(q, overwrite=True)
+    with pytest.raises(OutputPathError, match="digest"):
+        check_output_dir(q, overwrite=True, foreign=foreign_model_dir_problem)
 
 
 def test_overwrite_trusts_tool_artifacts_by_content_not_by_name(model, tmp_path):
     """Second hostile pass: a user's own report.json (or files put in compile_cache/) were deleted by
     --overwrite because the names alone were trusted. Each artifact must show it is this tool's."""
-    from parnet_cpu.artifacts import report_stamp
+    from parnet_cpu.outputs import report_stamp
 
     q = tmp_path / "q"
     shutil.copytree(model, q)
@@ -192,19 +193,19 @@ def test_overwrite_trusts_tool_artifacts_by_content_not_by_name(model, tmp_path)
     (q / "plan_cache.json").write_text(json.dumps({"key": {"choice": "single"}}))
     (q / "compile_cache").mkdir()
     (q / "compile_cache" / "model-key").mkdir()
-    assert check_output_dir(q, overwrite=True) == q.resolve()  # ours, by content
+    assert check_output_dir(q, overwrite=True, foreign=foreign_model_dir_problem) == q.resolve()  # ours, by content
     for name, content in {"report.json": '{"my": "notes"}', "plan_cache.json": "my plans",
                           "compile_cache/thesis.pdf": "%PDF"}.items():
         saved = (q / name).read_bytes() if (q / name).is_file() else None
         (q / name).write_text(content)
-        with pytest.raises(OutputPathError.__mro__[1], match=name.split("/")[0]):
-            check_output_dir(q, overwrite=True)
+        with pytest.raises(OutputPathError, match=name.split("/")[0]):
+            check_output_dir(q, overwrite=True, foreign=foreign_model_dir_problem)
         assert (q / name).read_text() == content
         if saved is None:
             (q / name).unlink()
         else:
             (q / name).write_bytes(saved)
-    assert check_output_dir(q, overwrite=True) == q.resolve()
+    assert check_output_dir(q, overwrite=True, foreign=foreign_model_dir_problem) == q.resolve()
 
 def test_quantize_out_refuses_its_classes_and_labels(model, data, tmp_path, capsys):
     q = tmp_path / "q"
@@ -241,7 +242,7 @@ def test_a_fifo_is_called_a_fifo(tmp_path):
         collect_images([fifo])
     (tmp_path / "m").mkdir()
     os.mkfifo(tmp_path / "m" / "parnet.json")
-    with pytest.raises(OutputPathError.__mro__[1], match=r"is a named pipe \(FIFO\), not a file"):
+    with pytest.raises(ModelDirError, match=r"is a named pipe \(FIFO\), not a file"):
         read_manifest(tmp_path / "m")
 
 
@@ -319,7 +320,7 @@ def test_export_with_a_planted_lock_link_is_a_clear_refusal(tmp_path, capsys):
 def test_empty_and_stdout_outputs_are_said_plainly():
     """Second hostile pass: `--json ''` was called a folder and `--json /dev/stdout` (a pipe under a runner)
     a /proc folder that cannot take the result."""
-    with pytest.raises(OutputPathError.__mro__[1], match="--json is empty"):
+    with pytest.raises(OutputPathError, match="--json is empty"):
         check_output_file("", "--json")
     read, write = os.pipe()
     try:

@@ -111,7 +111,7 @@ def quantize_random(model_dir: Path, images: int = 8) -> Path:
     from parnet_cpu.export import save_ir
     from parnet_cpu.quantization.openvino_backend import quantize_ir
     from parnet_cpu.quantization.ptq import QuantizeOptions
-    from parnet_cpu.runtime.engine import core
+    from parnet_cpu.system.openvino_core import core
 
     fp32 = core().read_model(str(model_dir / "model_fp32.xml"))
     shape = [1] + [d.get_length() for d in list(fp32.inputs[0].get_partial_shape())[1:]]

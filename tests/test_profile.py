@@ -80,7 +80,7 @@ def test_peak_is_rate_times_cores_times_clock():
 
 def test_macs_match_an_independent_count(model_dir):
     from parnet_cpu.models.parnet import create_model
-    from parnet_cpu.runtime.engine import core
+    from parnet_cpu.system.openvino_core import core
     from parnet_cpu.runtime.macs import model_macs
 
     expected = torch_macs(create_model("parnet_s", **NARROW), NARROW["input_size"])

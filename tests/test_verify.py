@@ -211,7 +211,7 @@ def test_digest_cost_is_small(good):
 def test_atomic_write_replaces_whole_files_or_nothing(tmp_path):
     """The one atomic file write (JSON, checkpoints): the old file stays whole when writing fails, and no
     temporary file is left behind either way."""
-    from parnet_cpu.artifacts import atomic_write, write_json
+    from parnet_cpu.outputs import atomic_write, write_json
 
     target = tmp_path / "x.json"
     write_json(target, {"a": 1})

@@ -91,7 +91,7 @@ def test_training_step_runs_the_real_cli_records_the_command_and_reuses_the_resu
     from PIL import Image
 
     import width_fidelity as wf
-    from parnet_cpu.artifacts import sha256_file
+    from parnet_cpu.outputs import sha256_file
 
     images, labels, _ = small_set
     data = tmp_path / "data"

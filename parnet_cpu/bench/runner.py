@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from parnet_cpu.artifacts import ModelDir, report_stamp
+from parnet_cpu.artifacts import ModelDir
+from parnet_cpu.outputs import report_stamp
 from parnet_cpu.bench.base import BenchConfig, throughput
 from parnet_cpu.bench.engines import (
     INT8_ENGINES,

@@ -11,7 +11,8 @@ import importlib
 import os
 import sys
 
-from parnet_cpu.artifacts import WRITE_ERRNOS, ModelDirError, OutputBusyError, OutputWriteError
+from parnet_cpu.artifacts import ModelDirError
+from parnet_cpu.outputs import WRITE_ERRNOS, OutputBusyError, OutputError, OutputWriteError
 
 # sub-command name -> module that registers it (order = order in --help)
 COMMANDS: tuple[str, ...] = (
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     except OutputBusyError as exc:
         print(f"parnet-cpu {args.command}: error: {exc}", file=sys.stderr)
         return 75  # EX_TEMPFAIL: another run holds the output; try again later
-    except ModelDirError as exc:  # e.g. a file planted under the output lock's name (artifacts.OutputPathError)
+    except (ModelDirError, OutputError) as exc:  # e.g. a file planted under the output lock's name (OutputPathError)
         print(f"parnet-cpu {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

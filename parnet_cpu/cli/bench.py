@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     if args.report_folder:
         import json
 
-        from parnet_cpu.artifacts import own_report_kind
+        from parnet_cpu.outputs import own_report_kind
         from parnet_cpu.bench.report import benchmark_app_report
 
         folder = Path(args.report_folder)

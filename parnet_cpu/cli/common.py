@@ -63,15 +63,16 @@ def command_paths(args: argparse.Namespace, exclude: str | None = None) -> dict[
 
 
 def check_out_arg(out: str, overwrite: bool, args: argparse.Namespace | None = None, **inputs: str | None) -> None:
-    """Refuse a bad --out folder before any work (see `artifacts.check_output_dir`); its inputs: every path
+    """Refuse a bad --out model folder before any work (see `outputs.check_output_dir`); its inputs: every path
     flag of `args` (`command_paths`) plus `inputs` (flag name -> path)."""
-    from parnet_cpu.artifacts import ModelDirError, check_output_dir
+    from parnet_cpu.artifacts import foreign_model_dir_problem
+    from parnet_cpu.outputs import OutputError, check_output_dir
 
     every = {**(command_paths(args, exclude="out") if args is not None else {}),
              **{f"--{k}": v for k, v in inputs.items()}}
     try:
-        check_output_dir(out, overwrite, every)
-    except ModelDirError as exc:
+        check_output_dir(out, overwrite, every, foreign=foreign_model_dir_problem)
+    except OutputError as exc:
         raise CliError(str(exc)) from None
 
 
@@ -79,8 +80,8 @@ def check_output_arg(args: argparse.Namespace, dest: str, report: str | None = N
     """Refuse, before any work, a single-file output flag (`dest`: json, report, plot, export, out) that would
     destroy an input or another output of the command, or replace a file this tool did not write (a
     `report` of that kind it wrote may be replaced; anything else needs --overwrite): see
-    `artifacts.check_output_file`. Unset: nothing to check."""
-    from parnet_cpu.artifacts import ModelDirError, check_output_file
+    `outputs.check_output_file`. Unset: nothing to check."""
+    from parnet_cpu.outputs import OutputError, check_output_file
 
     out = getattr(args, dest, None)
     if out is None:
@@ -88,29 +89,29 @@ def check_output_arg(args: argparse.Namespace, dest: str, report: str | None = N
     try:
         check_output_file(out, OUTPUT_FLAGS[dest], command_paths(args, exclude=dest),
                           overwrite=bool(getattr(args, "overwrite", False)), report=report)
-    except ModelDirError as exc:
+    except OutputError as exc:
         raise CliError(str(exc)) from None
 
 
 @contextmanager
 def output_arg(args: argparse.Namespace, dest: str, report: str | None = None, mode: str = "w") -> Iterator:
-    """Write the single-file output `dest` of the command: `artifacts.output_file` (checked again, atomic, a
+    """Write the single-file output `dest` of the command: `outputs.output_file` (checked again, atomic, a
     place's OSError is exit 74 naming the flag and path) with this command's inputs and other outputs."""
-    from parnet_cpu.artifacts import ModelDirError, output_file
+    from parnet_cpu.outputs import OutputError, output_file
 
     check_output_arg(args, dest, report)  # said as a usage error (exit 2); output_file checks once more
     try:
         with output_file(getattr(args, dest), OUTPUT_FLAGS[dest], command_paths(args, exclude=dest),
                          overwrite=bool(getattr(args, "overwrite", False)), report=report, mode=mode) as f:
             yield f
-    except ModelDirError as exc:  # something became an input or a foreign file since the check
+    except OutputError as exc:  # something became an input or a foreign file since the check
         raise CliError(str(exc)) from None
 
 
 def write_report_arg(args: argparse.Namespace, dest: str, kind: str, obj: dict) -> None:
-    """A JSON report flag (--json, --report) through `output_arg`, stamped as `kind` (`artifacts.report_stamp`)
+    """A JSON report flag (--json, --report) through `output_arg`, stamped as `kind` (`outputs.report_stamp`)
     so the next run of the command recognises it as its own to replace."""
-    from parnet_cpu.artifacts import report_stamp
+    from parnet_cpu.outputs import report_stamp
 
     body = obj if "report" in obj else {**report_stamp(kind), **obj}
     with output_arg(args, dest, report=kind) as f:

@@ -149,7 +149,7 @@ def speed_half(out: Path, log, batches: tuple[int, ...] = (1, 8), min_seconds: f
 
 def run_demo(out: str | Path = "parnet-demo", test_limit: int | None = None, log=print,
              min_seconds: float = 1.0, require_quiet: bool = False, quiet_wait_s: float = 10.0) -> dict:
-    from parnet_cpu.artifacts import write_json
+    from parnet_cpu.outputs import write_json
     from parnet_cpu.bench import plot
 
     out = Path(out)

@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from parnet_cpu.artifacts import ModelDir, ModelDirError, report_stamp
+    from parnet_cpu.artifacts import ModelDir, ModelDirError
+    from parnet_cpu.outputs import report_stamp
     from parnet_cpu.data import DatasetError, detect_layout, match_model_classes
     from parnet_cpu.evaluation import accuracy_summary, run_models
     from parnet_cpu.runtime.engine import CompileOptions, compile_model, precision_supported

@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     with sigterm_as_interrupt():
         check_out_arg(args.out, args.overwrite, args)  # before any work (and before torch is even imported)
-        from parnet_cpu.artifacts import output_lock
+        from parnet_cpu.outputs import output_lock
         from parnet_cpu.models.parnet import count_parameters
 
         with output_lock(args.out):  # a second run to the same --out is refused now, not overwritten later
@@ -34,12 +34,13 @@ def _export(args: argparse.Namespace):
     from parnet_cpu.artifacts import ModelDirError
     from parnet_cpu.cli import CliError
     from parnet_cpu.export import export_model_dir
+    from parnet_cpu.outputs import OutputError
     from parnet_cpu.reparam.fuse import reparameterize
 
     model, source = model_from_args(args)
     deploy = reparameterize(model)
     try:
         out = export_model_dir(deploy, args.out, source=source, onnx=args.onnx, overwrite=args.overwrite)
-    except ModelDirError as exc:
+    except (ModelDirError, OutputError) as exc:
         raise CliError(str(exc)) from None
     return out, model, deploy

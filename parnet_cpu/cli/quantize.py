@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
             args.out = default_out(args.model)
             print(f"writing the model folder to ./{args.out} (choose another with --out)")
         check_out_arg(args.out, args.overwrite, args)
-        from parnet_cpu.artifacts import output_lock
+        from parnet_cpu.outputs import output_lock
 
         with output_lock(args.out):  # a second run to the same --out is refused now, not overwritten later
             return _run(args)
@@ -74,6 +74,7 @@ def _run(args: argparse.Namespace) -> int:
     from parnet_cpu.artifacts import ModelDirError
     from parnet_cpu.cli import CliError
     from parnet_cpu.data import DatasetError
+    from parnet_cpu.outputs import OutputError
     from parnet_cpu.quantization.ptq import QuantizationError, quantize_to_dir
     from parnet_cpu.runtime.engine import LEFTOVERS_ENV
 
@@ -90,7 +91,7 @@ def _run(args: argparse.Namespace) -> int:
         report = quantize_to_dir(model, source, args.calib, args.out, opts, overwrite=args.overwrite,
                                  label_file=args.labels,
                                  log=(lambda *a: None) if args.quiet else print)
-    except (DatasetError, QuantizationError, ModelDirError) as exc:
+    except (DatasetError, QuantizationError, ModelDirError, OutputError) as exc:
         raise CliError(str(exc)) from None
     print(format_report(report))
     print(f"wrote {args.out}/ ({report['backend']} backend; report.json)")

@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"FP32 (EMA) validation top-1: {history[-1]['val_top1_ema']:.2f}%")
 
     if args.export:
-        from parnet_cpu.artifacts import sha256_file
+        from parnet_cpu.outputs import sha256_file
 
         with output_arg(args, "export", mode="wb") as f:
             export_checkpoint(args.out, f, **({"test_accuracy": result} if result else {}))
@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     if args.report:
         from pathlib import Path
 
-        from parnet_cpu.artifacts import sha256_file
+        from parnet_cpu.outputs import sha256_file
 
         shipped = Path(args.export) if args.export else Path(args.out)
         report = {

@@ -14,7 +14,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from parnet_cpu.artifacts import atomic_write, sha256_file
+from parnet_cpu.outputs import atomic_write, sha256_file
 
 # The one place where the authors' module names map to ours (their blocks wrap a RepVGGBlock in `.block`).
 _AUTHOR_TO_OURS: tuple[tuple[re.Pattern, str], ...] = tuple(

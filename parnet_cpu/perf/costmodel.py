@@ -90,7 +90,8 @@ def _input_arrays(compiled, batch: int, rng) -> list:
 def profile_in_child(ir_path: str, precision: str, threads: int, batches: list[int], iters: int) -> dict:
     """Run in a child pinned to `threads` cores (`run_pinned`): per stage and batch, the per-layer 1-run
     profile (PERF_COUNT) and the median wall time; plus the sync microbenchmark."""
-    from parnet_cpu.runtime.engine import CompileOptions, compile_model, core
+    from parnet_cpu.runtime.engine import CompileOptions, compile_model
+    from parnet_cpu.system.openvino_core import core
     from parnet_cpu.runtime.partition import cut_stage
     from parnet_cpu.perf.profile import collect
 

@@ -253,7 +253,8 @@ def profile_model(model_dir: str | Path, precision: str | None = None, batch: in
     its own and run one after another (stage inputs from the previous stages), so the per-stage kernels
     and times show; concurrency itself is not profiled (the counters are per compiled model)."""
     from parnet_cpu.artifacts import INPUT_NAME, ModelDir
-    from parnet_cpu.runtime.engine import CompileOptions, core, float_leftovers
+    from parnet_cpu.runtime.engine import CompileOptions, float_leftovers
+    from parnet_cpu.system.openvino_core import core
     from parnet_cpu.runtime.macs import model_macs
     from parnet_cpu.system.cpuinfo import describe_machine, usable_physical_cores
 

@@ -87,7 +87,7 @@ class OpenVinoBackend(QuantizationBackend):
 
     def quantize(self, folder: Path, deploy, calibration, opts: QuantizeOptions, validation) -> None:
         from parnet_cpu.export import save_ir
-        from parnet_cpu.runtime.engine import core
+        from parnet_cpu.system.openvino_core import core
 
         int8 = quantize_ir(core().read_model(str(folder / IR_FILES["fp32"])), calibration, opts, validation)
         save_ir(int8, folder / self.artifact_file)

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from parnet_cpu.artifacts import ModelDir, atomic_output_dir, check_output_dir, report_stamp, stamp_manifest, write_json
+from parnet_cpu.artifacts import ModelDir, foreign_model_dir_problem, stamp_manifest
+from parnet_cpu.outputs import atomic_output_dir, check_output_dir, report_stamp, write_json
 from parnet_cpu.data import (DecodeReport, Dataset, ImageDecodeError, PreprocessConfig, detect_layout, iter_batches,
                              load_and_preprocess, match_model_classes)
 from parnet_cpu.evaluation import accuracy_summary, fidelity_summary, run_models
@@ -95,7 +96,8 @@ def quantize_to_dir(model, source: dict, calib_dir: str | Path, out: str | Path,
     from parnet_cpu.reparam.fuse import reparameterize
 
     inputs = {"--calib": calib_dir, "--labels": label_file}
-    check_output_dir(out, overwrite, inputs)  # before any work: never replace what this tool did not write
+    # before any work: never replace what this tool did not write
+    check_output_dir(out, overwrite, inputs, foreign=foreign_model_dir_problem)
     backend = get_backend(opts.backend)  # fails early (e.g. IPEX not installed) before any work
     backend.check_options(opts)
     phases = Phases()
@@ -113,7 +115,7 @@ def quantize_to_dir(model, source: dict, calib_dir: str | Path, out: str | Path,
     check_calibration_decodes(calib.samples, planned.preprocess_config())
     with phases("reparameterize"):
         deploy = reparameterize(model)
-    with atomic_output_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite, inputs=inputs, foreign=foreign_model_dir_problem) as tmp:
         with phases("export_fp32"):
             write_fp32_artifacts(deploy, tmp, source)
         md = ModelDir.open(tmp)

@@ -20,9 +20,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
-from parnet_cpu.artifacts import ModelDir, sha256_file, write_json
+from parnet_cpu.artifacts import ModelDir
+from parnet_cpu.outputs import sha256_file, write_json
 from parnet_cpu.system.cpuinfo import cpuinfo_flags, isa_flags, isa_level, parse_cpuinfo
-from parnet_cpu.system.openvino_core import core  # noqa: F401  (re-exported: the runtime's callers use engine.core)
+from parnet_cpu.system.openvino_core import core
 
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}  # int8: see float_leftovers
 LEFTOVERS_ENV = "PARNET_CPU_INT8_LEFTOVERS"  # auto | bf16 | f32: reaches worker processes and every compile
@@ -206,7 +207,7 @@ def compile_cache_key(model_dir: ModelDir, ir_path: Path, precision: str, leftov
     import openvino as ov
 
     files = model_dir.manifest.get("files") or {}
-    digests = [(files.get(n) or {}).get("sha256") or model_dir.file_sha256(n)
+    digests = [(files.get(n) or {}).get("sha256") or sha256_file(model_dir.path / n)
                for n in (ir_path.name, ir_path.with_suffix(".bin").name)]
     cpu_model, level, flags = _cpu_identity()
     parts = [*digests, precision, float_leftovers(precision, leftovers), cpu_model, flags,

@@ -67,7 +67,7 @@ def cut_stage(ir_path: str | Path, stage: Stage):
     """A fresh `ov.Model` computing `stage.outputs` from `stage.inputs` of the IR at `ir_path`."""
     import openvino as ov
 
-    from parnet_cpu.runtime.engine import core
+    from parnet_cpu.system.openvino_core import core
 
     model = core().read_model(str(ir_path))  # a private copy: the rewiring below mutates it
     ports = _named_ports(model)

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
-from parnet_cpu.artifacts import ModelDir, write_json
+from parnet_cpu.artifacts import ModelDir
+from parnet_cpu.outputs import sha256_file, write_json
 from parnet_cpu.runtime.cores import (
     CoreSpecError,
     place_stream_groups,
@@ -196,7 +197,7 @@ class PlanCache:
         import openvino as ov
 
         info = describe_machine(query_openvino=False)
-        digest = self.model_dir.file_sha256(ir_path.with_suffix(".bin").name)[:16]
+        digest = sha256_file(self.model_dir.path / ir_path.with_suffix(".bin").name)[:16]
         return json.dumps([info.model_name, cpus, precision, digest, ov.get_version(), machine_id()])
 
     def lookup(self, key: str) -> dict | None:

@@ -42,7 +42,8 @@ from parnet_cpu.runtime.leases import (CoreLease, ProcessBound, lease_transactio
 from parnet_cpu.runtime.partition import RECOMPUTE_STAGES, SHARE_STAGES, SINGLE_STAGES
 from parnet_cpu.runtime.plan import Plan, PlanCache, choose, make_plan, single_plan
 from parnet_cpu.runtime.timing import measure_latency
-from parnet_cpu.runtime.engine import CompileCache, core as openvino_core
+from parnet_cpu.runtime.engine import CompileCache
+from parnet_cpu.system.openvino_core import core as openvino_core
 from parnet_cpu.runtime.classify import TopK, check_top_k, softmax_top_k
 from parnet_cpu.data.inputs import MAX_IMAGE_PIXELS, ImageInput, preprocess_batch, preprocess_input
 from parnet_cpu.runtime.worker import (ERROR, PING, READY, RUN, STOP, SYNC, SYNC_REPLY, THREADS, Reply, RunStage,
@@ -112,7 +113,7 @@ class InferenceTimeout(TimeoutError):
 
 
 def _tensor_shapes(ir_path: Path, max_batch: int) -> dict[str, tuple[int, ...]]:
-    from parnet_cpu.runtime.engine import core
+    from parnet_cpu.system.openvino_core import core
 
     model = core().read_model(str(ir_path))
     shapes = {}
@@ -333,7 +334,8 @@ class Runtime(ProcessBound):
         return plan.kind == "single" and set(plan.cpus) == os.sched_getaffinity(0)
 
     def _start_in_process(self, plan: Plan) -> None:
-        from parnet_cpu.runtime.engine import CompileOptions, compile_model, core
+        from parnet_cpu.runtime.engine import CompileOptions, compile_model
+        from parnet_cpu.system.openvino_core import core
 
         opts = CompileOptions(precision=self.precision, num_threads=len(plan.cpus), pinning=True,
                               cache_dir=self._compile_cache_dir)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from parnet_cpu.artifacts import atomic_write
+from parnet_cpu.outputs import atomic_write
 from parnet_cpu.system.cpuinfo import describe_machine, machine_summary
 
 __all__ = [
