@@ -1,6 +1,7 @@
 """The model folder: what `export` and `quantize` write and what the runtime, `eval` and `bench` read.
 
-Torch-free on purpose (the runtime and server read it). Layout::
+Torch-free on purpose (the runtime and server read it); it is written through `outputs` (atomic, checked,
+locked), which knows nothing of model folders. Layout::
 
     OUT/parnet.json       manifest: architecture config, preprocessing, files, provenance
     OUT/model_fp32.xml/.bin   deploy-form FP32 OpenVINO IR (weights kept in fp32)
