@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import importlib.util
 import os
 import sys
 
@@ -35,6 +36,19 @@ COMMANDS: tuple[str, ...] = (
 
 # what the `full` extra adds to the torch-free base install (pyproject.toml)
 FULL_INSTALL_MODULES = frozenset({"torch", "nncf", "onnx", "onnxruntime", "torchao", "matplotlib"})
+# What a command needs from it to run at all. On an install without them `--help` marks the command and the
+# command is refused before its arguments are read or anything is written (issue 26). Commands that need the
+# full install for some options only (eval --backend torch, bench's torch and ONNX engines) are not listed:
+# `main` says the same install command when they reach a missing package.
+FULL_INSTALL_NEEDS: dict[str, tuple[str, ...]] = {
+    "demo": ("torch", "nncf", "matplotlib"),
+    "models": ("torch",),
+    "export": ("torch",),
+    "quantize": ("torch", "nncf"),
+    "train": ("torch",),
+}
+FULL_INSTALL_MARK = "[full install]"
+INSTALL_FULL = "pip install 'parnet-cpu[full]' (torch: a CPU wheel, see scripts/install.sh)"
 
 
 class CliError(Exception):
@@ -49,10 +63,61 @@ def build_parser() -> argparse.ArgumentParser:
     from parnet_cpu import __version__
 
     parser.add_argument("--version", action="version", version=f"parnet-cpu {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    missing = {name: absent for name, needs in FULL_INSTALL_NEEDS.items() if (absent := missing_modules(needs))}
+    if missing:
+        absent = ", ".join(sorted(set().union(*missing.values())))
+        parser.epilog = f"Commands marked {FULL_INSTALL_MARK} need the full install ({absent} not installed here): {INSTALL_FULL}"
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=CommandParser)
     for module_name in COMMANDS:
-        importlib.import_module(module_name).register(sub)
+        importlib.import_module(module_name).register(_Registrar(sub, missing))
     return parser
+
+
+def missing_modules(names: tuple[str, ...]) -> tuple[str, ...]:
+    """The packages among `names` that this install cannot import (looked up, not imported: --help stays fast)."""
+    def absent(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is None
+        except ValueError:  # already imported without a spec: present
+            return False
+        except ImportError:  # a finder that refuses it: not importable
+            return True
+    return tuple(n for n in names if absent(n))
+
+
+def needs_full_install(missing: tuple[str, ...] | list[str]) -> str:
+    """The one message for a command run without the full install: what is missing and the install command."""
+    verb = "is" if len(missing) == 1 else "are"
+    return f"this command needs the full install ({', '.join(missing)} {verb} not installed): {INSTALL_FULL}"
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A sub-command's parser. One whose packages this install lacks refuses at the first look at its
+    arguments (before argparse checks them and before the command writes anything); its --help still shows."""
+
+    missing: tuple[str, ...] = ()
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self.missing and not {"-h", "--help"} & set(args or ()):
+            self.exit(2, f"{self.prog}: error: {needs_full_install(self.missing)}\n")
+        return super().parse_known_args(args, namespace)
+
+
+class _Registrar:
+    """What each command's `register` is given: the sub-command list, marking a command this install lacks
+    packages for (its help line, its description) and arming its parser's refusal."""
+
+    def __init__(self, sub: argparse._SubParsersAction, missing: dict[str, tuple[str, ...]]):
+        self.sub, self.missing = sub, missing
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        absent = self.missing.get(name, ())
+        if absent:
+            kwargs["help"] = f"{kwargs.get('help') or ''} {FULL_INSTALL_MARK}".strip()
+            kwargs["description"] = f"{needs_full_install(absent)}. {kwargs.get('description') or ''}".strip()
+        parser = self.sub.add_parser(name, **kwargs)
+        parser.missing = absent
+        return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,9 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         return 74  # EX_IOERR: the place (disk full, quota, read-only, permissions), not the input
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.split(".")[0] in FULL_INSTALL_MODULES:
-            print(f"parnet-cpu {args.command}: error: this command needs the full install ({exc.name} is not "
-                  "installed): pip install 'parnet-cpu[full]' (torch: a CPU wheel, see scripts/install.sh)",
-                  file=sys.stderr)
+            print(f"parnet-cpu {args.command}: error: {needs_full_install([exc.name.split('.')[0]])}", file=sys.stderr)
             return 2
         raise
 
