@@ -131,6 +131,32 @@ def build_ort_parallel(name: str, spec: EngineSpec):
                          "ort": ort.__version__}
 
 
+class _RootWarnings:
+    """Collects what is logged on the root logger meanwhile (ONNX Runtime's quantizer logs one warning per
+    bias tensor there) instead of printing it over the progress lines."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def filter(self, record) -> bool:
+        self.messages.append(record.getMessage())
+        return False
+
+    def __enter__(self) -> "_RootWarnings":
+        import logging
+
+        logging.getLogger().addFilter(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import logging
+
+        logging.getLogger().removeFilter(self)
+
+    def summary(self) -> dict:
+        return {"count": len(self.messages), "first": self.messages[:3]}
+
+
 @engine("ort-int8")
 def build_ort_int8(name: str, spec: EngineSpec):
     """ONNX Runtime's own INT8: static QDQ quantization of the same ONNX, weights per channel (s8),
@@ -161,13 +187,15 @@ def build_ort_int8(name: str, spec: EngineSpec):
             path = next(self.it, None)
             return None if path is None else {input_name: load_paths([path], pcfg)}
 
-    with tempfile.TemporaryDirectory(prefix="parnet-ort-int8-") as tmp:  # the session keeps the model in memory
+    notes = _RootWarnings()  # the quantizer warns per tensor on the root logger: kept in the row, not printed
+    with tempfile.TemporaryDirectory(prefix="parnet-ort-int8-") as tmp, notes:  # the session keeps the model
         out = Path(tmp) / "model_int8_qdq.onnx"
         quantize_static(spec.onnx_path, str(out), Images(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         infer, so = ort_session(str(out), spec.threads, parallel=False)
     return infer, None, {"precision": "int8", "quantization": "static QDQ (U8S8), per-channel s8 weights, u8 activations, MinMax",
                          "calibration_images": len(images), "calibration_dir": str(folder),
+                         "quantizer_warnings": notes.summary(),
                          "intra_op": so.intra_op_num_threads, "ort": ort.__version__}
 
 
