@@ -13,7 +13,6 @@ weights, FP32. Writes benchmarks/results/embed_vs_serve.json.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import time
 from pathlib import Path
 
 from common import OtherLoad, machine_summary, other_busy_processes, print_table, usable_cores, write_result
-from serve_load import Server, closed_loop, export_model, free_port
+from serve_load import Server, add_server_bench_args, export_model, free_port, interleaved_rounds, measure_server, round_ratios, throughput_by_kind
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTO = REPO / "calibration" / "sample" / "cat_chelsea.jpg"
@@ -60,30 +59,16 @@ class Embedded(Server):
 
 
 def measure(kind: str, model: Path, logdir: Path, args) -> dict:
-    body, headers = PHOTO.read_bytes(), {"content-type": "image/jpeg"}
-    if kind == "serve":
-        srv, path = Server(model, logdir, ["--max-batch", str(BATCHING["max_batch"]), "--max-wait-ms",
-                                           str(BATCHING["max_wait_ms"])]), "/v1/classify?top_k=5"
-    else:
-        srv, path = Embedded(model, logdir), "/classify?top_k=5"
-    with srv:
-        asyncio.run(closed_loop(srv.url, (path, body, headers), 4, args.warmup, 30))
-        row = asyncio.run(closed_loop(srv.url, (path, body, headers), args.concurrency, 10**9, args.seconds))
-    row["kind"] = kind
-    print(f"  {kind:6s} c={args.concurrency}: {row['throughput_rps']:7.1f} req/s  p50 {row['p50_ms']:7.1f} ms  "
-          f"p99 {row['p99_ms']:7.1f} ms  {row['statuses']}", flush=True)
-    return row
+    request = (("/v1/classify" if kind == "serve" else "/classify") + "?top_k=5", PHOTO.read_bytes(),
+               {"content-type": "image/jpeg"})
+    serve_args = ["--max-batch", str(BATCHING["max_batch"]), "--max-wait-ms", str(BATCHING["max_wait_ms"])]
+    return measure_server(kind, lambda: Server(model, logdir, serve_args) if kind == "serve" else Embedded(model, logdir),
+                          request, args.concurrency, args.warmup, args.seconds, warmup_timeout_s=30)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", type=Path, help="model folder (default: export --variant with random weights)")
-    ap.add_argument("--variant", default="parnet_s")
-    ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--seconds", type=float, default=10.0, help="timed seconds per measurement")
-    ap.add_argument("--rounds", type=int, default=2, help="serve/embed pairs, alternating")
-    ap.add_argument("--warmup", type=int, default=16, help="untimed requests after each start")
-    ap.add_argument("--note", default="", help="what else ran on the machine (goes into the JSON)")
+    add_server_bench_args(ap, 32, "serve/embed pairs, alternating")
     args = ap.parse_args(argv)
 
     busy = other_busy_processes()
@@ -93,16 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="parnet_embed_vs_serve_") as tmp, OtherLoad(exclude_children=True) as load:
         tmp = Path(tmp)
         model = args.model or export_model(args.variant, tmp / "model")
-        rows, ratios = [], []
-        for r in range(args.rounds):
-            pair = {kind: measure(kind, model, tmp, args) for kind in ("serve", "embed")}
-            ratios.append(pair["embed"]["throughput_rps"] / pair["serve"]["throughput_rps"])
-            for row in pair.values():
-                row["round"] = r + 1
-            rows += pair.values()
-            print(f"  round {r + 1}: embed / serve = {ratios[-1]:.3f}", flush=True)
-    total = {k: sum(x["completed"] for x in rows if x["kind"] == k) / sum(x["wall_s"] for x in rows if x["kind"] == k)
-             for k in ("serve", "embed")}
+        rows = interleaved_rounds(("serve", "embed"), lambda kind: measure(kind, model, tmp, args), args.rounds)
+    ratios = round_ratios(rows, "embed", "serve")
+    total = throughput_by_kind(rows)
     ratio = total["embed"] / total["serve"]
     print()
     print_table(rows, ["round", "kind", "completed", "throughput_rps", "p50_ms", "p99_ms"])

@@ -14,14 +14,13 @@ closed-loop clients run on the same machine. Writes benchmarks/results/ray_serve
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import tempfile
 import time
 from pathlib import Path
 
 from common import OtherLoad, machine_summary, other_busy_processes, print_table, usable_cores, write_result
-from serve_load import Server, closed_loop, export_model
+from serve_load import Server, add_server_bench_args, export_model, interleaved_rounds, measure_server, round_ratios, throughput_by_kind
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTO = REPO / "calibration" / "sample" / "cat_chelsea.jpg"
@@ -62,27 +61,14 @@ def server(kind: str, model: Path, logdir: Path, replicas: int) -> Server:
 
 def measure(kind: str, model: Path, logdir: Path, args) -> dict:
     request = ("/v1/classify?top_k=5", PHOTO.read_bytes(), {"content-type": "image/jpeg"})
-    t0 = time.perf_counter()
-    with server(kind, model, logdir, args.replicas) as srv:
-        start_s = time.perf_counter() - t0
-        asyncio.run(closed_loop(srv.url, request, 4, args.warmup, 60))
-        row = asyncio.run(closed_loop(srv.url, request, args.concurrency, 10**9, args.seconds))
-    row.update(kind=kind, start_s=round(start_s, 1))
-    print(f"  {kind:8s} c={args.concurrency}: {row['throughput_rps']:7.1f} req/s  p50 {row['p50_ms']:7.1f} ms  "
-          f"p99 {row['p99_ms']:7.1f} ms  {row['statuses']}  (ready after {start_s:.0f} s)", flush=True)
-    return row
+    return measure_server(kind, lambda: server(kind, model, logdir, args.replicas), request, args.concurrency,
+                          args.warmup, args.seconds)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", type=Path, help="model folder (default: export --variant with random weights)")
-    ap.add_argument("--variant", default="parnet_s")
+    add_server_bench_args(ap, 16, "ray/replicas/runtime triples, alternating")
     ap.add_argument("--replicas", type=int, default=2)
-    ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--seconds", type=float, default=10.0, help="timed seconds per measurement")
-    ap.add_argument("--rounds", type=int, default=2, help="ray/replicas/runtime triples, alternating")
-    ap.add_argument("--warmup", type=int, default=16, help="untimed requests after each start")
-    ap.add_argument("--note", default="", help="what else ran on the machine (goes into the JSON)")
     args = ap.parse_args(argv)
 
     busy = other_busy_processes()
@@ -95,17 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="parnet_ray_serve_") as tmp, OtherLoad(exclude_children=True) as load:
         tmp = Path(tmp)
         model = args.model or export_model(args.variant, tmp / "model")
-        rows, per_round = [], []
-        for r in range(args.rounds):
-            order = KINDS if r % 2 == 0 else KINDS[::-1]
-            got = {kind: measure(kind, model, tmp, args) for kind in order}
-            per_round.append(got["ray"]["throughput_rps"] / got["replicas"]["throughput_rps"])
-            for row in got.values():
-                row["round"] = r + 1
-            rows += got.values()
-            print(f"  round {r + 1}: ray / replicas = {per_round[-1]:.3f}", flush=True)
-    total = {k: sum(x["completed"] for x in rows if x["kind"] == k) / sum(x["wall_s"] for x in rows if x["kind"] == k)
-             for k in KINDS}
+        rows = interleaved_rounds(KINDS, lambda kind: measure(kind, model, tmp, args), args.rounds, reverse_odd=True)
+    per_round = round_ratios(rows, "ray", "replicas")
+    total = throughput_by_kind(rows)
     ratio = total["ray"] / total["replicas"]
     print()
     print_table(rows, ["round", "kind", "completed", "throughput_rps", "p50_ms", "p99_ms", "start_s"])

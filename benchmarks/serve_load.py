@@ -153,6 +153,55 @@ def batch_counters(url: str) -> tuple[float, float]:
     return values.get("parnet_batch_size_count", 0.0), values.get("parnet_batch_size_sum", 0.0)
 
 
+def add_server_bench_args(ap: argparse.ArgumentParser, concurrency: int, rounds_help: str) -> None:
+    """The options every server-vs-server benchmark takes (model, clients, time, rounds, warm-up, note)."""
+    ap.add_argument("--model", type=Path, help="model folder (default: export --variant with random weights)")
+    ap.add_argument("--variant", default="parnet_s")
+    ap.add_argument("--concurrency", type=int, default=concurrency)
+    ap.add_argument("--seconds", type=float, default=10.0, help="timed seconds per measurement")
+    ap.add_argument("--rounds", type=int, default=2, help=rounds_help)
+    ap.add_argument("--warmup", type=int, default=16, help="untimed requests after each start")
+    ap.add_argument("--note", default="", help="what else ran on the machine (goes into the JSON)")
+
+
+def measure_server(kind: str, make_server, request: tuple[str, bytes, dict], concurrency: int, warmup: int,
+                   seconds: float, warmup_timeout_s: float = 60.0) -> dict:
+    """Start a server (`make_server()`, a context manager with `.url`), warm it up with 4 clients, then
+    `concurrency` closed-loop clients for `seconds`: the row, with the server's start-up seconds."""
+    t0 = time.perf_counter()
+    with make_server() as srv:
+        start_s = time.perf_counter() - t0
+        asyncio.run(closed_loop(srv.url, request, 4, warmup, warmup_timeout_s))
+        row = asyncio.run(closed_loop(srv.url, request, concurrency, 10**9, seconds))
+    row.update(kind=kind, start_s=round(start_s, 1))
+    print(f"  {kind:8s} c={concurrency}: {row['throughput_rps']:7.1f} req/s  p50 {row['p50_ms']:7.1f} ms  "
+          f"p99 {row['p99_ms']:7.1f} ms  {row['statuses']}  (ready after {start_s:.0f} s)", flush=True)
+    return row
+
+
+def interleaved_rounds(kinds: tuple[str, ...], measure, rounds: int, reverse_odd: bool = False) -> list[dict]:
+    """`measure(kind)` for every kind, round after round (A B C A B C ..., or A B C C B A ... with
+    `reverse_odd`), so drift on a shared machine falls on every kind; each row gets its round number."""
+    rows = []
+    for r in range(rounds):
+        for kind in (kinds[::-1] if reverse_odd and r % 2 else kinds):
+            rows.append({**measure(kind), "round": r + 1})
+    return rows
+
+
+def throughput_by_kind(rows: list[dict]) -> dict[str, float]:
+    """Requests per second of each kind over all its rounds (completed / wall, summed)."""
+    kinds = dict.fromkeys(row["kind"] for row in rows)
+    return {k: sum(x["completed"] for x in rows if x["kind"] == k) / sum(x["wall_s"] for x in rows if x["kind"] == k)
+            for k in kinds}
+
+
+def round_ratios(rows: list[dict], num: str, den: str) -> list[float]:
+    """Throughput of `num` over `den` within each round."""
+    by = {(row["round"], row["kind"]): row["throughput_rps"] for row in rows}
+    return [by[r, num] / by[r, den] for r in sorted({row["round"] for row in rows})]
+
+
 def run_mode(model: Path, logdir: Path, mode: str, args: argparse.Namespace, shape: tuple[int, ...]) -> list[dict]:
     rows = []
     request = make_request(args.endpoint, shape)
