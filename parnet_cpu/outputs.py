@@ -52,6 +52,27 @@ _KINDS = {stat.S_IFDIR: "folder", stat.S_IFLNK: "symbolic link", stat.S_IFIFO: "
           stat.S_IFREG: "file"}
 
 
+_umask_lock = threading.Lock()
+
+
+def creation_modes() -> tuple[int, int]:
+    """(folder, file) modes that a plain mkdir/open gives under this process's umask: 0755/0644 at the usual
+    022, 0700/0600 at 077. mkdtemp and mkstemp make 0700/0600 whatever the umask, so this tool's temporary
+    folders and files are given these before they are renamed into place: a model folder made as root is
+    readable by a container's other uid where the umask allows it (issue 26), and no more than it allows.
+    The umask is read from /proc/self/status (no change to the process); elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            umask = next((int(line.split()[1], 8) for line in f if line.startswith("Umask:")), None)
+    except (OSError, ValueError, IndexError):
+        umask = None
+    if umask is None:
+        with _umask_lock:  # other threads of this tool never create files with the probe's umask
+            umask = os.umask(0o077)
+            os.umask(umask)
+    return 0o777 & ~umask, 0o666 & ~umask
+
+
 def file_kind(path: str | os.PathLike[str]) -> str:
     """What is at `path`, in words ("named pipe (FIFO)", "folder", ...; the link itself, not its target), for
     messages that must say what a thing is rather than that it is missing."""
@@ -149,7 +170,7 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w", encoding: str | 
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, mode, encoding=encoding) as f:
-            os.fchmod(fd, 0o644)  # as a plain write would leave it (mkstemp makes 0600)
+            os.fchmod(fd, creation_modes()[1])  # as a plain write would leave it (mkstemp makes 0600)
             yield f
             f.flush()
             os.fsync(f.fileno())  # a disk that accepted the bytes but cannot keep them says so now, not later
@@ -548,6 +569,7 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False,
         tmp = None
         try:
             tmp = Path(tempfile.mkdtemp(prefix=temp_dir_prefix(), dir=target.parent))
+            os.chmod(tmp, creation_modes()[0])  # as a plain mkdir would make it (mkdtemp makes 0700)
             yield tmp
             check_output_dir(out, overwrite, inputs, foreign=foreign)  # nothing foreign moved in meanwhile
             with _signals_deferred():
