@@ -444,7 +444,7 @@ def test_output_lock_is_exclusive_between_processes_and_reentrant_within_one(tmp
     from parnet_cpu.outputs import OutputBusyError, output_lock
 
     out = tmp_path / "m"
-    code = ("import sys, time; from parnet_cpu.artifacts import output_lock\n"
+    code = ("import sys, time; from parnet_cpu.outputs import output_lock\n"
             f"with output_lock({str(out)!r}):\n    print('held', flush=True); sys.stdin.readline()")
     holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True)
