@@ -143,7 +143,11 @@ SPECS: dict[str, Num] = {
     "seed": _int(0, 2**32 - 1),
     # quantization
     "subset_size": _int(1, 1_000_000),
-    "max_drop": _float(0.0, 100.0, low_open=True, none=True, unit="top-1 points"),
+    # accuracy-controlled PTQ's allowed top-1 drop: NNCF's unit (a fraction, 0.01 = 1 point) in the Python API,
+    # points on the command line (--max-drop-points); above 20 points no INT8 model is worth keeping, and the
+    # bound refuses a points value (1, 0.5) given where a fraction is meant
+    "max_drop": _float(0.0, 0.2, low_open=True, none=True, unit="top-1 fraction (NNCF's max_drop: 0.01 = 1 point)"),
+    "max_drop_points": _float(0.0, 20.0, low_open=True, none=True, unit="top-1 points (1 = NNCF's max_drop 0.01)"),
     "eval_limit": _int(0, MAX_IMAGES, none=True),  # 0 or None: every held-out image
     # measuring (bench, profile, plan)
     "cores_per_stream": _CORES_PER_STREAM,

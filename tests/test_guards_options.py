@@ -86,7 +86,7 @@ def test_every_numeric_flag_of_every_command_uses_the_option_layer(parser):
     for expected in (("serve", "--max-wait-ms"), ("serve", "--body-timeout"), ("serve", "--max-body-mb"),
                      ("serve", "--max-batch"), ("serve", "--cpu-threads"), ("serve", "--port"),
                      ("bench", "--batches"), ("bench", "--sweep"), ("bench", "--quiet-wait"), ("plan", "--cpus"),
-                     ("export", "--std"), ("train", "--lr"), ("quantize", "--max-drop"), ("dataset", "--limit")):
+                     ("export", "--std"), ("train", "--lr"), ("quantize", "--max-drop-points"), ("dataset", "--limit")):
         assert expected in seen, expected
     assert len(flags) >= 60, len(flags)
 

@@ -81,7 +81,7 @@ def test_one_channel_model_runs_at_batch_above_one(tmp_path):
 def test_backend_option_errors(tmp_path, capsys):
     calib = str(REPO / "calibration" / "sample")
     assert main(["quantize", *NARROW_ARGS, "--calib", calib, "--out", str(tmp_path / "a"), "--backend", "torch",
-                 "--max-drop", "1", "--quiet"]) == 2
+                 "--max-drop-points", "1", "--quiet"]) == 2
     assert "OpenVINO/NNCF options" in capsys.readouterr().err
     try:
         import intel_extension_for_pytorch  # noqa: F401

@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 
 from parnet_cpu.bench.quiet import add_quiet_args
-from parnet_cpu.cli.common import add_model_dir_arg, add_overwrite_arg, check_output_arg, output_arg, write_report_arg
+from parnet_cpu.cli.common import (add_json_arg, add_model_dir_arg, add_overwrite_arg, check_output_arg,
+                                   check_output_clash, output_arg, write_json_arg, write_report_arg)
 from parnet_cpu.options import arg, arg_list
 
 
@@ -95,7 +96,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib", metavar="DIR", help="images ort-int8 calibrates on (default: the shipped photos; "
                    "give the folder the model folder's INT8 was calibrated on for a like-for-like comparison)")
     p.add_argument("--cost-model", action="store_true", help=argparse.SUPPRESS)  # retired: says so (run)
-    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    add_json_arg(p, "the results")
     p.add_argument("--report-folder", "-report_folder", metavar="DIR",
                    help="write benchmark_report.json (benchmark_app's sections cmd_options, configuration_setup, "
                         "execution_results, one entry per engine and batch) and parnet_bench.json (this tool's "
@@ -145,6 +146,13 @@ def run(args: argparse.Namespace) -> int:
             check_cores_feasible(sweep, cores, args.use_smt)
     except CoreSpecError as exc:
         raise CliError(str(exc)) from None
+    if args.report_folder:  # an output folder: created now, so a --json or --plot inside it is checked like any
+        for dest in ("json", "plot"):
+            check_output_clash(args, dest)  # (not one of its own files: said before anything is created)
+        try:
+            Path(args.report_folder).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CliError(f"--report-folder {args.report_folder}: {exc.strerror or exc}") from None
     for dest, kind in (("json", "bench"), ("plot", None)):
         check_output_arg(args, dest, kind)  # before the measuring
     results = []
@@ -158,8 +166,7 @@ def run(args: argparse.Namespace) -> int:
     except NotQuietError as exc:
         return refuse("bench", exc)
     payload = results[0] if len(results) == 1 else {"sweep": results}
-    if args.json:
-        write_report_arg(args, "json", "bench", payload)
+    write_json_arg(args, "bench", payload)
     if args.report_folder:
         import json
 

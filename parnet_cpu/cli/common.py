@@ -44,22 +44,66 @@ OUTPUT_FLAGS = {"json": "--json", "report": "--report", "plot": "--plot", "expor
                 "report_folder": "--report-folder"}
 
 
-def command_paths(args: argparse.Namespace, exclude: str | None = None) -> dict[str, object]:
-    """Flag -> path(s) of everything the command reads and of its other outputs (not `exclude`, the dest
-    being checked): what an output must not be, nor lie inside. Booleans (`info --json`) and unset flags are
-    left out; an input (`--model parnet_s`, `--data fmnist`) only counts where it names an existing path, an
-    output always (two outputs must not be one file)."""
+STDOUT = "-"  # `--json` without FILE (or `--json -`): the JSON goes to stdout, alone
+# output folders a command writes only some named files into (bench --report-folder): another output may lie in
+# such a folder but not be one of those files. Every other output, file or folder, is the command's as a whole:
+# nothing else may be it or lie inside it (a model folder is replaced whole).
+OUTPUT_FOLDER_FILES = {"report_folder": ("benchmark_report.json", "parnet_bench.json")}
+
+
+def _path_value(dest: str, value: object) -> bool:
+    """Does this flag value name a path? Not when unset, a boolean, or `--json` meaning stdout."""
+    return value is not None and not isinstance(value, bool) and not (dest == "json" and value == STDOUT)
+
+
+def command_paths(args: argparse.Namespace) -> dict[str, object]:
+    """Flag -> path(s) of everything the command reads: what an output must not be, nor lie inside (its
+    outputs among themselves: `check_output_clash`). An input (`--model parnet_s`, `--data fmnist`) only
+    counts where it names an existing path."""
     found: dict[str, object] = {}
-    for dest, flag in (*INPUT_FLAGS.items(), *OUTPUT_FLAGS.items()):
+    for dest, flag in INPUT_FLAGS.items():
         value = getattr(args, dest, None)
-        if dest == exclude or value is None or isinstance(value, bool):
-            continue
-        if dest in INPUT_FLAGS and not (isinstance(value, list) or os.path.lexists(str(value))):
-            continue  # a variant name, `--data fmnist`: not a path
+        if not _path_value(dest, value) or not (isinstance(value, list) or os.path.lexists(str(value))):
+            continue  # unset, or a variant name, `--data fmnist`: not a path
         if dest == "model" and not os.path.isdir(str(value)):
             flag = "--model"
         found[flag] = value
     return found
+
+
+def check_output_clash(args: argparse.Namespace, dest: str, value: object | None = None) -> None:
+    """Refuse (CliError) output `dest` (at `value`, default its flag's value) where it would be another output
+    of the command, lie inside one, or contain one: two outputs cannot be one file, and a folder the command
+    writes whole takes nothing else. In an `OUTPUT_FOLDER_FILES` folder only the files the command writes
+    there itself are taken (`bench --report-folder peers --json peers/mine.json` is fine)."""
+    value = getattr(args, dest, None) if value is None else value
+    if not _path_value(dest, value):
+        return
+    flag, command = OUTPUT_FLAGS[dest], getattr(args, "command", None) or "this command"
+    target = os.path.realpath(os.path.expanduser(str(value)))
+
+    def same(a: str, b: str) -> bool:
+        return a == b or (os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b))
+
+    for other, other_flag in OUTPUT_FLAGS.items():
+        where = getattr(args, other, None)
+        if other == dest or not _path_value(other, where):
+            continue
+        real = os.path.realpath(os.path.expanduser(str(where)))
+        if other in OUTPUT_FOLDER_FILES:
+            for name in OUTPUT_FOLDER_FILES[other]:
+                if same(target, os.path.join(real, name)):
+                    raise CliError(f"{flag} {value} is {name} in {other_flag} {where}, a file {command} writes there "
+                                   f"itself: name another file for {flag}")
+        elif same(target, real):
+            raise CliError(f"{flag} {value} is also {other_flag} {where}: two outputs of {command} cannot be one "
+                           f"file; name another file for {flag}")
+        elif target.startswith(real.rstrip(os.sep) + os.sep):
+            raise CliError(f"{flag} {value} lies inside {other_flag} {where}, which {command} writes as a whole: "
+                           f"put {flag} elsewhere")
+        elif real.startswith(target.rstrip(os.sep) + os.sep):
+            raise CliError(f"{flag} {value} contains {other_flag} {where}, another output of {command}: put "
+                           f"{other_flag} elsewhere")
 
 
 def check_out_arg(out: str, overwrite: bool, args: argparse.Namespace | None = None, **inputs: str | None) -> None:
@@ -68,8 +112,9 @@ def check_out_arg(out: str, overwrite: bool, args: argparse.Namespace | None = N
     from parnet_cpu.artifacts import foreign_model_dir_problem
     from parnet_cpu.outputs import OutputError, check_output_dir
 
-    every = {**(command_paths(args, exclude="out") if args is not None else {}),
-             **{f"--{k}": v for k, v in inputs.items()}}
+    every = {**(command_paths(args) if args is not None else {}), **{f"--{k}": v for k, v in inputs.items()}}
+    if args is not None:
+        check_output_clash(args, "out", out)
     try:
         check_output_dir(out, overwrite, every, foreign=foreign_model_dir_problem)
     except OutputError as exc:
@@ -84,10 +129,11 @@ def check_output_arg(args: argparse.Namespace, dest: str, report: str | None = N
     from parnet_cpu.outputs import OutputError, check_output_file
 
     out = getattr(args, dest, None)
-    if out is None:
+    if not _path_value(dest, out):
         return
+    check_output_clash(args, dest)
     try:
-        check_output_file(out, OUTPUT_FLAGS[dest], command_paths(args, exclude=dest),
+        check_output_file(out, OUTPUT_FLAGS[dest], command_paths(args),
                           overwrite=bool(getattr(args, "overwrite", False)), report=report)
     except OutputError as exc:
         raise CliError(str(exc)) from None
@@ -101,7 +147,7 @@ def output_arg(args: argparse.Namespace, dest: str, report: str | None = None, m
 
     check_output_arg(args, dest, report)  # said as a usage error (exit 2); output_file checks once more
     try:
-        with output_file(getattr(args, dest), OUTPUT_FLAGS[dest], command_paths(args, exclude=dest),
+        with output_file(getattr(args, dest), OUTPUT_FLAGS[dest], command_paths(args),
                          overwrite=bool(getattr(args, "overwrite", False)), report=report, mode=mode) as f:
             yield f
     except OutputError as exc:  # something became an input or a foreign file since the check
@@ -116,6 +162,51 @@ def write_report_arg(args: argparse.Namespace, dest: str, kind: str, obj: dict) 
     body = obj if "report" in obj else {**report_stamp(kind), **obj}
     with output_arg(args, dest, report=kind) as f:
         f.write(json.dumps(body, indent=2, sort_keys=True, default=str) + "\n")
+
+
+JSON_HELP = "write {what} as JSON to FILE, or to stdout without FILE (or with -)"
+_json_stdout: list = []  # the real stdout while `stdout_for_json` lends sys.stdout's place to stderr
+
+
+def add_json_arg(p: argparse.ArgumentParser, what: str) -> None:
+    """The one `--json [FILE]` of every command (a test walks the parser): FILE is a checked single-file output
+    (stamped, atomic; a report of the same command may be replaced), no FILE or `-` is stdout."""
+    p.add_argument("--json", nargs="?", const=STDOUT, metavar="FILE", help=JSON_HELP.format(what=what))
+
+
+@contextmanager
+def stdout_for_json(args: argparse.Namespace) -> Iterator[None]:
+    """With `--json` to stdout, stdout carries the JSON alone (`| jq` works): whatever else the command prints
+    (tables, progress, `wrote ...`) goes to stderr meanwhile. Entered once, around the command's handler."""
+    if getattr(args, "json", None) != STDOUT:
+        yield
+        return
+    from contextlib import redirect_stdout
+
+    _json_stdout.append(sys.stdout)
+    try:
+        with redirect_stdout(sys.stderr):
+            yield
+    finally:
+        _json_stdout.pop()
+
+
+def json_to_stdout(args: argparse.Namespace) -> bool:
+    """`--json` alone or `--json -`: commands whose text would only repeat the JSON (info, verify) skip it."""
+    return getattr(args, "json", None) == STDOUT
+
+
+def write_json_arg(args: argparse.Namespace, kind: str, obj: dict) -> None:
+    """The one writer of `--json`: to stdout as it is, or to FILE through `write_report_arg` (stamped as `kind`,
+    checked, atomic). Unset: nothing."""
+    if getattr(args, "json", None) is None:
+        return
+    if args.json != STDOUT:
+        write_report_arg(args, "json", kind, obj)
+        return
+    stream = _json_stdout[-1] if _json_stdout else sys.stdout
+    stream.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    stream.flush()
 
 
 def add_overwrite_arg(p: argparse.ArgumentParser, what: str = "an existing output file") -> None:

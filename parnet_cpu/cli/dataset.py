@@ -12,6 +12,7 @@ import re
 import sys
 from pathlib import Path
 
+from parnet_cpu.cli.common import add_json_arg, check_output_arg, write_json_arg
 from parnet_cpu.options import arg
 
 
@@ -34,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--class-names", metavar="FILE",
                    help="one class name per line, in label order (default: the Fashion-MNIST classes)")
     e.add_argument("--quiet", action="store_true")
+    add_json_arg(e, "what was written (folder, images, class folders and their counts)")
     e.set_defaults(handler=run_export_idx)
 
 
@@ -54,6 +56,7 @@ def run_export_idx(args: argparse.Namespace) -> int:
     from parnet_cpu.data.fmnist import (FASHION_MNIST_CLASSES, FASHION_MNIST_FOLDERS, IdxError, find_fashion_mnist,
                                          read_idx, write_image_folder)
 
+    check_output_arg(args, "json", "dataset")
     if args.fmnist:
         if args.images or args.labels:
             raise CliError("give either --fmnist or --images/--labels, not both")
@@ -110,4 +113,8 @@ def run_export_idx(args: argparse.Namespace) -> int:
               + ", ".join(f"{f}: {c}" for f, c in zip(folders, counts)) + "); classes.txt lists the label order")
     if not args.quiet and labels is not None and names != list(FASHION_MNIST_CLASSES):
         print("classes: " + ", ".join(names), file=sys.stderr)
+    write_json_arg(args, "dataset", {"out": str(out), "images": n, "images_file": str(images_path),
+                                     "labels_file": None if labels is None else str(labels_path),
+                                     "format": args.format, "classes": None if labels is None else names,
+                                     "class_folders": None if labels is None else dict(zip(folders, map(int, counts)))})
     return 0

@@ -27,17 +27,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     from parnet_cpu.bench.quiet import add_quiet_args
 
     add_quiet_args(p)
+    from parnet_cpu.cli.common import add_json_arg
+
+    add_json_arg(p, "the summary (what OUT/demo.json holds)")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from parnet_cpu.bench.quiet import NotQuietError, refuse
+    from parnet_cpu.cli.common import check_output_arg, write_json_arg
 
+    check_output_arg(args, "json", "demo")
     try:
         summary = run_demo(args.out, args.test_limit, min_seconds=0.2 if args.quick else 1.0,
                            require_quiet=args.require_quiet, quiet_wait_s=args.quiet_wait)
     except NotQuietError as exc:
         return refuse("demo", exc)
+    write_json_arg(args, "demo", summary)
     if args.require_quiet and not summary["speed_half"]["machine_was_quiet"]:
         return refuse("demo", NotQuietError("other work used the CPUs during the speed half (see demo.json)"))
     return 0

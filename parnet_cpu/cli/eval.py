@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 
 from parnet_cpu.cli import CliError
-from parnet_cpu.cli.common import (add_model_dir_arg, add_overwrite_arg, check_output_arg,
-                                     write_report_arg)
+from parnet_cpu.cli.common import (add_json_arg, add_model_dir_arg, add_overwrite_arg, check_output_arg,
+                                     write_json_arg)
 from parnet_cpu.options import arg
 from parnet_cpu.quantization.base import QuantizeOptions, backend_names
 
@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=arg("limit"), help="evaluate only the first N images")
     p.add_argument("--batch-size", type=arg("batch_size"), default=32)
     p.add_argument("--workers", type=arg("workers"))
-    p.add_argument("--json", metavar="FILE", help="write the full result (with per-class counts) as JSON")
+    add_json_arg(p, "the full result (with per-class counts)")
     add_overwrite_arg(p, "an existing --json file")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=run)
@@ -89,7 +89,7 @@ def save_json(args: argparse.Namespace, result: dict) -> None:
     import sys
 
     try:
-        write_report_arg(args, "json", "eval", result)
+        write_json_arg(args, "eval", result)
     except (OSError, CliError):
         print(json.dumps(result, indent=2, sort_keys=True, default=str), flush=True)
         print(f"the evaluation's figures are printed above (JSON), because --json {args.json} could not be written",

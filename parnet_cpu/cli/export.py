@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from parnet_cpu.cli.common import add_model_args, check_out_arg, model_from_args, sigterm_as_interrupt
+from parnet_cpu.cli.common import (add_json_arg, add_model_args, check_out_arg, check_output_arg, model_from_args,
+                                   sigterm_as_interrupt, write_json_arg)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,11 +14,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output model folder")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx")
     p.add_argument("--overwrite", action="store_true", help="replace an output folder written by parnet-cpu (never anything else)")
+    add_json_arg(p, "what was written (folder, parameter counts, configuration)")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     with sigterm_as_interrupt():
+        check_output_arg(args, "json", "export")
         check_out_arg(args.out, args.overwrite, args)  # before any work (and before torch is even imported)
         from parnet_cpu.outputs import output_lock
         from parnet_cpu.models.parnet import count_parameters
@@ -26,6 +29,9 @@ def run(args: argparse.Namespace) -> int:
             out, model, deploy = _export(args)
     print(f"exported {args.model}: {count_parameters(model):,} params (training form) -> "
           f"{count_parameters(deploy):,} (deploy form) to {out}/")
+    write_json_arg(args, "export", {"out": str(out), "model": args.model, "onnx": args.onnx,
+                                    "params_train": count_parameters(model), "params_deploy": count_parameters(deploy),
+                                    "config": model.cfg.to_dict()})
     return 0
 
 

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from parnet_cpu.cli import CliError
+from parnet_cpu.cli.common import add_json_arg, json_to_stdout, write_json_arg
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -15,10 +15,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "nodes, physical cores and SMT siblings, hybrid core types, the CPUs this process may use "
         "(affinity, cgroup cpuset and CPU quota), ISA flags and which int8 kernels OpenVINO will use.",
     )
-    parser.add_argument("--json", action="store_true", help="print the full description as JSON")
+    add_json_arg(parser, "the full description")
     # Advanced: read a captured tree (proc/cpuinfo, sys/devices/system/..., sys/fs/cgroup/...) instead of
     # the live machine; used by the tests and to reproduce a support ticket.
-    parser.add_argument("--root", default="/", metavar="DIR", help=argparse.SUPPRESS)
+    # (default None: the live machine, "/", which is no input a --json FILE could lie inside)
+    parser.add_argument("--root", metavar="DIR", help=argparse.SUPPRESS)
     parser.set_defaults(handler=run)
 
 
@@ -27,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     from parnet_cpu.system.cpuinfo import describe_machine
 
-    root = Path(args.root)
+    root = Path(args.root or "/")
     if not root.is_dir():
         raise CliError(f"--root {args.root}: not a directory")
     try:
@@ -35,13 +36,12 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(str(exc)) from None
     leases = live_leases() if info.live else None
-    if args.json:
-        print(json.dumps(info.to_dict() | ({"leases": leases} if leases is not None else {})
-                         | ({"int8_float_leftovers": _leftovers(info)} if info.live else {}), sort_keys=True, indent=2))
-    else:
+    if not json_to_stdout(args):
         print(format_report(info))
         if leases is not None:
             print(format_leases(leases))
+    write_json_arg(args, "info", info.to_dict() | ({"leases": leases} if leases is not None else {})
+                   | ({"int8_float_leftovers": _leftovers(info)} if info.live else {}))
     return 0
 
 
@@ -49,14 +49,20 @@ def live_leases() -> list[dict]:
     """Cores leased right now by runtimes on this machine (see `parnet_cpu.runtime.leases`)."""
     from dataclasses import asdict
 
+    from parnet_cpu.runtime.cores import CoreSpecError
     from parnet_cpu.runtime.leases import current_leases
 
-    return [asdict(lease) for lease in current_leases()]
+    try:
+        return [asdict(lease) for lease in current_leases()]
+    except CoreSpecError as exc:  # an unsafe or unusable lease folder: said in the report, the facts still shown
+        return [{"error": str(exc)}]
 
 
 def format_leases(leases: list[dict]) -> str:
     from parnet_cpu.runtime.leases import lease_dir
 
+    if leases and "error" in leases[0]:
+        return f"Core leases        cannot be read: {leases[0]['error']}"
     if not leases:
         return f"Core leases        none ({lease_dir()})"
     return "\n".join([f"Core leases        {len(leases)} ({lease_dir()})"]

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from parnet_cpu.bench.quiet import add_quiet_args
-from parnet_cpu.cli.common import add_model_dir_arg, add_overwrite_arg, check_output_arg, write_report_arg
+from parnet_cpu.cli.common import add_json_arg, add_model_dir_arg, add_overwrite_arg, check_output_arg, write_json_arg
 from parnet_cpu.options import arg
 
 
@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--handover-ms", type=arg("handover_ms"), default=None,
                    help="cost of the stem->streams->tail->caller messages per call (default: 3 x the parent-worker "
                         "message round trip measured here, or the one recorded in --fit)")
-    p.add_argument("--json", metavar="FILE", help="also write the plan (and the fitted cost model) as JSON")
+    add_json_arg(p, "the plan (and the fitted cost model)")
     add_quiet_args(p)
     add_overwrite_arg(p, "an existing --json file")
     p.set_defaults(handler=run)
@@ -145,6 +145,8 @@ def make_report(args) -> dict:
         "stage_gmacs": {k: v / 1e9 for k, v in macs.items()},
         "sizing": "predicted time" if model is not None else "MACs",
         "groups": describe(groups), "mac_groups": describe(mac_groups),
+        # the groups as the runtime takes them (the runtime's own auto split follows MACs; these follow time)
+        "cores_arg": ":".join(format_cpu_list(g) for g in groups),
         "single_graph": {"threads": len(single), "cpus": format_cpu_list(single)},
         "predictions": None, "handover_ms": handover, "handover_source": handover_source,
     }
@@ -179,6 +181,9 @@ def format_report(r: dict) -> str:
             lines.append(f"    batch {p['batch']}: predicted multi-stream {p['multistream_ms']:.2f} ms (streams "
                          f"{'/'.join(f'{t:.2f}' for t in p['stream_ms'])}), single graph {p['single_ms']:.2f} ms "
                          f"(ratio {p['ratio_multi_vs_single']:.2f}) -> auto would choose {p['auto_would_choose']}")
+    if r.get("cores_arg"):
+        lines.append(f"  to run the first groups above: --cores {r['cores_arg']} (serve, bench; Runtime(cores=...)); "
+                     "without it the runtime sizes groups by MACs")
     lines.append(f"  single graph: {r['single_graph']['threads']} threads on CPUs {r['single_graph']['cpus']}")
     if r["predictions"]:
         lines.append(f"  hand-over {r['handover_ms']:.3f} ms per call: {r['handover_source']}")
@@ -204,6 +209,5 @@ def run(args: argparse.Namespace) -> int:
     except NotQuietError as exc:
         return refuse("plan", exc)
     print(format_report(report))
-    if args.json:
-        write_report_arg(args, "json", "plan", report)
+    write_json_arg(args, "plan", report)
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from parnet_cpu.cli.common import add_model_dir_arg, sigterm_as_interrupt
+from parnet_cpu.cli.common import add_json_arg, add_model_dir_arg, check_output_arg, sigterm_as_interrupt, write_json_arg
 from parnet_cpu.options import arg
 
 
@@ -27,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=arg("batch_size"), default=32)
     p.add_argument("--workers", type=arg("workers"), help="decoding threads (default: usable CPUs)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_json_arg(p, "the run's summary (counts, time, files not read as images)")
     p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                    help="compute the rows on Ray Data (the 'ray' extra): decoding in Ray tasks, inference in "
                    "--actors leased runtimes; ADDRESS: a Ray cluster (auto, HOST:PORT, ray://...), or none to start "
@@ -37,6 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     from parnet_cpu.artifacts import ModelDirError
     from parnet_cpu.cli import CliError
     from parnet_cpu.predict import PredictError, output_format, predict_folder
@@ -45,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.resume and args.overwrite:
         raise CliError("--resume keeps the rows in --out and --overwrite replaces them: pass one")
+    check_output_arg(args, "json", "predict")
     try:
         output_format(args.out)  # a missing pyarrow is said before the model loads
         if args.ray is not None:
@@ -63,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         rt.close()
     print(summary.line())
+    write_json_arg(args, "predict", {**asdict(summary), "images_per_s": summary.images_per_s})
     if summary.interrupted or summary.error:
         print(f"parnet-cpu predict: {'interrupted' if summary.interrupted else 'stopped: ' + summary.error}; the "
               f"rows done so far are in {summary.out}: rerun with --resume to continue", file=sys.stderr)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 
 from parnet_cpu.bench.quiet import add_quiet_args
-from parnet_cpu.cli.common import add_model_dir_arg, add_overwrite_arg, check_output_arg, write_report_arg
+from parnet_cpu.cli.common import (STDOUT, add_json_arg, add_model_dir_arg, add_overwrite_arg, check_output_arg,
+                                   write_json_arg)
 from parnet_cpu.options import arg
 
 
@@ -24,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--int8-leftovers", choices=("auto", "bf16", "f32"),
                    help="precision of the ops an INT8 IR keeps in float (default auto: bf16 where the CPU has it)")
     p.add_argument("--top", type=arg("top"), default=25, help="slowest layers listed in the table (default 25)")
-    p.add_argument("--json", metavar="FILE", help="also write the full profile (every layer) as JSON")
+    add_json_arg(p, "the full profile (every layer)")
     add_overwrite_arg(p, "an existing --json file")
     add_quiet_args(p)
     p.set_defaults(handler=run)
@@ -50,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
     report["other_load"] = watch.finish()
     report["machine_was_quiet"] = watch.quiet
     print(format_table(report, args.top))
-    if args.json:
-        write_report_arg(args, "json", "profile", report)
+    write_json_arg(args, "profile", report)
+    if args.json not in (None, STDOUT):
         print(f"wrote {args.json}")
     try:
         watch.check()

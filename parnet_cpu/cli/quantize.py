@@ -5,7 +5,8 @@ import argparse
 import json
 import os
 
-from parnet_cpu.cli.common import add_model_args, check_out_arg, model_from_args, sigterm_as_interrupt
+from parnet_cpu.cli.common import (add_json_arg, add_model_args, check_out_arg, check_output_arg, model_from_args,
+                                   sigterm_as_interrupt, write_json_arg)
 from parnet_cpu.options import arg
 from parnet_cpu.quantization.base import QuantizeOptions, backend_class, backend_names, backends_help
 
@@ -35,8 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "report.json (and, through PARNET_CPU_INT8_LEFTOVERS, every later compile); default auto: "
                         "bf16 where the CPU has it, else f32 (f32 with the default --ignored-scope: the defaults "
                         "before issue 14)")
-    p.add_argument("--max-drop", type=arg("max_drop"),
-                   help="accuracy-controlled PTQ: max top-1 drop in points (needs labels)")
+    drop = p.add_mutually_exclusive_group()
+    drop.add_argument("--max-drop-points", type=arg("max_drop_points"), metavar="POINTS",
+                      help="accuracy-controlled PTQ (needs labels): max top-1 drop in points, e.g. 1 (= NNCF's "
+                           "max_drop 0.01)")
+    drop.add_argument("--max-drop-fraction", type=arg("max_drop"), metavar="FRACTION",
+                      help="the same in NNCF's unit: a fraction, e.g. 0.01 (= 1 point)")
+    p.add_argument("--max-drop", action=UnitlessMaxDrop, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--eval-limit", type=arg("eval_limit"), default=5000,
                    help="held-out images to evaluate (0: all; default 5000)")
     p.add_argument("--batch-size", type=arg("batch_size"), default=32)
@@ -44,13 +50,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=arg("seed"), default=0, help="calibration/held-out split seed")
     p.add_argument("--overwrite", action="store_true", help="replace an output folder written by parnet-cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_json_arg(p, "the report (what OUT/report.json holds)")
     p.set_defaults(handler=run)
+
+
+class UnitlessMaxDrop(argparse.Action):
+    """`--max-drop N` is refused: it took top-1 points here while NNCF's max_drop is a fraction (0.01 = 1 point),
+    so a bare number is misread by one reader or the other. Registered, not just absent: argparse would
+    otherwise take `--max-drop` as an abbreviation of --max-drop-points or --max-drop-fraction."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            n = float(values)
+            spellings = f"--max-drop-points {values} (top-1 points) or --max-drop-fraction {n / 100:g} (NNCF's unit)"
+        except (TypeError, ValueError):
+            spellings = "--max-drop-points 1 (top-1 points) or --max-drop-fraction 0.01 (NNCF's unit)"
+        parser.error(f"{option_string} {values}: say the unit, NNCF's max_drop is a fraction (0.01 = 1 point) and "
+                     f"this flag took points: {spellings}")
+
+
+def max_drop_fraction(args: argparse.Namespace) -> float | None:
+    """QuantizeOptions.max_drop (NNCF's fraction) from whichever of the two unit-named flags was given."""
+    if args.max_drop_points is not None:
+        return args.max_drop_points / 100.0
+    return args.max_drop_fraction
 
 
 def run(args: argparse.Namespace) -> int:
     from parnet_cpu.cli import CliError
 
     with sigterm_as_interrupt():
+        check_output_arg(args, "json", "quantize")  # a usage error like a bad flag: before the data is looked at
         if not os.path.isdir(args.calib):  # said first: nothing else matters until the data is there
             raise CliError(f"--calib {args.calib}: " + ("is a file; give the folder of calibration images"
                                                          if os.path.exists(args.calib) else "folder not found"))
@@ -85,7 +115,7 @@ def _run(args: argparse.Namespace) -> int:
     ignored = backend_class(args.backend).resolve_ignored_scope(args.ignored_scope)
     opts = QuantizeOptions(subset_size=args.subset_size, preset=args.preset,
                            fast_bias_correction=args.fast_bias_correction, ignored_scope=ignored,
-                           max_drop=args.max_drop, eval_limit=args.eval_limit or None, batch_size=args.batch_size,
+                           max_drop=max_drop_fraction(args), eval_limit=args.eval_limit or None, batch_size=args.batch_size,
                            seed=args.seed, num_workers=args.workers, progress=not args.quiet, backend=args.backend)
     try:
         report = quantize_to_dir(model, source, args.calib, args.out, opts, overwrite=args.overwrite,
@@ -95,6 +125,7 @@ def _run(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     print(format_report(report))
     print(f"wrote {args.out}/ ({report['backend']} backend; report.json)")
+    write_json_arg(args, "quantize", report)
     return 0
 
 

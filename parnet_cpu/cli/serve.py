@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
+import os
 import signal
 import socket
 import sys
 
 from parnet_cpu.cli import CliError
 from parnet_cpu.cli.bench import cores_per_stream_arg
-from parnet_cpu.cli.common import add_model_dir_arg
+from parnet_cpu.cli.common import add_json_arg, add_model_dir_arg, check_output_arg, stdout_for_json, write_json_arg
 from parnet_cpu.options import arg
 
 
@@ -79,6 +81,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds to drain in-flight requests after SIGTERM (default: 30)")
     o.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     o.add_argument("--no-access-log", dest="access_log", action="store_false", help="no per-request log line")
+    add_json_arg(o, "the start-up plan (address, model, runtime plan and cores), once the server is ready,")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -161,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
     from parnet_cpu.artifacts import ModelDir, ModelDirError
 
     _validate(args)
+    check_output_arg(args, "json", "serve")  # before the port and the cores are taken
     try:
         ModelDir.open(args.model)
     except ModelDirError as exc:
@@ -174,8 +178,6 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise CliError(f"serving needs the web stack ({exc.name} is missing): "
                        "pip install starlette uvicorn prometheus-client python-multipart") from None
-    import logging
-
     configure_logging(args.log_level)
     for handler in logging.getLogger().handlers:
         handler.addFilter(RepeatFilter())  # a flood of one warning (failing accepts, garbage requests) stays small
@@ -207,12 +209,15 @@ def run(args: argparse.Namespace) -> int:
             f"limit {budget.fd_soft_limit or 'unlimited'}, {budget.fds_in_use} in use); requests beyond answer "
             f"503, connections beyond {budget.max_open} are closed at once", extra=budget.describe())
         app = create_app(config, runtime=runtime)
-        server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
+        host, port = sock.getsockname()[:2]
+        plan = {"url": f"http://{args.host}:{port}", "host": host, "port": port, "pid": os.getpid(),
+                "model": args.model, "name": args.name, "max_connections": budget.max_connections}
+        ready_server = _server_reporting_ready(uvicorn, args, lambda: {**plan, "runtime": runtime.describe()})
+        server = ready_server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
                                                server_header=False, log_level=args.log_level,
                                                timeout_graceful_shutdown=args.graceful_timeout,
                                                http=server_protocol(args.header_timeout, budget),
                                                limit_concurrency=None, ws="none", backlog=budget.backlog))
-        host, port = sock.getsockname()[:2]
         log.info("listening", extra={"host": host, "port": port, "url": f"http://{args.host}:{port}"})
         try:
             server.run(sockets=[sock])
@@ -221,10 +226,33 @@ def run(args: argparse.Namespace) -> int:
                 raise CliError("the server failed to start (see the log above)") from None
         if not server.started:
             raise CliError("the server failed to start (see the log above)")
+        if server.report_error is not None:  # the plan could not be written: the server stopped at once
+            raise server.report_error
     finally:
         runtime.close()  # idempotent: normally the app already closed it after draining
         sock.close()
     return 0
+
+
+def _server_reporting_ready(uvicorn, args: argparse.Namespace, plan):
+    """A uvicorn.Server class that writes `--json` (`plan()`) once it is ready: listening, and the app's start-up
+    (runtime, self-test, batcher) done. Where the plan cannot be written, the server stops at once and `run`
+    raises the error: a supervisor waiting for the file never waits on a server that cannot say it is up."""
+    log = logging.getLogger("parnet_cpu.serve")
+
+    class ReadyServer(uvicorn.Server):
+        report_error: BaseException | None = None
+
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started and not self.should_exit:
+                try:
+                    write_json_arg(args, "serve", plan())
+                except (OSError, CliError) as exc:
+                    log.error(f"--json {args.json}: {exc}; stopping")
+                    self.report_error, self.should_exit = exc, True
+
+    return ReadyServer
 
 
 def _serve_on_ray(args: argparse.Namespace, config) -> int:
@@ -234,13 +262,13 @@ def _serve_on_ray(args: argparse.Namespace, config) -> int:
         from parnet_cpu.ray.deployment import run_server
     except ImportError as exc:
         raise CliError(f"--ray needs the 'ray' extra ({exc.name} is missing): pip install 'parnet-cpu[ray]'") from None
-    import logging
-
     log = logging.getLogger("parnet_cpu.serve")
     address = None if args.ray == "local" else args.ray
     try:
         run_server(args.model, int(args.replicas), address=address, host=args.host, port=args.port, config=config,
-                   ready=lambda url: log.info("listening (Ray Serve)", extra={"url": url, "replicas": args.replicas}))
+                   ready=lambda url: (log.info("listening (Ray Serve)", extra={"url": url, "replicas": args.replicas}),
+                                      write_json_arg(args, "serve", {"url": url, "model": args.model, "name": args.name,
+                                                                     "ray": args.ray, "replicas": args.replicas})))
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise CliError(f"Ray Serve: {exc}") from None
     return 0
@@ -252,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        return run(args)
+        with stdout_for_json(args):
+            return run(args)
     except CliError as exc:
         print(f"parnet-cpu serve: error: {exc}", file=sys.stderr)
         return 2

@@ -8,8 +8,8 @@ import sys
 import time
 
 from parnet_cpu.cli import CliError
-from parnet_cpu.cli.common import (add_model_args, add_overwrite_arg, check_output_arg, model_from_args, output_arg,
-                                     write_report_arg)
+from parnet_cpu.cli.common import (add_json_arg, add_model_args, add_overwrite_arg, check_output_arg, model_from_args,
+                                     output_arg, write_json_arg, write_report_arg)
 from parnet_cpu.options import arg
 
 
@@ -51,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="at the end, write a JSON report (command, seed, time, machine, accuracies)")
     add_overwrite_arg(p, "an existing --out, --export or --report file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_json_arg(p, "the report of --report")
     p.set_defaults(handler=run)
 
 
@@ -139,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         with output_arg(args, "export", mode="wb") as f:
             export_checkpoint(args.out, f, **({"test_accuracy": result} if result else {}))
         print(f"wrote {args.export} (EMA weights, fp32, training form; sha256 {sha256_file(args.export)[:16]}...)")
-    if args.report:
+    if args.report or args.json:
         from pathlib import Path
 
         from parnet_cpu.outputs import sha256_file
@@ -162,8 +163,10 @@ def run(args: argparse.Namespace) -> int:
             "checkpoint": {"file": shipped.name, "bytes": shipped.stat().st_size, "sha256": sha256_file(shipped)},
             "history": history,
         }
-        write_report_arg(args, "report", "train", report)
-        print(f"wrote {args.report}")
+        if args.report:
+            write_report_arg(args, "report", "train", report)
+            print(f"wrote {args.report}")
+        write_json_arg(args, "train", report)
     return 0
 
 
@@ -177,3 +180,4 @@ def check_outputs(args: argparse.Namespace) -> None:
         check_output_arg(args, "out")
     check_output_arg(args, "export")
     check_output_arg(args, "report", "train")
+    check_output_arg(args, "json", "train")

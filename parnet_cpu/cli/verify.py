@@ -10,8 +10,9 @@ model files match their digests (where recorded) and the IRs pass the other chec
 from __future__ import annotations
 
 import argparse
-import json
 import time
+
+from parnet_cpu.cli.common import add_json_arg, check_output_arg, json_to_stdout, write_json_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="accept the folder as it is now: record the digest of parnet.json's content and the "
                    "sha256+size of each model file (for a folder from an older parnet-cpu, or after a deliberate "
                    "edit of parnet.json; refused when a recorded file digest or an IR check fails)")
-    p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    add_json_arg(p, "the checks")
     p.set_defaults(handler=run)
 
 
@@ -50,7 +51,7 @@ def collect(path: str) -> dict:
     ok = ok and all(not v["problems"] for v in precisions.values()) and bool(precisions)
     err = md.seal_error()
     return {"model": str(md.path), "manifest": [], "schema": md.manifest.get("schema", 1), "seal": seal,
-            "stamped": not seal, "files": files, "digest_ms": round(digest_ms, 1), "precisions": precisions,
+            "stamped": not seal, "serving_only": md.manifest.get("serving_only"), "files": files, "digest_ms": round(digest_ms, 1), "precisions": precisions,
             "ok": ok, "hint": str(err) if err else None}
 
 
@@ -62,6 +63,9 @@ def format_checks(r: dict) -> str:
                  + ("ok" if not r["seal"] else f"FAILED: {r['seal'][0]}"))
     for name, res in r["files"].items():
         lines.append(f"  {name:<22} {'; '.join(res)}")
+    if r.get("serving_only"):
+        lines.append(f"serving-only  keeps {', '.join(r['serving_only']['precisions'])} (`parnet-cpu slim` removed "
+                     f"{', '.join(r['serving_only']['removed']) or 'nothing'})")
     if r["stamped"]:
         lines.append(f"digests       checked in {r['digest_ms']:.0f} ms")
     for p, res in r["precisions"].items():
@@ -82,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     from parnet_cpu.artifacts import MANIFEST, ModelDirError, stamp_manifest
     from parnet_cpu.cli import CliError
 
+    check_output_arg(args, "json", "verify")  # before the checks (a FILE inside DIR would change the folder)
     result = collect(args.model)
     if args.stamp and not result["manifest"]:
         if any(v not in (["ok"], ["not recorded"]) for v in result["files"].values()):
@@ -96,7 +101,9 @@ def run(args: argparse.Namespace) -> int:
         except ModelDirError as exc:
             raise CliError(str(exc)) from None
         result = collect(args.model)
-    print(json.dumps(result, indent=2) if args.json else format_checks(result))
+    if not json_to_stdout(args):
+        print(format_checks(result))
+    write_json_arg(args, "verify", result)
     if not result["ok"]:
         raise CliError(f"{args.model} failed verification (see above)")
     return 0

@@ -47,13 +47,19 @@ class QuantizeOptions:
     preset: str = "mixed"
     fast_bias_correction: bool = False
     ignored_scope: tuple[str, ...] = ("se", "stem")
-    max_drop: float | None = None  # top-1 percentage points; enables accuracy-controlled PTQ
+    max_drop: float | None = None  # NNCF's unit: a top-1 fraction (0.01 = 1 point); enables accuracy-controlled PTQ
     backend: str = "openvino"  # a registered backend: backend_names() (openvino, torch, ipex)
     eval_limit: int | None = 5000  # held-out images evaluated (None: all)
     batch_size: int = 32
     seed: int = 0
     num_workers: int | None = None
     progress: bool = True
+
+
+def max_drop_units(max_drop: float | None) -> dict[str, float | None]:
+    """`max_drop` (NNCF's fraction) in both units, as reports record it: a reader who thinks in points and one
+    who thinks in NNCF's fraction both read it right."""
+    return {"max_drop_fraction": max_drop, "max_drop_points": None if max_drop is None else round(max_drop * 100, 9)}
 
 
 def ignored_scope_patterns(items: Sequence[str]) -> list[str]:
@@ -115,7 +121,7 @@ def reject_nncf_options(opts: QuantizeOptions, backend: str) -> None:
     """For backends without NNCF: --max-drop and an explicit --ignored-scope are errors. The default
     ignored scope (QuantizeOptions' own, an NNCF default) is not a request and passes."""
     if opts.max_drop is not None or (opts.ignored_scope and opts.ignored_scope != QuantizeOptions.ignored_scope):
-        raise QuantizationError(f"--max-drop and --ignored-scope are OpenVINO/NNCF options; "
+        raise QuantizationError(f"--max-drop-points/--max-drop-fraction and --ignored-scope are OpenVINO/NNCF options; "
                                 f"not available with --backend {backend}")
 
 

@@ -55,7 +55,7 @@ def quantize_ir(fp32_model, calibration, opts: QuantizeOptions, validation=None)
         if opts.max_drop is not None and validation:
             return nncf.quantize_with_accuracy_control(
                 fp32_model, dataset, nncf.Dataset(validation), top1_validation,
-                max_drop=opts.max_drop / 100.0, drop_type=nncf.DropType.ABSOLUTE, **kwargs)
+                max_drop=opts.max_drop, drop_type=nncf.DropType.ABSOLUTE, **kwargs)  # both a fraction
         return nncf.quantize(fp32_model, dataset, **kwargs)
 
 

@@ -19,7 +19,8 @@ from parnet_cpu.outputs import atomic_output_dir, check_output_dir, report_stamp
 from parnet_cpu.data import (DecodeReport, Dataset, ImageDecodeError, PreprocessConfig, detect_layout, iter_batches,
                              load_and_preprocess, match_model_classes)
 from parnet_cpu.evaluation import accuracy_summary, fidelity_summary, run_models
-from parnet_cpu.quantization.base import QuantizationError, QuantizeOptions, get_backend, ignored_scope_patterns
+from parnet_cpu.quantization.base import (QuantizationError, QuantizeOptions, get_backend, ignored_scope_patterns,
+                                          max_drop_units)
 
 # the options and the error of quantize_to_dir's signature are part of this module's API; the NNCF functions
 # (quantize_ir, top1_validation, layer_precision_summary) are openvino_backend's, the registry is base's
@@ -124,7 +125,8 @@ def quantize_to_dir(model, source: dict, calib_dir: str | Path, out: str | Path,
         validation = None
         if opts.max_drop is not None:
             if not ds.has_labels or not len(holdout):
-                raise QuantizationError("--max-drop needs labelled images beyond the calibration subset")
+                raise QuantizationError("max_drop (--max-drop-points) needs labelled images beyond the calibration "
+                                        "subset")
             validation = ImageStream(holdout.samples, pcfg, opts.num_workers, with_labels=True)
         with phases("quantize"):
             backend.quantize(tmp, deploy, calibration, opts, validation)
@@ -154,7 +156,8 @@ def quantize_to_dir(model, source: dict, calib_dir: str | Path, out: str | Path,
             "calibration": {"requested": opts.subset_size, "images": len(calib), "decoded": calibration.decoded,
                             "skipped": sorted(calibration.failures.items()),
                             "files": [str(p) for p, _ in calib.samples]},
-            "options": asdict(opts) | {"ignored_scope_patterns": ignored_scope_patterns(opts.ignored_scope)},
+            "options": asdict(opts) | {"ignored_scope_patterns": ignored_scope_patterns(opts.ignored_scope),
+                                       **max_drop_units(opts.max_drop)},
             "evaluation": evaluation,
             "backend": backend.name,
             "runtime_precision": {"int8": backend.layer_precisions(int8_c),
