@@ -298,13 +298,18 @@ def test_every_single_file_output_flag_refuses_the_model_folder(model, capsys):
                 argv += ["--cpus", "8", "--no-latency"]
             if name == "train":
                 argv += ["--out", str(model.parent / "t.pt")]
-            argv += [flags[dest].option_strings[0], str(model / "parnet.json")]
+            for a in p._actions:  # other required flags (export/quantize --out, quantize --calib): never reached
+                if a.required and a.option_strings and a.option_strings[0] not in argv:
+                    argv += [a.option_strings[0], str(model.parent / f"unused-{a.dest}")]
+            target = model / ("parnet.json" if "--model-dir" in argv else "model_deploy.pt")  # an input of each
+            argv += [flags[dest].option_strings[0], str(target)]
             assert main(argv) == 2, argv
             assert "an input of this command" in capsys.readouterr().err, argv
             tried.append(f"{name} --{dest}")
     assert (model / "parnet.json").read_bytes() == before
     assert {"eval --json", "plan --json", "profile --json", "bench --json", "bench --plot", "train --report",
-            "train --export"} <= set(tried), tried
+            "train --export", "train --json", "export --json", "quantize --json", "predict --json",
+            "serve --json"} <= set(tried), tried
 
 
 def test_export_with_a_planted_lock_link_is_a_clear_refusal(tmp_path, capsys):

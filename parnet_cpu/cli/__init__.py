@@ -123,8 +123,11 @@ class _Registrar:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from parnet_cpu.cli.common import stdout_for_json  # (common imports CliError from here)
+
     try:
-        return int(args.handler(args) or 0)
+        with stdout_for_json(args):  # `--json` to stdout: the JSON alone there, the rest on stderr
+            return int(args.handler(args) or 0)
     except CliError as exc:
         print(f"parnet-cpu {args.command}: error: {exc}", file=sys.stderr)
         return 2
