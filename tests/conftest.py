@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -82,3 +84,23 @@ def export_narrow(folder, seed: int = 0):
     model = create_model("parnet_s", **NARROW)
     randomize_bn(model)
     return export_model_dir(model, folder)
+
+
+@pytest.fixture(scope="session")
+def narrow_master(tmp_path_factory) -> Path:
+    """`export_narrow`'s folder, exported once per session (an export costs seconds; a copy, milliseconds).
+    Never handed to a test: tests get their own copy from `narrow_copy`, so one that writes a cache, edits
+    the manifest or deletes a file changes nothing another test sees."""
+    return export_narrow(tmp_path_factory.mktemp("narrow-master") / "narrow")
+
+
+@pytest.fixture(scope="session")
+def narrow_copy(narrow_master):
+    """`narrow_copy(folder)`: a fresh copy of the session's narrow FP32 model folder at `folder` (which must
+    not exist): what a fresh `export_narrow(folder)` gives (same weights; the IR's node ids and the manifest's
+    `created` differ between exports anyway)."""
+
+    def make(folder) -> Path:
+        return Path(shutil.copytree(narrow_master, folder))
+
+    return make

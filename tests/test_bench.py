@@ -5,23 +5,16 @@ import json
 import os
 
 import pytest
-import torch
 
-from conftest import NARROW
 from parnet_cpu.cli import main
-from parnet_cpu.export import export_model_dir
-from parnet_cpu.models.parnet import create_model
 
 CPUS = sorted(os.sched_getaffinity(0))
 GROUPS = f"{CPUS[0]}:{CPUS[-1]}:{CPUS[0]}"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("bench") / "narrow"
-    export_model_dir(create_model("parnet_s", **NARROW), out)
-    return out
+def model_dir(narrow_copy, tmp_path_factory):
+    return narrow_copy(tmp_path_factory.mktemp("bench") / "narrow")
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import NARROW, export_narrow
+from conftest import NARROW
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = NARROW["input_size"]
@@ -82,8 +82,8 @@ def start(model: Path, env: dict, plan: str = "single", plan_cache: str = "-", w
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return export_narrow(tmp_path_factory.mktemp("conv") / "narrow")
+def model_dir(narrow_copy, tmp_path_factory) -> Path:
+    return narrow_copy(tmp_path_factory.mktemp("conv") / "narrow")
 
 
 @pytest.fixture(scope="module")

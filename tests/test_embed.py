@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import export_narrow
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = sorted((REPO / "calibration" / "sample").glob("*.jpg"))
@@ -26,8 +25,8 @@ pytestmark = pytest.mark.usefixtures("own_lease_namespace")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return export_narrow(tmp_path_factory.mktemp("embed") / "narrow")
+def model_dir(narrow_copy, tmp_path_factory) -> Path:
+    return narrow_copy(tmp_path_factory.mktemp("embed") / "narrow")
 
 
 @pytest.fixture(scope="module")

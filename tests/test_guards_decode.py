@@ -24,7 +24,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import export_narrow
 from parnet_cpu.data import ImageDecodeError, ImageTooLargeError, PreprocessConfig, bundled_calibration_dir
 from parnet_cpu.data.inputs import MAX_IMAGE_PIXELS, preprocess_input
 from parnet_cpu.data.preprocess import (load_and_preprocess, plan_image,
@@ -313,8 +312,8 @@ def test_pil_images_and_arrays_keep_the_too_large_class_and_the_callers_limit():
 # ---------------------------------------------------------------------------------------------- eval / quantize
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return export_narrow(tmp_path_factory.mktemp("guards_decode") / "narrow")
+def model_dir(narrow_copy, tmp_path_factory) -> Path:
+    return narrow_copy(tmp_path_factory.mktemp("guards_decode") / "narrow")
 
 
 def test_eval_lists_thin_files_as_skipped_with_their_reason_and_stays_small(model_dir, tmp_path):

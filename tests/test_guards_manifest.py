@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NARROW, export_narrow, randomize_bn
+from conftest import NARROW, randomize_bn
 from parnet_cpu.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,8 +32,8 @@ SEAL = "does not match its recorded manifest_sha256"
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory) -> Path:
-    return export_narrow(tmp_path_factory.mktemp("manifest") / "good")
+def good(narrow_copy, tmp_path_factory) -> Path:
+    return narrow_copy(tmp_path_factory.mktemp("manifest") / "good")
 
 
 @pytest.fixture(scope="module")

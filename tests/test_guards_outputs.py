@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import export_narrow
 from parnet_cpu.artifacts import ModelDirError, foreign_model_dir_problem, read_manifest
 from parnet_cpu.outputs import OutputPathError, check_output_dir, check_output_file, output_lock, report_stamp
 from parnet_cpu.cli import build_parser, main
@@ -31,8 +30,8 @@ PHOTOS = REPO / "calibration" / "sample"
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return export_narrow(tmp_path_factory.mktemp("out") / "M")
+def model(narrow_copy, tmp_path_factory) -> Path:
+    return narrow_copy(tmp_path_factory.mktemp("out") / "M")
 
 
 @pytest.fixture()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NARROW, export_narrow
+from conftest import NARROW
 
 REPO = Path(__file__).resolve().parents[1]
 CPUS = sorted(os.sched_getaffinity(0))
@@ -34,8 +34,8 @@ pytestmark = pytest.mark.usefixtures("own_lease_namespace")  # conftest: leases 
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return export_narrow(tmp_path_factory.mktemp("guards_rt") / "narrow")
+def model_dir(narrow_copy, tmp_path_factory) -> Path:
+    return narrow_copy(tmp_path_factory.mktemp("guards_rt") / "narrow")
 
 
 def run_script(code: str, *args: str, timeout: float = 240, wrap: list[str] | None = None) -> dict:

@@ -27,7 +27,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import NARROW, export_narrow
+from conftest import NARROW
 from test_serve import REPO, ServerProcess, v2_binary
 
 CPUS = sorted(os.sched_getaffinity(0))
@@ -38,8 +38,8 @@ pytestmark = pytest.mark.usefixtures("own_lease_namespace")  # conftest: leases 
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return export_narrow(tmp_path_factory.mktemp("guards_api") / "narrow")
+def model_dir(narrow_copy, tmp_path_factory) -> Path:
+    return narrow_copy(tmp_path_factory.mktemp("guards_api") / "narrow")
 
 
 @pytest.fixture(scope="module", params=["single", "multistream"])

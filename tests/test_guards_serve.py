@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import NARROW, export_narrow
+from conftest import NARROW
 from test_serve import REPO, ServerProcess, v2_binary, v2_json, wait_until
 from test_trust_serve import raw_request
 
@@ -36,8 +36,8 @@ pytestmark = pytest.mark.usefixtures("own_lease_namespace")  # conftest: leases 
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return export_narrow(tmp_path_factory.mktemp("guards") / "narrow")
+def model_dir(narrow_copy, tmp_path_factory) -> Path:
+    return narrow_copy(tmp_path_factory.mktemp("guards") / "narrow")
 
 
 @pytest.fixture(scope="module")

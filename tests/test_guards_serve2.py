@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import NARROW, export_narrow
+from conftest import NARROW
 from test_serve import REPO, ServerProcess, v2_json, wait_until
 
 SHAPE = (3, NARROW["input_size"], NARROW["input_size"])
@@ -35,8 +35,8 @@ pytestmark = pytest.mark.usefixtures("own_lease_namespace")  # conftest: leases 
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return export_narrow(tmp_path_factory.mktemp("guards2") / "narrow")
+def model_dir(narrow_copy, tmp_path_factory) -> Path:
+    return narrow_copy(tmp_path_factory.mktemp("guards2") / "narrow")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import export_narrow
 from test_embed import START_TIMEOUT, _free_port, _stop, _wait_ready, assert_same_answer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,8 +37,8 @@ def predict(model_dir: Path, *args: str, timeout: float = 300) -> subprocess.Com
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return export_narrow(tmp_path_factory.mktemp("predict") / "narrow")
+def model_dir(narrow_copy, tmp_path_factory) -> Path:
+    return narrow_copy(tmp_path_factory.mktemp("predict") / "narrow")
 
 
 @pytest.fixture(scope="module")

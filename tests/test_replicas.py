@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import NARROW, export_narrow, rel_l2
+from conftest import NARROW, rel_l2
 
 REPO = Path(__file__).resolve().parents[1]
 CPUS = sorted(os.sched_getaffinity(0))
@@ -22,8 +22,8 @@ SHAPE = (3, NARROW["input_size"], NARROW["input_size"])
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return export_narrow(tmp_path_factory.mktemp("replicas") / "narrow")
+def model_dir(narrow_copy, tmp_path_factory) -> Path:
+    return narrow_copy(tmp_path_factory.mktemp("replicas") / "narrow")
 
 
 def reference(model_dir: Path, x: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import NARROW, export_narrow
+from conftest import NARROW
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = sorted((REPO / "calibration" / "sample").glob("*.jpg"))
@@ -110,8 +110,8 @@ def wait_until(cond, timeout: float = 10.0, what: str = "condition") -> None:
 # ---------------------------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return export_narrow(tmp_path_factory.mktemp("serve") / "narrow")
+def model_dir(narrow_copy, tmp_path_factory) -> Path:
+    return narrow_copy(tmp_path_factory.mktemp("serve") / "narrow")
 
 
 @pytest.fixture(scope="module")

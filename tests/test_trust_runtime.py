@@ -20,7 +20,7 @@ import numpy as np
 import psutil
 import pytest
 
-from conftest import NARROW, export_narrow, rel_l2
+from conftest import NARROW, rel_l2
 
 CPUS = sorted(os.sched_getaffinity(0))
 GROUPS = [[CPUS[0]], [CPUS[-1]], [CPUS[0]]]  # three stream groups on 2 cores: overlapping, explicitly given
@@ -31,8 +31,8 @@ pytestmark = pytest.mark.usefixtures("own_lease_namespace")  # conftest: leases 
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return export_narrow(tmp_path_factory.mktemp("trust_rt") / "narrow")
+def model_dir(narrow_copy, tmp_path_factory) -> Path:
+    return narrow_copy(tmp_path_factory.mktemp("trust_rt") / "narrow")
 
 
 def images(n: int, seed: int = 0) -> np.ndarray:

@@ -44,14 +44,10 @@ def test_closed_pipe_is_not_a_traceback():
 
 
 @pytest.fixture(scope="module")
-def workdir_with_model(tmp_path_factory):
+def workdir_with_model(narrow_copy, tmp_path_factory):
     """An otherwise empty working directory holding one model folder written by this tool."""
-    from conftest import NARROW
-    from parnet_cpu.export import export_model_dir
-
-    torch.manual_seed(0)
     cwd = tmp_path_factory.mktemp("usage")
-    export_model_dir(create_model("parnet_s", **NARROW), cwd / "parnet_s-int8")
+    narrow_copy(cwd / "parnet_s-int8")
     return cwd
 
 
