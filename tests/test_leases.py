@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import export_narrow
 
 REPO = Path(__file__).resolve().parents[1]
 CPUS = sorted(os.sched_getaffinity(0))
@@ -43,8 +42,8 @@ rt.close()
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return export_narrow(tmp_path_factory.mktemp("leases") / "narrow")
+def model_dir(narrow_copy, tmp_path_factory) -> Path:
+    return narrow_copy(tmp_path_factory.mktemp("leases") / "narrow")
 
 
 class Holder:
