@@ -25,7 +25,7 @@ def _model_and_source(model, checkpoint: PathLike | None):
 
     if isinstance(model, str):
         name = model
-        model = create_model(name, checkpoint=str(checkpoint) if checkpoint else None)
+        model = create_model(name, checkpoint_path=str(checkpoint) if checkpoint else None)
         return model, {"model": name, "config": model.cfg.to_dict(),
                        "checkpoint": {"path": str(checkpoint)} if checkpoint else None}
     if checkpoint is not None:

@@ -424,14 +424,18 @@ def build_model(cfg: ParNetConfig) -> ParNet:
 
 
 def create_model(name: str | ParNetConfig, num_classes: int | None = None, checkpoint: str | None = None,
-                 pretrained: bool = False, **overrides) -> ParNet:
-    """timm/torchvision-style builder: `create_model("parnet_s", checkpoint="parnet_s.pth.tar")`.
+                 pretrained: bool = False, *, checkpoint_path: str | None = None, **overrides) -> ParNet:
+    """timm/torchvision-style builder: `create_model("parnet_s", checkpoint_path="parnet_s.pth.tar")`.
 
-    The model is returned in eval mode, training form, with random weights unless `checkpoint` is given
-    or `pretrained=True` (as in timm). `pretrained=True` loads the weights shipped in the package
-    (`parnet_fmnist`) and is an error for every other variant: silently random "pretrained" weights
-    would make every accuracy figure meaningless.
+    The model is returned in eval mode, training form, with random weights unless `checkpoint_path` (timm's
+    name; `checkpoint` is the same argument, kept for existing callers) is given or `pretrained=True` (as in
+    timm). `pretrained=True` loads the weights shipped in the package (`parnet_fmnist`) and is an error for
+    every other variant: silently random "pretrained" weights would make every accuracy figure meaningless.
     """
+    if checkpoint is not None and checkpoint_path is not None and checkpoint != checkpoint_path:
+        raise ValueError(f"checkpoint_path={checkpoint_path!r} and checkpoint={checkpoint!r} name one argument "
+                         "(timm's checkpoint_path): pass one")
+    checkpoint = checkpoint_path if checkpoint_path is not None else checkpoint
     cfg = resolve_config(name, num_classes=num_classes, **overrides)
     if checkpoint is None and pretrained:
         shipped = shipped_weights(name) if isinstance(name, str) else None
