@@ -309,3 +309,18 @@ def test_cache_entry_from_another_core_set_or_machine_is_ignored(model_dir):
     with Runtime(model_dir, precision="fp32", cores=groups) as rt:
         assert "planted" not in rt.plan.reason and "auto (cached" not in rt.plan.reason
     assert set(planted) <= set(json.loads(cache.read_text()))  # other machines' entries are kept, not used
+
+
+def test_info_reports_an_unusable_lease_folder_instead_of_a_traceback(tmp_path, monkeypatch, capsys):
+    """`parnet-cpu info` still describes the machine when the lease folder is unsafe or relative, and says why
+    the leases cannot be read (it used to end in a LeaseDirError traceback)."""
+    from parnet_cpu.cli import main
+
+    unsafe = tmp_path / "open"
+    unsafe.mkdir()
+    unsafe.chmod(0o777)
+    for folder, words in ((str(unsafe), "writable by other users"), ("relative/leases", "relative path")):
+        monkeypatch.setenv("PARNET_CPU_LEASE_DIR", folder)
+        assert main(["info"]) == 0
+        out = capsys.readouterr().out
+        assert "Core leases        cannot be read:" in out and words in out and "ISA" in out
