@@ -68,7 +68,7 @@ def make_calibration_images(src: Path, out: Path, n: int, seed: int = 0) -> list
 
 
 def preprocess_config(cfg: ParNetConfig) -> PreprocessConfig:
-    return PreprocessConfig(input_size=cfg.input_size, crop_fraction=cfg.crop_fraction, interpolation=cfg.interpolation,
+    return PreprocessConfig(input_size=cfg.input_size, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation,
                             mean=cfg.mean, std=cfg.std, channels=cfg.in_chans)
 
 

@@ -130,7 +130,7 @@ SPECS: dict[str, Num] = {
     "stem_stride": _int(1, 2, none=True),
     "mean": _float(0.0, 1.0),  # of 0-1 pixel values
     "std": _float(0.0, 1.0, low_open=True),
-    "crop_fraction": _float(0.1, 1.0, none=True),  # timm's crop_pct lie in 0.75..1.0; below 0.1 the resize is >10x the input
+    "crop_pct": _float(0.1, 1.0, none=True),  # timm's crop_pct lie in 0.75..1.0; below 0.1 the resize is >10x the input
     # data and batches
     "batch_size": _BATCH,
     "max_batch": _BATCH,

@@ -318,15 +318,15 @@ def test_take_warns_when_short():
 
 def test_config_defaults_and_validation():
     cfg = PreprocessConfig()
-    assert (cfg.input_size, cfg.crop_fraction, cfg.interpolation, cfg.channels) == (224, 0.875, "bicubic", 3)
+    assert (cfg.input_size, cfg.crop_pct, cfg.interpolation, cfg.channels) == (224, 0.875, "bicubic", 3)
     assert cfg.mean == (0.485, 0.456, 0.406) and cfg.std == (0.229, 0.224, 0.225)
     assert cfg.resize_size == 256
-    assert PreprocessConfig(input_size=192, crop_fraction=0.9).resize_size == math.floor(192 / 0.9) == 213
-    assert PreprocessConfig(crop_fraction=1.0).resize_size == 224
+    assert PreprocessConfig(input_size=192, crop_pct=0.9).resize_size == math.floor(192 / 0.9) == 213
+    assert PreprocessConfig(crop_pct=1.0).resize_size == 224
     assert PreprocessConfig.from_dict(cfg.to_dict()) == cfg
     g = PreprocessConfig(channels=1)
     assert g.mean == pytest.approx((0.449,)) and g.std == pytest.approx((0.226,))
-    for bad in (dict(interpolation="cubic"), dict(crop_fraction=0), dict(channels=2), dict(std=(0, 1, 1))):
+    for bad in (dict(interpolation="cubic"), dict(crop_pct=0), dict(channels=2), dict(std=(0, 1, 1))):
         with pytest.raises(ValueError):
             PreprocessConfig(**bad)
     for name in ("bilinear", "nearest", "lanczos", "BICUBIC"):

@@ -198,7 +198,7 @@ def test_the_listed_attacks_are_refused_everywhere(good, named, data, tmp_path, 
     cases = {
         "mean_0.9": (good, config(mean=[0.9, 0.9, 0.9]), (SEAL,)),
         "swap_class_names": (named, config(class_names=["dog", "cat", "bird", "fish"]), (SEAL,)),
-        "crop_0": (good, config(crop_fraction=0), ("config.crop_fraction is 0",)),
+        "crop_0": (good, config(crop_pct=0), ("config.crop_pct is 0",)),
         "interpolation": (good, config(interpolation="cubic"), ("config.interpolation is 'cubic'",)),
         "mean_string": (good, config(mean="0.5"), ("config.mean is '0.5', expected a list",)),
         "input_size_float": (good, config(input_size=64.0), ("config.input_size is 64.0, expected int",)),
@@ -220,7 +220,7 @@ def test_the_listed_attacks_are_refused_everywhere(good, named, data, tmp_path, 
         refused_everywhere(folder, words, data, capsys, serve=name in ("mean_0.9", "crop_0", "schema_1_no_files"))
     # NaN and infinities as Python's json writes them (NaN, Infinity) and as an overflowing literal
     text = (good / "parnet.json").read_text()
-    for name, old, new, words in (("nan", '"crop_fraction": 0.875', '"crop_fraction": NaN', "is nan"),
+    for name, old, new, words in (("nan", '"crop_pct": 0.875', '"crop_pct": NaN', "is nan"),
                                   ("inf", '"input_size": 64', '"input_size": Infinity', "is inf"),
                                   ("overflow", '"dropout": 0.0', '"dropout": 1e999', "is inf")):
         assert old in text
@@ -262,10 +262,10 @@ def test_formatting_is_not_an_edit_but_a_value_is(good, tmp_path):
     md = ModelDir.open(copy_with(good, tmp_path / "compact", text=compact))
     md.ir_path("fp32")
     assert md.manifest == m
-    assert '"crop_fraction":0.875' in compact
+    assert '"crop_pct":0.875' in compact
     with pytest.raises(ManifestSealError, match="manifest_sha256"):
-        ModelDir.open(copy_with(good, tmp_path / "changed", text=compact.replace('"crop_fraction":0.875',
-                                                                                 '"crop_fraction":0.8751')))
+        ModelDir.open(copy_with(good, tmp_path / "changed", text=compact.replace('"crop_pct":0.875',
+                                                                                 '"crop_pct":0.8751')))
 
 
 def test_a_deliberate_edit_is_accepted_only_through_verify_stamp(good, data, tmp_path, capsys):
@@ -301,10 +301,13 @@ def test_schema_follows_the_config_and_the_loaders(good):
     from parnet_cpu.models.parnet import ACTIVATIONS as MODEL_ACTIVATIONS
     from parnet_cpu.models.parnet import ParNetConfig
 
-    assert set(manifest_schema().fields["config"].fields) == {f.name for f in dataclasses.fields(ParNetConfig)}
+    from parnet_cpu.artifacts import LEGACY_CROP_KEY  # crop_pct's older name, read from older folders
+
+    assert set(manifest_schema().fields["config"].fields) - {LEGACY_CROP_KEY} == \
+        {f.name for f in dataclasses.fields(ParNetConfig)}
     assert set(ACTIVATIONS) == set(MODEL_ACTIVATIONS)
-    for bad in (dict(crop_fraction=0), dict(crop_fraction=math.nan), dict(input_size=math.inf),
-                dict(crop_fraction=None), dict(interpolation="cubic"), dict(mean=(math.nan, 0.4, 0.4)),
+    for bad in (dict(crop_pct=0), dict(crop_pct=math.nan), dict(input_size=math.inf),
+                dict(crop_pct=None), dict(interpolation="cubic"), dict(mean=(math.nan, 0.4, 0.4)),
                 dict(mean=(0.9, 0.9, 127.0)), dict(std=(math.inf, 0.2, 0.2)), dict(std=(0.2, -0.1, 0.2))):
         with pytest.raises(ValueError):
             PreprocessConfig(**bad)

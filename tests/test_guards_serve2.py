@@ -1,5 +1,5 @@
 """Hostile pass on issue 21 (defects 7, 9, 12-ish, 14, 16, 17): no bound of the decode plan grows with a config
-value (a tiny crop_fraction once made a 100x100 upload allocate 16 GB); a client that aborts its upload is a
+value (a tiny crop_pct once made a 100x100 upload allocate 16 GB); a client that aborts its upload is a
 499, not a server 500 with tracebacks; a request cut by --graceful-timeout logs one line, no traceback; the
 decode budget lets a small upload pass large ones waiting, yet a large one waiting gets a reservation; the
 Triton `classification` output parameter is honoured and every unknown parameter is refused.
@@ -55,18 +55,18 @@ def png(w: int, h: int) -> bytes:
 # ---------------------------------------------------------------------------------------------- defect 7
 
 def test_no_intermediate_of_any_plan_exceeds_the_limit_whatever_the_config():
-    """The hostile case (crop_fraction 0.001: a 64000x64000 intermediate for a 100x100 image) and configs and
+    """The hostile case (crop_pct 0.001: a 64000x64000 intermediate for a 100x100 image) and configs and
     shapes nobody listed (a large input_size whose crop alone is over a small limit, thin and square images,
     grey and CMYK modes): either a plan whose every step is within the limit, or ImageTooLargeError."""
     from parnet_cpu.data.preprocess import ImageTooLargeError, PreprocessConfig, max_plan_bytes, plan_preprocess
 
     with pytest.raises(ImageTooLargeError, match="64000x64000 intermediate .* more than the limit of 40000000"):
-        plan_preprocess((100, 100), "RGB", PreprocessConfig(input_size=64, crop_fraction=0.001), max_pixels=40_000_000)
+        plan_preprocess((100, 100), "RGB", PreprocessConfig(input_size=64, crop_pct=0.001), max_pixels=40_000_000)
     with pytest.raises(ImageTooLargeError, match="no image fits"):
-        max_plan_bytes(PreprocessConfig(input_size=64, crop_fraction=0.001), 40_000_000)
+        max_plan_bytes(PreprocessConfig(input_size=64, crop_pct=0.001), 40_000_000)
     accepted = refused = 0
-    for cfg in (PreprocessConfig(input_size=64, crop_fraction=0.01), PreprocessConfig(input_size=4096, crop_fraction=1.0),
-                PreprocessConfig(input_size=224), PreprocessConfig(input_size=32, crop_fraction=0.1, channels=1)):
+    for cfg in (PreprocessConfig(input_size=64, crop_pct=0.01), PreprocessConfig(input_size=4096, crop_pct=1.0),
+                PreprocessConfig(input_size=224), PreprocessConfig(input_size=32, crop_pct=0.1, channels=1)):
         for limit in (100, 5_000, 1_000_000, 20_000_000, 40_000_000):
             for size in ((100, 100), (1, 30), (3000, 2), (2000, 2000), (6000, 6000), (640, 480)):
                 for mode in ("RGB", "CMYK", "I;16", "P"):
@@ -81,18 +81,18 @@ def test_no_intermediate_of_any_plan_exceeds_the_limit_whatever_the_config():
     assert accepted and refused
 
 
-def test_crop_fraction_has_one_sane_range_in_options_and_the_manifest(tmp_path):
-    """--crop-pct and the manifest's crop_fraction: 0.1..1 (timm's crop_pct lie in 0.75..1); 0.001 and 0.05
+def test_crop_pct_has_one_sane_range_in_options_and_the_manifest(tmp_path):
+    """--crop-pct and the manifest's crop_pct: 0.1..1 (timm's crop_pct lie in 0.75..1); 0.001 and 0.05
     refused by the option layer and by the manifest schema, with the range named."""
     from parnet_cpu.artifacts import manifest_schema
     from parnet_cpu.options import OptionError, check
 
     for ok in (0.1, 0.875, 0.95, 1.0):
-        assert check("crop_fraction", ok) == ok
+        assert check("crop_pct", ok) == ok
     for bad in (0.001, 0.05, 0.0999, 1.01):
         with pytest.raises(OptionError, match=r"\[0.1, 1\]"):
-            check("crop_fraction", bad)
-    spec = manifest_schema().fields["config"].fields["crop_fraction"]
+            check("crop_pct", bad)
+    spec = manifest_schema().fields["config"].fields["crop_pct"]
     assert (spec.low, spec.high, spec.low_open) == (0.1, 1, False)
     out = subprocess.run([sys.executable, "-m", "parnet_cpu", "export", "--crop-pct", "0.001", "--out",
                           str(tmp_path / "m")], cwd=REPO, capture_output=True, text=True, timeout=300)

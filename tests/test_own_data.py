@@ -111,7 +111,7 @@ def test_custom_normalisation_is_stored_and_used(tmp_path):
     cfg = json.loads((tmp_path / "custom" / "parnet.json").read_text())["config"]
     assert cfg["mean"] == [0.5, 0.4, 0.3] and cfg["std"] == [0.25, 0.2, 0.1]
     cfg = json.loads((tmp_path / "nocrop" / "parnet.json").read_text())["config"]
-    assert cfg["crop_fraction"] == 1.0 and cfg["interpolation"] == "bilinear"
+    assert cfg["crop_pct"] == 1.0 and cfg["interpolation"] == "bilinear"
 
     a, _ = parnet_cpu.load_images(PHOTOS[:2], tmp_path / "default")
     b, _ = parnet_cpu.load_images(PHOTOS[:2], tmp_path / "custom")

@@ -52,7 +52,7 @@ def _tiny_cfg(num_classes: int = 10):
     from parnet_cpu.models.parnet import ParNetConfig
 
     return ParNetConfig(planes=(8, 16, 16, 32), num_blocks=(2, 2, 2, 1), num_classes=num_classes, in_chans=1,
-                        input_size=32, stem_stride=1, activation="silu", crop_fraction=1.0,
+                        input_size=32, stem_stride=1, activation="silu", crop_pct=1.0,
                         interpolation="bilinear", mean=(0.2860,), std=(0.3530,))
 
 
@@ -385,7 +385,7 @@ def test_training_inputs_equal_the_generic_evaluation_preprocessing(tmp_path):
     _cli(dataset_cli, ["dataset", "export-idx", "--images", str(paths["test_images"]), "--labels",
                        str(paths["test_labels"]), "--out", str(out), "--limit", "20", "--quiet"])
     ds = detect_layout(out)
-    pc = PreprocessConfig(input_size=cfg.input_size, crop_fraction=cfg.crop_fraction,
+    pc = PreprocessConfig(input_size=cfg.input_size, crop_pct=cfg.crop_pct,
                           interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std, channels=cfg.in_chans)
     images, labels = fashion_mnist_arrays(cfg, split="test", limit=20)
     scale, offset = normalizer(cfg.mean, cfg.std, cfg.in_chans)

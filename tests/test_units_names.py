@@ -104,3 +104,43 @@ def test_create_model_takes_timms_checkpoint_path(tmp_path):
     assert not torch.equal(next(create_model("parnet_s", **NARROW).parameters()), next(saved.parameters()))
     with pytest.raises(ValueError, match="name one argument"):
         create_model("parnet_s", checkpoint=str(path), checkpoint_path=str(tmp_path / "other.pt"), **NARROW)
+
+
+def test_crop_pct_is_the_one_name_and_older_folders_still_open(narrow_copy, tmp_path, capsys):
+    """The manifest, the config dataclasses and the CLI say crop_pct (timm's name); a folder or checkpoint
+    config written with the older crop_fraction opens with the same preprocessing, and one naming both is
+    refused rather than guessed."""
+    from parnet_cpu.artifacts import ModelDir, ModelDirError, manifest_digest
+    from parnet_cpu.models.parnet import ParNetConfig
+
+    new = narrow_copy(tmp_path / "new")
+    m = json.loads((new / "parnet.json").read_text())
+    assert "crop_pct" in m["config"] and "crop_fraction" not in m["config"]
+    want = ModelDir.open(new).preprocess_config()
+
+    def with_config(name: str, edit) -> Path:
+        folder = narrow_copy(tmp_path / name)
+        m = json.loads((folder / "parnet.json").read_text())
+        edit(m["config"])
+        m.pop("manifest_sha256")
+        m["manifest_sha256"] = manifest_digest(m)  # sealed as that version of the tool wrote it
+        (folder / "parnet.json").write_text(json.dumps(m, indent=2))
+        return folder
+
+    old = with_config("old", lambda c: c.__setitem__("crop_fraction", c.pop("crop_pct")))
+    md = ModelDir.open(old)
+    assert md.preprocess_config() == want and md.config["crop_pct"] == m["config"]["crop_pct"]
+    assert "crop_fraction" in json.loads((old / "parnet.json").read_text())["config"]  # read, never rewritten
+    assert main(["verify", str(old)]) == 0
+    both = with_config("both", lambda c: c.__setitem__("crop_fraction", 0.9))
+    with pytest.raises(ModelDirError, match="exactly one"):
+        ModelDir.open(both)
+    neither = with_config("neither", lambda c: c.pop("crop_pct"))
+    with pytest.raises(ModelDirError, match="exactly one"):
+        ModelDir.open(neither)
+    # checkpoint configs (the shipped parnet_fmnist.json predates the rename)
+    cfg = ParNetConfig().to_dict()
+    cfg["crop_fraction"] = cfg.pop("crop_pct")
+    assert ParNetConfig.from_dict(cfg) == ParNetConfig()
+    with pytest.raises(ValueError, match="give one"):
+        ParNetConfig.from_dict({**ParNetConfig().to_dict(), "crop_fraction": 0.5})

@@ -191,7 +191,7 @@ def test_served_metadata_carries_preprocessing(good):
     cfg = manifest(good)["config"]
     assert pre["mean"] == pytest.approx(cfg["mean"]) and pre["std"] == pytest.approx(cfg["std"])
     assert pre["center_crop"] == cfg["input_size"] and pre["layout"] == "NCHW"
-    assert pre["resize_shorter_side"] == int(np.floor(cfg["input_size"] / cfg["crop_fraction"]))
+    assert pre["resize_shorter_side"] == int(np.floor(cfg["input_size"] / cfg["crop_pct"]))
 
 
 def test_digest_cost_is_small(good):

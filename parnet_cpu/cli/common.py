@@ -253,7 +253,7 @@ def add_model_args(p: argparse.ArgumentParser, default: str = "parnet_s") -> Non
     p_ = p.add_argument_group("preprocessing (stored in the model folder; default: the variant's)")
     p_.add_argument("--mean", type=arg_list("mean"), help="per-channel mean on the 0-1 scale, e.g. 0.485,0.456,0.406")
     p_.add_argument("--std", type=arg_list("std"), help="per-channel std on the 0-1 scale, e.g. 0.229,0.224,0.225")
-    p_.add_argument("--crop-pct", type=arg("crop_fraction"), help="centre-crop fraction: resize the short side to "
+    p_.add_argument("--crop-pct", type=arg("crop_pct"), help="centre-crop fraction: resize the short side to "
                     "input/crop-pct, then crop input x input (0.875 for ImageNet; 1.0: no crop)")
     p_.add_argument("--interpolation", choices=("nearest", "bilinear", "bicubic", "lanczos"),
                     help="resize filter")
@@ -280,7 +280,7 @@ def config_overrides(args: argparse.Namespace) -> dict:
     return dict(num_classes=num_classes, planes=args.planes, num_blocks=args.blocks, input_size=args.input_size,
                 in_chans=args.in_chans, activation=args.activation, stem_stride=args.stem_stride,
                 class_names=names, mean=getattr(args, "mean", None), std=getattr(args, "std", None),
-                crop_fraction=getattr(args, "crop_pct", None), interpolation=getattr(args, "interpolation", None))
+                crop_pct=getattr(args, "crop_pct", None), interpolation=getattr(args, "interpolation", None))
 
 
 def model_from_args(args: argparse.Namespace, *, data_classes: int | None = None,

@@ -3,7 +3,7 @@
 Evaluation transform (the ParNet authors' / timm / torchvision ImageNet protocol):
 
 1. decode to RGB (see :func:`load_image` for how unusual files are handled);
-2. resize so the *shorter* side is ``floor(input_size / crop_fraction)`` (256 for 224 / 0.875),
+2. resize so the *shorter* side is ``floor(input_size / crop_pct)`` (256 for 224 / 0.875),
    keeping the aspect ratio; the longer side is ``int(R * long / short)`` (truncated), exactly as
    ``torchvision.transforms.Resize(int)`` computes it; Pillow filter ``interpolation`` (bicubic);
 3. centre-crop ``input_size`` x ``input_size`` (offsets ``round((dim - S) / 2)`` like torchvision);
@@ -101,7 +101,7 @@ class PreprocessConfig:
     """
 
     input_size: int = 224
-    crop_fraction: float = 0.875
+    crop_pct: float = 0.875
     interpolation: str = "bicubic"
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
@@ -116,7 +116,7 @@ class PreprocessConfig:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        for name in ("input_size", "crop_fraction"):  # NaN, inf, None or a string: a ValueError, never a crash later
+        for name in ("input_size", "crop_pct"):  # NaN, inf, None or a string: a ValueError, never a crash later
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
                     or not math.isfinite(value):
@@ -124,9 +124,9 @@ class PreprocessConfig:
         if int(self.input_size) != self.input_size or self.input_size < 1:
             raise ValueError(f"input_size must be a positive integer, got {self.input_size!r}")
         set_(self, "input_size", int(self.input_size))
-        if not (0.0 < float(self.crop_fraction) <= 1.0):
-            raise ValueError(f"crop_fraction must be in (0, 1], got {self.crop_fraction!r}")
-        set_(self, "crop_fraction", float(self.crop_fraction))
+        if not (0.0 < float(self.crop_pct) <= 1.0):
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct!r}")
+        set_(self, "crop_pct", float(self.crop_pct))
         interp = str(self.interpolation).lower()
         if interp not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {self.interpolation!r}")
@@ -158,8 +158,8 @@ class PreprocessConfig:
 
     @property
     def resize_size(self) -> int:
-        """Shorter-side length before the centre crop: ``floor(input_size / crop_fraction)``."""
-        return int(math.floor(self.input_size / self.crop_fraction))
+        """Shorter-side length before the centre crop: ``floor(input_size / crop_pct)``."""
+        return int(math.floor(self.input_size / self.crop_pct))
 
     @property
     def resample(self) -> Image.Resampling:
@@ -227,7 +227,7 @@ def decode_limit(max_pixels: int | None) -> int:
     """The pixel limit every buffer of a decode is held to: the caller's ``max_pixels`` (``serve
     --max-image-pixels``), else Pillow's own decompression-bomb limit (``2 * Image.MAX_IMAGE_PIXELS``, what
     ``Image.open`` refuses), else 40 M. One knob for the decoded image, each intermediate and so the aspect
-    ratio. No bound scales with a config value: a small ``crop_fraction`` (a huge resize size) or a large
+    ratio. No bound scales with a config value: a small ``crop_pct`` (a huge resize size) or a large
     ``input_size`` makes its intermediates refused, never larger."""
     if max_pixels is not None:
         return int(max_pixels)
@@ -259,7 +259,7 @@ def _ratio(x: float) -> str:
 def _resized_size(w: int, h: int, size: int, limit: int, name: str) -> tuple[int, int]:
     """The shorter-side resize's output size (torchvision ``Resize(int)`` rule), refused over the pixel
     ``limit``: it grows with the aspect ratio (a 40000x1 image resized to 256 becomes 10240000x256) and with
-    the resize size (``input_size / crop_fraction``), so this bounds both."""
+    the resize size (``input_size / crop_pct``), so this bounds both."""
     rw, rh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
     if rw * rh > limit:
         most = (f"aspect ratio at most {_ratio(limit / (size * size))}:1 at this resize size"
@@ -332,8 +332,8 @@ def max_plan_bytes(cfg: PreprocessConfig | None = None, max_pixels: int | None =
         r = cfg.resize_size
         if r * r > limit:
             raise ImageTooLargeError("of any size", f"resize: this preprocessing resizes every image to at least "
-                                     f"{r}x{r} = {r * r} pixels (input_size {cfg.input_size} / crop_fraction "
-                                     f"{cfg.crop_fraction}), more than the limit of {limit}: no image fits")
+                                     f"{r}x{r} = {r * r} pixels (input_size {cfg.input_size} / crop_pct "
+                                     f"{cfg.crop_pct}), more than the limit of {limit}: no image fits")
         shapes.append((1, limit // (r * r)))
     return max(plan_preprocess(shape, mode, cfg, max_pixels=limit, fmt=fmt).bytes
                for shape in shapes for mode in (*_CONVERT_BYTES, "I;16", "CMYK") for fmt in (None, *_DECODER_BYTES))

@@ -45,7 +45,7 @@ class ParNetConfig:
     stem_stride: int = 2  # stride of the very first block: 2 for ImageNet, 1 for 32x32 inputs
     dropout: float = 0.0
     # evaluation preprocessing (authors: bicubic resize of the short side to S/0.875, centre crop S)
-    crop_fraction: float = 0.875
+    crop_pct: float = 0.875
     interpolation: str = "bicubic"
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
@@ -73,6 +73,11 @@ class ParNetConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ParNetConfig":
         d = dict(d)
+        if "crop_fraction" in d:  # checkpoints and manifests written before the name followed timm's crop_pct
+            old = d.pop("crop_fraction")
+            if d.setdefault("crop_pct", old) != old:
+                raise ValueError(f"config has crop_pct {d['crop_pct']!r} and the older crop_fraction {old!r}: "
+                                 "give one")
         for key in ("planes", "num_blocks", "mean", "std", "class_names"):
             if d.get(key) is not None:
                 d[key] = tuple(d[key])
@@ -89,13 +94,13 @@ MODEL_CONFIGS: dict[str, ParNetConfig] = {
     # CIFAR-style variants: 32x32 input, first block stride 1 (so the streams run at 16/8/4 px).
     # Widths are those of ParNet-S; the paper's own CIFAR widths are not reproduced here.
     "parnet_cifar10": ParNetConfig(planes=(92, 192, 384, 1280), num_classes=10, input_size=32, stem_stride=1,
-                                   crop_fraction=1.0, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
+                                   crop_pct=1.0, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616)),
     "parnet_cifar100": ParNetConfig(planes=(92, 192, 384, 1280), num_classes=100, input_size=32, stem_stride=1,
-                                    crop_fraction=1.0, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
+                                    crop_pct=1.0, mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762)),
     # The shipped reference model: trained on Fashion-MNIST (28x28 grey, resized to 32), SiLU, every block
     # type; class order = the dataset's label order. Weights: parnet_cpu/assets/parnet_fmnist.pt.
     "parnet_fmnist": ParNetConfig(planes=(16, 32, 64, 128), num_blocks=(3, 4, 4, 1), num_classes=10, in_chans=1,
-                                  input_size=32, activation="silu", stem_stride=1, crop_fraction=1.0,
+                                  input_size=32, activation="silu", stem_stride=1, crop_pct=1.0,
                                   interpolation="bilinear", mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD,
                                   class_names=FASHION_MNIST_CLASSES),
 }
@@ -398,7 +403,7 @@ class ParNet(nn.Module):
     @property
     def default_cfg(self) -> dict:
         c = self.cfg
-        return {"input_size": (c.in_chans, c.input_size, c.input_size), "crop_pct": c.crop_fraction,
+        return {"input_size": (c.in_chans, c.input_size, c.input_size), "crop_pct": c.crop_pct,
                 "interpolation": c.interpolation, "mean": c.mean, "std": c.std, "num_classes": c.num_classes}
 
 

@@ -99,18 +99,18 @@ class TrainConfig:
 # data: resize exactly like evaluation, normalise exactly like evaluation
 
 
-def images_to_model_size(images: np.ndarray, input_size: int, crop_fraction: float = 1.0,
+def images_to_model_size(images: np.ndarray, input_size: int, crop_pct: float = 1.0,
                          interpolation: str = "bilinear") -> np.ndarray:
     """(N, H, W) or (N, H, W, C) uint8 -> (N, C, S, S) uint8 with the evaluation geometry.
 
-    Uses the generic preprocessing's own Pillow functions (shorter side to floor(S/crop_fraction),
+    Uses the generic preprocessing's own Pillow functions (shorter side to floor(S/crop_pct),
     centre crop S), so a PNG of the image evaluated by ``parnet_cpu.data`` gets identical pixels.
     """
     from PIL import Image
 
     from parnet_cpu.data.preprocess import PreprocessConfig, center_crop, resize_shorter_side
 
-    pc = PreprocessConfig(input_size=input_size, crop_fraction=crop_fraction, interpolation=interpolation,
+    pc = PreprocessConfig(input_size=input_size, crop_pct=crop_pct, interpolation=interpolation,
                           mean=(0.5,), std=(0.5,), channels=1)
     if images.dtype != np.uint8 or images.ndim not in (3, 4):
         raise TrainingError(f"expected uint8 (N, H, W[, C]) images, got {images.dtype} {images.shape}")
@@ -137,7 +137,7 @@ def fashion_mnist_arrays(cfg, root: str | None = None, split: str = "train",
     labels = read_idx(paths[f"{split}_labels"]).astype(np.int64)
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
-    return images_to_model_size(images, cfg.input_size, cfg.crop_fraction, cfg.interpolation), labels
+    return images_to_model_size(images, cfg.input_size, cfg.crop_pct, cfg.interpolation), labels
 
 
 def image_folder_arrays(root: str | os.PathLike[str], cfg, limit: int | None = None,
@@ -154,7 +154,7 @@ def image_folder_arrays(root: str | os.PathLike[str], cfg, limit: int | None = N
     if not ds.has_labels:
         raise TrainingError(f"{root} has no labels (layout {ds.layout}); training needs a labelled folder")
     samples = ds.samples[:limit] if limit else ds.samples
-    pc = PreprocessConfig(input_size=cfg.input_size, crop_fraction=cfg.crop_fraction,
+    pc = PreprocessConfig(input_size=cfg.input_size, crop_pct=cfg.crop_pct,
                           interpolation=cfg.interpolation, mean=(0.5,), std=(0.5,), channels=1)
     out = np.empty((len(samples), cfg.in_chans, cfg.input_size, cfg.input_size), dtype=np.uint8)
     labels = np.empty(len(samples), dtype=np.int64)
