@@ -10,6 +10,10 @@ locked), which knows nothing of model folders. Layout::
     OUT/model_int8_torch.pt2  PT2E INT8 program (after `quantize --backend torch`)
     OUT/model.onnx        optional ONNX export of the deploy form
     OUT/report.json       quantization report (after `quantize`)
+
+`parnet-cpu slim` (`slim_model_dir`) makes a serving-only folder: the IR of the precisions a Runtime serves,
+the manifest (re-recording only those files, with a `serving_only` field saying what was removed) and the
+runtime's caches; the README's "The model folder" section says which file each reader needs.
 """
 from __future__ import annotations
 
@@ -23,9 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from parnet_cpu.outputs import file_kind, sha256_file, write_json
+from parnet_cpu.outputs import file_kind, output_lock, sha256_file, write_json
 
 MANIFEST = "parnet.json"
+LEGACY_CROP_KEY = "crop_fraction"  # the manifest's name for crop_pct before 0.1.0 followed timm
 FORMAT = "parnet-cpu/1"
 # Manifest schema: 2 added "schema" and "files" (sha256 and size of every model file); 3 adds
 # "manifest_sha256", a digest of the manifest's own content (config, preprocessing, class names, files), so
@@ -170,7 +175,9 @@ def manifest_schema() -> Spec:
             "activation": Spec("str", choices=ACTIVATIONS),
             "stem_stride": Spec("int", choices=(1, 2)),
             "dropout": Spec("number", low=0, high=1),
-            "crop_fraction": Spec("number", low=0.1, high=1),  # options.SPECS["crop_fraction"]
+            # timm's name; folders written before 0.1.0's rename say crop_fraction (read, never both)
+            "crop_pct": Spec("number", optional=True, low=0.1, high=1),  # options.SPECS["crop_pct"]
+            LEGACY_CROP_KEY: Spec("number", optional=True, low=0.1, high=1),
             "interpolation": Spec("str", choices=tuple(INTERPOLATIONS)),
             # mean and std of pixel values on the 0-1 scale: a mean lies in [0, 1], a std is positive
             "mean": Spec("list", length="in_chans", items=Spec("number", low=0, high=1)),
@@ -184,6 +191,10 @@ def manifest_schema() -> Spec:
         "source": Spec("map"),
         "created": Spec("str"),
         "exported_with": Spec("map", values=Spec("str")),
+        # written by `parnet-cpu slim`: the precisions kept for serving and the model files removed
+        "serving_only": Spec("object", optional=True, fields={
+            "precisions": Spec("list", items=Spec("str", choices=tuple(IR_FILES)), unique=True),
+            "removed": Spec("list", items=Spec("str", choices=MODEL_FILES), unique=True)}),
     })
 
 
@@ -266,7 +277,23 @@ def manifest_problems(manifest: dict) -> list[str]:
     schema (every field, not only those the loaders read), instead of a KeyError or a wrong answer later."""
     problems: list[str] = []
     _check(manifest, manifest_schema(), "", None, problems)
+    cfg = manifest.get("config")
+    if not problems and isinstance(cfg, dict) and ("crop_pct" in cfg) == (LEGACY_CROP_KEY in cfg):
+        problems.append(f"config.crop_pct and its older name config.{LEGACY_CROP_KEY} are both given: exactly one"
+                        if "crop_pct" in cfg else f"config.crop_pct is missing (a folder from before the rename "
+                        f"says config.{LEGACY_CROP_KEY}): exactly one of them is needed")
+    slim, files = manifest.get("serving_only"), manifest.get("files")
+    if not problems and slim is not None and isinstance(files, dict):  # the field agrees with the files recorded
+        problems += [f"serving_only.removed lists {n}, which files records" for n in slim["removed"] if n in files]
+        problems += [f"serving_only.precisions lists {p}, but files does not record {n}"
+                     for p in slim["precisions"] for n in ir_pair(p) if n not in files]
     return problems
+
+
+def ir_pair(precision: str) -> tuple[str, str]:
+    """The two files of a precision's IR (.xml, .bin)."""
+    xml = IR_FILES[precision]
+    return xml, xml[:-4] + ".bin"
 
 
 def seal_problems(manifest: dict) -> list[str]:
@@ -421,7 +448,9 @@ class ModelDir:
 
     @property
     def config(self) -> dict:
-        return self.manifest["config"]
+        """The manifest's model config, in today's names (an older folder's crop_fraction read as crop_pct)."""
+        c = self.manifest["config"]
+        return c if LEGACY_CROP_KEY not in c else {("crop_pct" if k == LEGACY_CROP_KEY else k): v for k, v in c.items()}
 
     @property
     def precisions(self) -> list[str]:
@@ -441,7 +470,10 @@ class ModelDir:
             raise ModelDirError(f"unknown precision {precision!r}; choose from {', '.join(IR_FILES)}")
         p = self.path / IR_FILES[precision]
         if not p.is_file():
-            raise ModelDirError(f"{self.path}: no {precision} model ({p.name}); present: {', '.join(self.precisions) or 'none'}")
+            slim = self.manifest.get("serving_only")
+            why = f" (a serving-only folder: `parnet-cpu slim` removed {p.name})" if slim and p.name in slim["removed"] else ""
+            raise ModelDirError(f"{self.path}: no {precision} model ({p.name}){why}; present: "
+                                f"{', '.join(self.precisions) or 'none'}")
         self.verify(precision)  # every loader (Runtime, serve, eval, bench) comes through here
         return p
 
@@ -450,7 +482,7 @@ class ModelDir:
         from parnet_cpu.data import PreprocessConfig
 
         c = self.config
-        params = dict(input_size=c["input_size"], crop_fraction=c["crop_fraction"], interpolation=c["interpolation"],
+        params = dict(input_size=c["input_size"], crop_pct=c["crop_pct"], interpolation=c["interpolation"],
                       mean=tuple(c["mean"]), std=tuple(c["std"]), channels=c["in_chans"])
         params.update({k: v for k, v in overrides.items() if v is not None})
         return PreprocessConfig(**params)
@@ -469,6 +501,48 @@ class ModelDir:
     def input_shape(self) -> tuple[int, int, int]:
         c = self.config
         return (c["in_chans"], c["input_size"], c["input_size"])
+
+
+def slim_model_dir(folder: str | Path, precisions: list[str] | None = None) -> dict:
+    """Make `folder` serving-only: keep the IR of `precisions` (default: the one a loader picks), the manifest,
+    report.json and the runtime's caches; remove every other model file this tool recorded (the FP32 IR when
+    INT8 is kept, model_deploy.pt, model.onnx, the torch INT8 program). The kept files are checked against
+    their recorded digests first, and their records are kept, not re-hashed, so slimming never blesses a
+    changed file. The manifest is rewritten (sealed) before anything is removed: if the removal is
+    interrupted, running slim again removes the rest. Files the manifest never recorded are not touched.
+    Returns {"kept", "removed", "bytes_freed"}."""
+    folder = Path(folder)
+    with output_lock(folder):  # not while an export or quantize writes this folder
+        md = ModelDir.open(folder)
+        keep = list(dict.fromkeys(precisions or [md.default_precision]))
+        absent = [p for p in keep if p not in md.precisions]
+        if absent:
+            raise ModelDirError(f"{folder}: no {', '.join(absent)} model to keep; present: "
+                                f"{', '.join(md.precisions) or 'none'}")
+        for p in keep:
+            problems = md.check(p)
+            if problems:
+                raise ModelDirError(f"{folder}: the {p} model does not match {MANIFEST}, refusing to slim it:\n"
+                                    + "\n".join(f"  - {x}" for x in problems))
+        kept = [n for p in keep for n in ir_pair(p)]
+        recorded = md.manifest["files"]
+        before = (md.manifest.get("serving_only") or {}).get("removed", [])
+        removed = sorted(set(before) | {n for n in recorded if n not in kept})
+        manifest = {**md.manifest, "files": {n: recorded[n] for n in kept},
+                    "serving_only": {"precisions": sorted(keep), "removed": removed}}
+        manifest.pop("manifest_sha256")
+        manifest["manifest_sha256"] = manifest_digest(manifest)
+        problems = manifest_problems(manifest)
+        if problems:  # e.g. a kept file the old manifest did not record
+            raise ModelDirError(f"{folder}: cannot slim it:\n" + "\n".join(f"  - {x}" for x in problems))
+        write_json(folder / MANIFEST, manifest)
+        freed = 0
+        for name in removed:
+            path = folder / name
+            if path.is_file() and not path.is_symlink():
+                freed += path.stat().st_size
+                path.unlink()
+        return {"kept": kept, "removed": removed, "bytes_freed": freed}
 
 
 # What this tool may leave in a model folder besides the manifest and the model files it records: the

@@ -25,6 +25,7 @@ COMMANDS: tuple[str, ...] = (
     "parnet_cpu.cli.eval",
     "parnet_cpu.cli.predict",
     "parnet_cpu.cli.verify",
+    "parnet_cpu.cli.slim",
     "parnet_cpu.cli.bench",
     "parnet_cpu.cli.profile",
     "parnet_cpu.cli.plan",
