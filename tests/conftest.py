@@ -22,6 +22,12 @@ collect_ignore += [] if getattr(importlib.util.find_spec("ray"), "origin", None)
 NARROW = dict(planes=(16, 32, 64, 128), num_blocks=(5, 6, 6, 1), input_size=64)
 
 
+def slow_param(*values):
+    """A parameter set that only the full suite runs: the full-size variants (ParNet-M/L/XL take seconds
+    each to build); their test keeps ParNet-S in the inner loop (`-m "not slow"`)."""
+    return pytest.param(*values, marks=pytest.mark.slow)
+
+
 def randomize_bn(model, seed: int = 0) -> None:
     """Give every BN non-trivial statistics and affine terms (fresh BNs are identities)."""
     import torch

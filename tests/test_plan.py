@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import NARROW, randomize_bn
+from conftest import NARROW, randomize_bn, slow_param
 from parnet_cpu.artifacts import stamp_manifest
 from parnet_cpu.export import export_model_dir
 from parnet_cpu.models.parnet import create_model
@@ -86,8 +86,8 @@ def test_stage_macs_match_torch_layer_shapes(variant_irs, name):
     assert costs[0] < 0.9 * costs[1] and costs[0] < 0.9 * costs[2]
 
 
-@pytest.mark.parametrize("name,gmacs", [("parnet_s", 4.73), ("parnet_m", 8.58), ("parnet_l", 13.32),
-                                         ("parnet_xl", 20.72)])
+@pytest.mark.parametrize("name,gmacs", [("parnet_s", 4.73), slow_param("parnet_m", 8.58), slow_param("parnet_l", 13.32),
+                                         slow_param("parnet_xl", 20.72)])
 def test_deploy_gmacs_at_224_match_the_paper(name, gmacs):
     """The paper's deployed GMACs at 224x224, from the torch count that the IR count is checked against."""
     assert sum(torch_stage_macs(create_model(name), 224).values()) / 1e9 == pytest.approx(gmacs, abs=0.01)
