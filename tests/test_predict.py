@@ -3,7 +3,6 @@ photos, corrupt files and an extreme-aspect PNG; its rows against Runtime.classi
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import shutil
@@ -131,6 +130,35 @@ def test_csv_files_given_one_by_one_and_resume_adds_only_the_rest(model_dir, fol
     assert sum(bool(r["skipped"]) for r in table) == len(SKIPPED)
 
 
+def test_parquet_rows_equal_the_jsonl_rows_and_resume_adds_only_the_rest(model_dir, folder, tmp_path):
+    """--out x.parquet (pyarrow: the test extra installs it): the same rows as .jsonl, one table with typed
+    list columns, and --resume keeps the earlier rows and adds only the rest."""
+    import pyarrow.parquet as pq
+
+    jl, pqf = tmp_path / "p.jsonl", tmp_path / "p.parquet"
+    assert predict(model_dir, "--data", str(folder), "--out", str(jl), "--top-k", "3").returncode == 0
+    first = sorted(folder.glob("class_a/*.jpg"))[:2]
+    res = predict(model_dir, "--data", *map(str, first), "--out", str(pqf), "--top-k", "3")
+    assert res.returncode == 0, res.stderr
+    assert [r["path"] for r in pq.read_table(pqf).to_pylist()] == [str(p) for p in first]
+    res = predict(model_dir, "--data", *map(str, first), str(folder), "--out", str(pqf), "--top-k", "3", "--resume")
+    assert res.returncode == 0, res.stderr
+    assert "2 kept from the earlier run" in res.stdout
+    table = pq.read_table(pqf)
+    assert table.schema.field("probabilities").type.value_type.bit_width == 64
+    rows = {r["path"]: r for r in table.to_pylist()}
+    want = {r["path"]: r for r in rows_of(jl)}
+    assert len(table) == len(rows) == len(want)  # each image once, the two resumed ones included
+    assert set(rows) == set(want) and {str(p) for p in first} <= set(want)
+    for path, w in want.items():
+        r = rows[path]
+        if "skipped" in w:
+            assert r["skipped"] == w["skipped"] and r["labels"] is None
+        else:
+            assert (r["labels"], r["indices"], r["skipped"]) == (w["labels"], w["indices"], None)
+            np.testing.assert_allclose(r["probabilities"], w["probabilities"], rtol=1e-6)
+
+
 @pytest.mark.slow
 def test_interrupted_run_keeps_its_rows_and_resume_finishes_without_repeats(model_dir, tmp_path):
     data = tmp_path / "many"
@@ -174,9 +202,14 @@ def test_bad_requests_are_clear_errors(model_dir, folder, tmp_path):
     (empty / "sub").mkdir(parents=True)
     (empty / "sub" / "notes.txt").write_text("x")
     cases.append((["--data", str(empty), "--out", str(tmp_path / "x.jsonl")], "no image files"))
-    if importlib.util.find_spec("pyarrow") is None:
-        cases.append((["--data", str(folder), "--out", str(tmp_path / "x.parquet")], "pip install pyarrow"))
     for args, message in cases:
         res = predict(model_dir, *args)
         assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, (args, res.stderr)
     assert not (tmp_path / "x.jsonl").exists()
+    # Parquet where pyarrow is not installed (here: made absent in the child) says what to install
+    no_pyarrow = subprocess.run([sys.executable, "-c", "import sys; sys.modules['pyarrow'] = None; " + RUN, "predict",
+                                 "--model-dir", str(model_dir), "--quiet", "--data", str(folder), "--out",
+                                 str(tmp_path / "x.parquet")], capture_output=True, text=True, cwd=REPO, timeout=300,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert no_pyarrow.returncode == 2 and "pip install pyarrow" in no_pyarrow.stderr, no_pyarrow.stderr
+    assert not (tmp_path / "x.parquet").exists()
