@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from parnet_cpu.cli.common import add_json_arg, check_output_arg, write_json_arg
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from parnet_cpu.artifacts import IR_FILES
@@ -24,14 +26,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep", action="append", choices=tuple(IR_FILES), metavar="PRECISION",
                    help="a precision to keep (repeat for more; default: the one a Runtime loads, int8 where "
                    f"present, else fp32; choices: {', '.join(IR_FILES)})")
+    add_json_arg(p, "what was kept, removed and freed")
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from parnet_cpu.artifacts import slim_model_dir
 
+    check_output_arg(args, "json", "slim")  # before any file is removed (a FILE inside DIR is refused)
     result = slim_model_dir(args.model, args.keep)  # a ModelDirError is exit 2 with its message (cli.main)
     removed = ", ".join(result["removed"]) or "nothing"
     print(f"{args.model}: serving-only, keeps {', '.join(result['kept'])}; removed {removed} "
           f"({result['bytes_freed'] / 1e6:.1f} MB freed)")
+    write_json_arg(args, "slim", {"model": args.model, **result})
     return 0
