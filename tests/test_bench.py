@@ -143,10 +143,10 @@ def test_report_folder_speaks_benchmark_apps_language(model_dir, tmp_path, capsy
     assert ours["ort-int8 batch 1"]["configuration_setup"]["precision"] == "INT8"
 
 
-def test_nthreads_runs_every_engine_on_the_first_n_cores(model_dir, tmp_path, capsys):
-    """benchmark_app's -nthreads: every engine on the same first N free cores, N threads; more than exist or
-    together with --cores is refused before anything runs. (A subprocess: the flag narrows the affinity of the
-    process that runs bench.)"""
+@pytest.mark.slow
+def test_nthreads_runs_every_engine_on_the_first_n_cores(model_dir, tmp_path):
+    """benchmark_app's -nthreads: every engine on the same first N free cores, N threads. (A subprocess: the
+    flag narrows the affinity of the process that runs bench.)"""
     import subprocess
     import sys
 
@@ -158,6 +158,9 @@ def test_nthreads_runs_every_engine_on_the_first_n_cores(model_dir, tmp_path, ca
     res = json.loads(js.read_text())
     assert res["threads"] == 1 and res["cpus"] == str(CPUS[0])
     assert {r["engine"] for r in res["rows"] if "error" not in r} == {"ov-latency", "ort-parallel"}
+
+
+def test_nthreads_beyond_the_free_cores_or_with_cores_is_refused_before_anything_runs(model_dir, capsys):
     assert main(["bench", "--model-dir", str(model_dir), "-nthreads", str(len(CPUS) + 1)]) == 2
     assert f"ask for at most {len(CPUS)}" in capsys.readouterr().err
     assert main(["bench", "--model-dir", str(model_dir), "-nthreads", "1", "--cores", GROUPS]) == 2

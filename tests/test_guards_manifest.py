@@ -467,3 +467,26 @@ def test_output_lock_is_exclusive_between_processes_and_reentrant_within_one(tmp
             assert lock.is_file()
         assert lock.is_file()
     assert not lock.exists()
+
+
+def test_a_changed_model_file_is_refused_at_load_not_only_by_verify(narrow_copy, tmp_path):
+    """The load-time digest check in the inner loop: one flipped byte in the IR weights (size and name kept,
+    the manifest untouched) is refused by every loader's path (`ModelDir.ir_path`, a `Runtime`), naming the
+    file, whatever the byte; the untouched folder loads."""
+    from parnet_cpu import Runtime
+    from parnet_cpu.artifacts import ModelDir, ModelDirError
+
+    ok = narrow_copy(tmp_path / "ok")
+    assert ModelDir.open(ok).ir_path("fp32").name == "model_fp32.xml"
+    size = (ok / "model_fp32.bin").stat().st_size
+    for i, where in enumerate((0, size // 2, size - 1)):
+        bad = narrow_copy(tmp_path / f"bad{i}")
+        with open(bad / "model_fp32.bin", "r+b") as f:
+            f.seek(where)
+            byte = f.read(1)
+            f.seek(where)
+            f.write(bytes([byte[0] ^ 0x01]))
+        with pytest.raises(ModelDirError, match="model_fp32.bin"):
+            ModelDir.open(bad).ir_path("fp32")
+    with pytest.raises(ModelDirError, match="model_fp32.bin"):
+        Runtime(bad, precision="fp32", plan="single")
