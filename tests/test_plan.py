@@ -216,6 +216,11 @@ def test_plan_cli_groups(int8_dir, tmp_path, args, capsys):
     assert gmacs[0] < gmacs[1] and gmacs[0] < gmacs[2] and threads[0] <= min(threads[1:])
     assert all(len(g["sockets"]) == 1 for g in r["groups"])
     assert sum(threads) <= r["machine"]["physical_cores"] and r["predictions"] is None
+    # the groups as --cores / Runtime(cores=...) take them, exactly the printed ones
+    from parnet_cpu.runtime.cores import parse_groups
+    from parnet_cpu.system.cpuinfo import format_cpu_list
+
+    assert [format_cpu_list(g) for g in parse_groups(r["cores_arg"])] == [g["cpus"] for g in r["groups"]]
 
 
 @pytest.mark.slow
