@@ -94,10 +94,15 @@ def test_c6_keyboard_interrupt_then_correct_answers(model_dir):
     with multistream(model_dir, inflight=2) as rt:
         ref = references(rt, x)
         pids = worker_pids(rt)
-        t0 = time.perf_counter()
-        for i in range(10):
+        for i in range(5):  # warm: the first calls of a fresh runtime are slower than the rest
             rt.infer(x[i % 6:i % 6 + 1])
-        call_s = (time.perf_counter() - t0) / 10
+        times = []
+        for i in range(10):
+            t0 = time.perf_counter()
+            rt.infer(x[i % 6:i % 6 + 1])
+            times.append(time.perf_counter() - t0)
+        call_s = min(times)  # timers drawn within the fastest call land inside calls (an average of slow first
+        # calls put every interrupt after its call once, under load: 0 of 40 landed)
         rng = random.Random(0)
         hit, wrong = 0, []
         for k in range(40):
