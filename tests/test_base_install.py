@@ -95,6 +95,7 @@ def test_demo_refused_leaves_no_parnet_demo_folder(tmp_path):
     assert r.returncode == 2 and not (tmp_path / "a").exists()
 
 
+@pytest.mark.slow
 def test_a_partial_install_marks_only_what_is_missing(tmp_path):
     """torch present but matplotlib absent: demo (which plots) is refused naming matplotlib only; commands
     that need only torch are not marked and run."""

@@ -58,7 +58,8 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-@pytest.mark.parametrize("umask, other_uid_reads", [(0o022, True), (0o077, False)], ids=["022", "077"])
+@pytest.mark.parametrize("umask, other_uid_reads", [(0o022, True), pytest.param(0o077, False, marks=pytest.mark.slow)],
+                         ids=["022", "077"])
 def test_export_follows_the_umask_and_another_uid_reads_what_it_allows(umask, other_uid_reads, shared_tmp):
     out = shared_tmp / "model"
     r = run(["-m", "parnet_cpu", *NARROW_EXPORT, "--out", str(out)], umask)
