@@ -54,10 +54,11 @@ async def health(request: Request) -> JSONResponse:
 
 
 @app.post("/classify")
-async def classify(request: Request, response: Response, top_k: int = Query(5, ge=1)) -> dict:
-    """The image as a multipart file (any field name) or the raw body; answers as serve's /v1/classify."""
+async def classify(request: Request, response: Response, top_k: int | None = Query(None, ge=1)) -> dict:
+    """The image as a multipart file (any field name) or the raw body; answers as serve's /v1/classify
+    (top_k: default 5, or every class of a model with fewer)."""
     rt: Runtime = request.app.state.runtime
-    if top_k > rt.num_classes:
+    if top_k is not None and top_k > rt.num_classes:
         raise HTTPException(400, f"top_k must be an integer in 1..{rt.num_classes}")
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         form = await request.form()

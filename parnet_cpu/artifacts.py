@@ -528,6 +528,14 @@ def slim_model_dir(folder: str | Path, precisions: list[str] | None = None) -> d
         recorded = md.manifest["files"]
         before = (md.manifest.get("serving_only") or {}).get("removed", [])
         removed = sorted(set(before) | {n for n in recorded if n not in kept})
+        # only files as this tool wrote them are deleted: one changed since it was recorded may be someone's work
+        # (a file under a name an earlier slim removed is deleted unchecked: it finishes an interrupted slim)
+        changed = [n for n in removed if n in recorded and (folder / n).is_file()
+                   and sha256_file(folder / n) != recorded[n]["sha256"]]
+        if changed:
+            raise ModelDirError(f"{folder}: {', '.join(changed)} changed since this tool recorded it (sha256 differs); "
+                                "slim deletes only files as export/quantize wrote them: move it out of the folder "
+                                "first (nothing was removed)")
         manifest = {**md.manifest, "files": {n: recorded[n] for n in kept},
                     "serving_only": {"precisions": sorted(keep), "removed": removed}}
         manifest.pop("manifest_sha256")

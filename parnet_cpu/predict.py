@@ -168,15 +168,16 @@ def read_rows(out: Path, fmt: str, k: int) -> tuple[set[str], str | list[dict]]:
 
 # ---------------------------------------------------------------------------------------------- the run
 
-def predict_folder(runtime, data: Sequence[str | os.PathLike], out: str | os.PathLike, *, top_k: int = 5,
+def predict_folder(runtime, data: Sequence[str | os.PathLike], out: str | os.PathLike, *, top_k: int | None = None,
                    batch_size: int = 32, workers: int | None = None, resume: bool = False, overwrite: bool = False,
-                   progress: bool = True, on_start: Callable[[int, int], None] | None = None) -> PredictSummary:
+                   progress: bool = True, on_start: Callable[[int, int], None] | None = None,
+                   top_k_name: str = "top_k") -> PredictSummary:
     """Classify every image of `data` (folders and files) with `runtime` (a `Runtime`) into `out`. `runtime`
     may instead be an object with `num_classes` and `rows(paths, top_k, batch_size)` that computes the rows
     elsewhere, in order (`parnet_cpu.ray.batch.RayPredictor`: `predict --ray`)."""
     out = Path(out)
     fmt = output_format(out)
-    check_top_k(top_k, runtime.num_classes)
+    top_k = check_top_k(top_k, runtime.num_classes, top_k_name)
     if out.is_dir():
         raise PredictError(f"--out {out} is a folder; name a .jsonl, .csv or .parquet file")
     if not out.parent.is_dir():

@@ -194,7 +194,7 @@ def test_bad_requests_are_clear_errors(model_dir, folder, tmp_path):
         (["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x.jsonl")], "no such file or folder"),
         (["--data", str(folder), "--out", str(tmp_path / "nope" / "x.jsonl")], "is missing"),
         (["--data", str(folder), "--out", str(tmp_path)], "name a .jsonl"),
-        (["--data", str(tmp_path), "--out", str(tmp_path / "x.jsonl"), "--top-k", "1001"], "top_k must be"),
+        (["--data", str(tmp_path), "--out", str(tmp_path / "x.jsonl"), "--top-k", "1001"], "--top-k must be"),
         (["--data", str(folder), "--out", str(tmp_path / "x.jsonl"), "--resume", "--overwrite"], "pass one"),
         (["--data", str(folder), "--out", str(tmp_path / "x.jsonl"), "--top-k", "0"], "must be >= 1"),
     ]
@@ -213,3 +213,46 @@ def test_bad_requests_are_clear_errors(model_dir, folder, tmp_path):
                                 env={**os.environ, "PYTHONPATH": str(REPO)})
     assert no_pyarrow.returncode == 2 and "pip install pyarrow" in no_pyarrow.stderr, no_pyarrow.stderr
     assert not (tmp_path / "x.parquet").exists()
+
+
+def test_a_model_with_fewer_than_five_classes_works_without_a_top_k(tmp_path):
+    """The default top-k is 5, or every class of a model with fewer: `predict`, `Runtime.classify` and serve's
+    /v1/classify answer a 2-class model without being told (predict refused it: 'top_k must be in 1..2, got
+    5'); an explicit top-k beyond the classes is still refused, naming the flag the user typed."""
+    import torch
+
+    from conftest import NARROW
+    from parnet_cpu import Runtime
+    from parnet_cpu.export import export_model_dir
+    from parnet_cpu.models.parnet import create_model
+
+    torch.manual_seed(0)
+    model_dir = export_model_dir(create_model("parnet_s", **{**NARROW, "num_classes": 2}), tmp_path / "two")
+    out = tmp_path / "p.jsonl"
+    res = predict(model_dir, "--data", *map(str, PHOTOS[:3]), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    rows = rows_of(out)
+    assert [sorted(r["indices"]) for r in rows] == [[0, 1]] * 3
+    bad = predict(model_dir, "--data", str(PHOTOS[0]), "--out", str(tmp_path / "q.jsonl"), "--top-k", "3")
+    assert bad.returncode == 2 and "--top-k must be an integer in 1..2" in bad.stderr
+    with Runtime(model_dir) as rt:
+        got = rt.classify([str(p) for p in PHOTOS[:3]])
+        assert [list(t.indices) for t in got] == [r["indices"] for r in rows]
+        with pytest.raises(ValueError, match="top_k must be an integer in 1..2"):
+            rt.classify(str(PHOTOS[0]), top_k=3)
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as f:
+        srv = subprocess.Popen([sys.executable, "-m", "parnet_cpu", "serve", "--model-dir", str(model_dir),
+                                "--port", str(port)], cwd=REPO, stdout=f, stderr=f,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", srv, log)
+        resp = httpx.post(f"http://127.0.0.1:{port}/v1/classify", content=PHOTOS[0].read_bytes(),
+                          headers={"content-type": "image/jpeg"}, timeout=60)
+        assert resp.status_code == 200, resp.text
+        assert [p["index"] for p in resp.json()["predictions"]] == rows[0]["indices"]
+        assert httpx.post(f"http://127.0.0.1:{port}/v1/classify?top_k=3", content=PHOTOS[0].read_bytes(),
+                          headers={"content-type": "image/jpeg"}, timeout=60).status_code == 400
+    finally:
+        _stop(srv)

@@ -153,3 +153,29 @@ def test_the_serving_only_field_is_checked_like_every_field(folder):
             ModelDir.open(bad)
     r = cli("slim", str(folder.parent / "nowhere"))
     assert r.returncode == 2 and "not a parnet-cpu model folder" in r.stderr
+
+
+def test_slim_never_deletes_a_file_changed_since_it_was_recorded(folder):
+    """A recorded file slim would remove (model_deploy.pt) whose content changed since export is someone's
+    work: refused, nothing removed, the manifest as it was."""
+    before = (folder / "parnet.json").read_bytes()
+    with open(folder / "model_deploy.pt", "ab") as f:
+        f.write(b"my own notes")
+    res = cli("slim", str(folder))
+    assert res.returncode == 2 and "model_deploy.pt changed since" in res.stderr and "Traceback" not in res.stderr
+    assert (folder / "parnet.json").read_bytes() == before and names(folder) == FULL
+
+
+def test_bench_on_a_slim_folder_says_which_engines_need_the_removed_files(folder, tmp_path):
+    """bench's torch and ONNX baselines build from model_deploy.pt (or model.onnx): on a serving-only folder
+    those rows say so and the OpenVINO rows run (it ended in a CheckpointError traceback)."""
+    from parnet_cpu.cli import main
+
+    assert cli("slim", str(folder)).returncode == 0
+    js = tmp_path / "b.json"
+    assert main(["bench", "--model-dir", str(folder), "--engines", "ov-latency,torch-eager,ort-int8", "-b", "1",
+                 "--rounds", "1", "-niter", "2", "-t", "0", "--warmup", "0", "--json", str(js)]) == 0
+    rows = {r["engine"]: r for r in json.loads(js.read_text())["rows"]}
+    assert "needs model_deploy.pt," in rows["torch-eager"]["error"] and "serving-only" in rows["torch-eager"]["error"]
+    assert "needs model.onnx or model_deploy.pt" in rows["ort-int8"]["error"]
+    assert "error" not in rows["ov-latency"] and rows["ov-latency"]["median_ms"] > 0

@@ -26,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 
-from parnet_cpu.artifacts import ONNX_FILE, ModelDir
+from parnet_cpu.artifacts import DEPLOY_WEIGHTS, ONNX_FILE, ModelDir
 from parnet_cpu.bench.base import throughput
 from parnet_cpu.quantization.base import backend_for_engine, bench_engines, quantization_engines
 from parnet_cpu.perf.pinned import PinnedChildError, PinnedChildTimeout
@@ -222,6 +222,21 @@ def make_engine(name: str, spec: EngineSpec):
     if name not in BUILDERS:
         raise ValueError(f"unknown engine {name!r}")
     return BUILDERS[name](name, spec)
+
+
+def missing_inputs(md: ModelDir, engine: str) -> str | None:
+    """Why `engine` cannot run on this folder (a file it builds from is absent), or None. The torch and ONNX
+    baselines are built from the deploy-form weights (or the folder's ONNX), which a serving-only folder lacks."""
+    deploy = (md.path / DEPLOY_WEIGHTS).is_file()
+    if engine == "torch-eager" and not deploy:
+        need = DEPLOY_WEIGHTS
+    elif engine in NEEDS_ONNX and not deploy and not (md.path / ONNX_FILE).is_file():
+        need = f"{ONNX_FILE} or {DEPLOY_WEIGHTS}"
+    else:
+        return None
+    slim = md.manifest.get("serving_only")
+    why = " (a serving-only folder: `parnet-cpu slim` removed it; bench the folder quantize wrote)" if slim else ""
+    return f"needs {need}, which {md.path} does not have{why}"
 
 
 def available_engines(md: ModelDir) -> tuple[str, ...]:

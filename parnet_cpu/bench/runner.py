@@ -32,6 +32,7 @@ from parnet_cpu.bench.engines import (
     PinnedEngine,
     available_engines,
     export_onnx_for,
+    missing_inputs,
 )
 from parnet_cpu.bench.quiet import LoadWatch
 from parnet_cpu.bench.rounds import combine_rounds, interleaved_rounds, per_round_ratios
@@ -111,10 +112,12 @@ def run_bench(model_dir: str | Path, cores_per_stream, cores, precision: str | N
         cpus = next((rt.plan.cpus for rt in runtimes.values() if rt.plan.kind == "multistream"), None) \
             or next((rt.plan.cpus for rt in runtimes.values()), None) or sorted(os.sched_getaffinity(0))
         tmp = stack.enter_context(tempfile.TemporaryDirectory())
-        onnx_path = export_onnx_for(md, Path(tmp)) if any(e in NEEDS_ONNX for e in engines) else None
+        errors.update({e: why for e in engines if e not in RUNTIME_ENGINES and (why := missing_inputs(md, e))})
+        onnx_path = (export_onnx_for(md, Path(tmp)) if any(e in NEEDS_ONNX and e not in errors for e in engines)
+                     else None)
         pinned: dict[str, PinnedEngine] = {}
         for engine in engines:
-            if engine in RUNTIME_ENGINES:
+            if engine in RUNTIME_ENGINES or engine in errors:
                 continue
             log(f"{engine}: building, pinned to CPUs {format_cpu_list(cpus)} ...")
             spec = EngineSpec(str(md.path), precision, len(cpus), onnx_path, cfg.calib_dir)

@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, nargs="+", metavar="DIR|FILE", help="image folders and/or files")
     p.add_argument("--out", required=True, metavar="FILE",
                    help="preds.jsonl, preds.csv or preds.parquet (Parquet needs pyarrow)")
-    p.add_argument("--top-k", type=arg("top_k"), default=5, help="classes per image (default 5)")
+    p.add_argument("--top-k", type=arg("top_k"), help="classes per image (default 5, or every class of a model "
+                   "with fewer)")
     p.add_argument("--resume", action="store_true", help="keep the rows already in --out and do the rest")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--precision", choices=("fp32", "bf16", "int8"),
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         with sigterm_as_interrupt():
             summary = predict_folder(rt, args.data, args.out, top_k=args.top_k, batch_size=args.batch_size,
                                      workers=args.workers, resume=args.resume, overwrite=args.overwrite,
-                                     progress=not args.quiet)
+                                     progress=not args.quiet, top_k_name="--top-k")
     except (PredictError, ValueError) as exc:
         raise CliError(str(exc)) from None
     finally:

@@ -65,7 +65,7 @@ class Classifier:
         return {"i": batch["i"], "row": np.asarray(rows, dtype=object)}
 
 
-def predict(model_dir: str | os.PathLike, paths: Sequence[str], *, top_k: int = 5, batch_size: int = 32,
+def predict(model_dir: str | os.PathLike, paths: Sequence[str], *, top_k: int | None = None, batch_size: int = 32,
             actors: int = 1, actors_per_node: int | None = None, num_cpus: float = 0.5, precision: str | None = None,
             progress: bool = True) -> Iterator[dict]:
     """The rows of `paths` (as `parnet-cpu predict` writes them), in order, computed on the connected Ray
@@ -75,7 +75,7 @@ def predict(model_dir: str | os.PathLike, paths: Sequence[str], *, top_k: int = 
     call, the cluster does the work as the rows are read."""
     model = resolved(model_dir)
     md = ModelDir.open(model)
-    check_top_k(top_k, int(md.config["num_classes"]))
+    top_k = check_top_k(top_k, int(md.config["num_classes"]))
     for what, n in (("actors", actors), ("batch_size", batch_size)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"{what} must be a positive integer, got {n!r}")

@@ -41,10 +41,19 @@ class TopK:
         return {"labels": list(self.labels), "indices": list(self.indices), "probabilities": list(self.probabilities)}
 
 
-def check_top_k(k: int, num_classes: int) -> None:
-    """Refuse a `top_k` that is not an integer in 1..num_classes (callers check before spending work)."""
+DEFAULT_TOP_K = 5
+
+
+def check_top_k(k: int | None, num_classes: int, name: str = "top_k") -> int:
+    """The `top_k` to use: None (not given) is DEFAULT_TOP_K or every class when the model has fewer (a
+    2-class model is not an error by default); anything else must be an integer in 1..num_classes (callers
+    check before spending work). `name` is how the caller's user spells it (`--top-k` on the CLI)."""
+    if k is None:
+        return min(DEFAULT_TOP_K, num_classes)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= num_classes:
-        raise ValueError(f"top_k must be an integer in 1..{num_classes}, got {k!r}")
+        raise ValueError(f"{name} must be an integer in 1..{num_classes} (the model has {num_classes} classes), "
+                         f"got {k!r}")
+    return int(k)
 
 
 def softmax_top_k(logits: np.ndarray, k: int, class_names: Sequence[str] | None = None) -> list[TopK]:

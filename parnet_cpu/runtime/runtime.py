@@ -820,10 +820,11 @@ class Runtime(ProcessBound):
         decoding rules and limits of `serve` and `eval` (`data.inputs.preprocess_input`)."""
         return preprocess_input(image, self.preprocess_config, max_pixels=max_pixels)
 
-    def classify(self, images, top_k: int = 5, timeout: float | None = None) -> list[TopK]:
+    def classify(self, images, top_k: int | None = None, timeout: float | None = None) -> list[TopK]:
         """The `top_k` most probable classes (labels, indices, softmax probabilities) of each image: one
-        image, a list of images (as `preprocess` takes), or a preprocessed float batch (N, C, H, W)."""
-        check_top_k(top_k, self.num_classes)
+        image, a list of images (as `preprocess` takes), or a preprocessed float batch (N, C, H, W). Default:
+        5, or every class of a model with fewer."""
+        top_k = check_top_k(top_k, self.num_classes)
         batch = preprocess_batch(images, self.preprocess_config)
         return softmax_top_k(self.infer(batch, timeout), top_k, self.class_names)
 
@@ -833,8 +834,8 @@ class Runtime(ProcessBound):
         into its own future, so its logits can never reach another call."""
         return await asyncio.wrap_future(self.submit(batch, timeout))
 
-    async def classify_async(self, images, top_k: int = 5, timeout: float | None = None) -> list[TopK]:
+    async def classify_async(self, images, top_k: int | None = None, timeout: float | None = None) -> list[TopK]:
         """`classify` for asyncio code: decoding runs in a thread, inference as `infer_async`."""
-        check_top_k(top_k, self.num_classes)
+        top_k = check_top_k(top_k, self.num_classes)
         batch = await asyncio.to_thread(preprocess_batch, images, self.preprocess_config)
         return softmax_top_k(await self.infer_async(batch, timeout), top_k, self.class_names)

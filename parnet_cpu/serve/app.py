@@ -44,7 +44,7 @@ from parnet_cpu.data.preprocess import (IMAGE_FORMATS, ImageDecodeError, ImageTo
                                         PreprocessPlan, load_and_preprocess, max_plan_bytes, plan_image)
 from parnet_cpu.data.inputs import MAX_IMAGE_PIXELS
 from parnet_cpu.options import check_fields
-from parnet_cpu.runtime.classify import softmax_top_k
+from parnet_cpu.runtime.classify import check_top_k, softmax_top_k
 from parnet_cpu.serve.batcher import BatcherClosedError, DynamicBatcher, QueueFullError
 from parnet_cpu.serve import triton
 from parnet_cpu.serve.metrics import ServeMetrics
@@ -517,7 +517,9 @@ def query_params(request: Request, allowed: frozenset[str]) -> dict[str, str]:
 
 
 def _top_k_param(request: Request, num_classes: int) -> int:
-    raw = query_params(request, frozenset({"top_k"})).get("top_k", "5")
+    raw = query_params(request, frozenset({"top_k"})).get("top_k")
+    if raw is None:
+        return check_top_k(None, num_classes)  # 5, or every class of a model with fewer
     k = int(raw) if raw.isascii() and raw.isdigit() else 0  # int() would also take ' 5' and '5_0'
     if not 1 <= k <= num_classes:
         raise ApiError(400, f"top_k must be an integer in 1..{num_classes}, got {raw!r}")

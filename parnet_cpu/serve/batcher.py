@@ -337,10 +337,10 @@ class Batcher(DynamicBatcher):
         x = check_images(images, self._shape)  # per request, before batching: a bad one fails no other request
         return await self.enqueue(np.ascontiguousarray(x, dtype=np.float32))
 
-    async def classify(self, images, top_k: int = 5) -> list[TopK]:
+    async def classify(self, images, top_k: int | None = None) -> list[TopK]:
         """`Runtime.classify` through the batcher: images as `Runtime.preprocess` takes them (one or a list),
         or a preprocessed float batch; decoding runs in a thread, off the event loop."""
         rt = self.runtime
-        check_top_k(top_k, rt.num_classes)  # refused before any decoding
+        top_k = check_top_k(top_k, rt.num_classes)  # refused before any decoding
         batch = await asyncio.to_thread(preprocess_batch, images, rt.preprocess_config)
         return softmax_top_k(await self.infer(batch), top_k, rt.class_names)
