@@ -166,3 +166,21 @@ def test_nthreads_beyond_the_free_cores_or_with_cores_is_refused_before_anything
     assert main(["bench", "--model-dir", str(model_dir), "-nthreads", "1", "--cores", GROUPS]) == 2
     assert "give one of them" in capsys.readouterr().err
     assert sorted(os.sched_getaffinity(0)) == CPUS  # a refused run narrowed nothing
+
+
+def test_nthreads_narrows_every_thread_of_the_process_not_only_the_caller():
+    """sched_setaffinity(0) changes only the calling thread: a thread started before -nthreads (an import's
+    pool) kept every CPU. All of the process's threads end on the chosen CPUs, read from /proc."""
+    import subprocess
+    import sys
+
+    code = ("import threading, time, os, glob\n"
+            "stop = threading.Event(); t = threading.Thread(target=stop.wait); t.start()\n"
+            "from parnet_cpu.cli.bench import restrict_to_threads\n"
+            "chosen = restrict_to_threads(1, False)\n"
+            "masks = {open(f).read().split('Cpus_allowed_list:')[1].split()[0] "
+            "for f in glob.glob('/proc/self/task/*/status')}\n"
+            "stop.set(); t.join(); print(chosen, sorted(masks))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"[{CPUS[0]}] ['{CPUS[0]}']"

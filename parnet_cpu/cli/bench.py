@@ -62,6 +62,11 @@ def restrict_to_threads(threads: int, use_smt: bool) -> list[int]:
                             f"ask for at most {len(cpus)}")
     chosen = sorted(cpus[:threads])
     os.sched_setaffinity(0, chosen)
+    for tid in os.listdir("/proc/self/task"):  # threads started earlier (imports' pools) keep their own mask
+        try:
+            os.sched_setaffinity(int(tid), chosen)
+        except (OSError, ValueError):
+            pass  # a thread that ended meanwhile
     return chosen
 
 

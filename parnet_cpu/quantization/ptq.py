@@ -125,7 +125,7 @@ def quantize_to_dir(model, source: dict, calib_dir: str | Path, out: str | Path,
         validation = None
         if opts.max_drop is not None:
             if not ds.has_labels or not len(holdout):
-                raise QuantizationError("max_drop (--max-drop-points) needs labelled images beyond the calibration "
+                raise QuantizationError("max_drop (--max-drop-points or --max-drop-fraction) needs labelled images beyond the calibration "
                                         "subset")
             validation = ImageStream(holdout.samples, pcfg, opts.num_workers, with_labels=True)
         with phases("quantize"):
