@@ -167,8 +167,9 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w", encoding: str | 
             raise err from exc
         return
     tmp = None
+    remove_stale_temp_files(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-{_host_tag()}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, mode, encoding=encoding) as f:
             os.fchmod(fd, creation_modes()[1])  # as a plain write would leave it (mkstemp makes 0600)
             yield f
@@ -216,6 +217,29 @@ def _pid_alive(pid: int) -> bool:
     except OSError:  # e.g. PermissionError: it exists, owned by someone else
         return True
     return True
+
+
+def remove_stale_temp_files(path: Path) -> list[Path]:
+    """Remove the temporary files earlier writes of `path` left when their process was killed (kill -9, OOM: no
+    cleanup ran): only `.<name>.<pid>-<host>.*.tmp` made on this host by a process that is gone."""
+    pattern = re.compile(r"^\." + re.escape(path.name) + r"\.(\d+)-([0-9a-f]{8})\..*\.tmp$")
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    for e in entries:
+        m = pattern.match(e.name)
+        if not m or m.group(2) != _host_tag() or not e.is_file(follow_symlinks=False):
+            continue
+        pid = int(m.group(1))
+        if pid != os.getpid() and not _pid_alive(pid):
+            try:
+                os.unlink(e.path)
+                removed.append(Path(e.path))
+            except OSError:
+                pass
+    return removed
 
 
 def remove_stale_temp_dirs(parent: Path) -> list[Path]:

@@ -139,3 +139,42 @@ def test_a_planted_lock_fifo_is_exit_2_through_the_command_line(tmp_path, capsys
     err = capsys.readouterr().err
     assert "named pipe (FIFO), not a lock file this tool made" in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_write_of_that_file(tmp_path):
+    """kill -9 (or the OOM killer) mid-write leaves the temporary file (no cleanup runs): the next atomic write
+    of the same file removes it, and only it: not a live writer's, not another host's, not another file's."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from parnet_cpu.outputs import atomic_write
+
+    out = tmp_path / "preds.jsonl"
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom parnet_cpu.outputs import atomic_write\n"
+        f"with atomic_write({str(out)!r}) as f:\n"
+        "    f.write('x' * 100000); f.flush(); print('writing', flush=True); time.sleep(600)\n")],
+        stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "writing"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+        stale = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+        assert len(stale) == 1 and stale[0].name.startswith(f".preds.jsonl.{child.pid}-")
+        tag = stale[0].name.split(".")[3].split("-")[1]
+        keep = [tmp_path / f".preds.jsonl.{live.pid}-{tag}.abc.tmp",  # a writer still running
+                tmp_path / f".preds.jsonl.{child.pid}-00000000.abc.tmp",  # another host's, on a shared folder
+                tmp_path / f".other.jsonl.{child.pid}-{tag}.abc.tmp"]  # another file's
+        for p in keep:
+            p.write_text("not mine to remove")
+        time.sleep(0.1)
+        with atomic_write(out) as f:
+            f.write("done\n")
+        assert out.read_text() == "done\n" and not stale[0].exists()
+        assert all(p.exists() for p in keep)
+    finally:
+        live.kill()
+        live.wait()
