@@ -219,45 +219,43 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _dead_writers_entries(parent: Path, pattern: re.Pattern, folders: bool) -> list[os.DirEntry]:
+    """Entries of `parent` named by `pattern` (groups: pid, host tag), made on this host by a process that is
+    gone: what a killed run of this tool left (a shared folder may hold other hosts' and live runs')."""
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return []
+    found = []
+    for e in entries:
+        m = pattern.match(e.name)
+        kind_ok = e.is_dir(follow_symlinks=False) if folders else e.is_file(follow_symlinks=False)
+        if m and m.group(2) == _host_tag() and kind_ok and int(m.group(1)) != os.getpid() \
+                and not _pid_alive(int(m.group(1))):
+            found.append(e)
+    return found
+
+
 def remove_stale_temp_files(path: Path) -> list[Path]:
     """Remove the temporary files earlier writes of `path` left when their process was killed (kill -9, OOM: no
     cleanup ran): only `.<name>.<pid>-<host>.*.tmp` made on this host by a process that is gone."""
     pattern = re.compile(r"^\." + re.escape(path.name) + r"\.(\d+)-([0-9a-f]{8})\..*\.tmp$")
     removed: list[Path] = []
-    try:
-        entries = list(os.scandir(path.parent))
-    except OSError:
-        return removed
-    for e in entries:
-        m = pattern.match(e.name)
-        if not m or m.group(2) != _host_tag() or not e.is_file(follow_symlinks=False):
-            continue
-        pid = int(m.group(1))
-        if pid != os.getpid() and not _pid_alive(pid):
-            try:
-                os.unlink(e.path)
-                removed.append(Path(e.path))
-            except OSError:
-                pass
+    for e in _dead_writers_entries(path.parent, pattern, folders=False):
+        try:
+            os.unlink(e.path)
+            removed.append(Path(e.path))
+        except OSError:
+            pass
     return removed
 
 
 def remove_stale_temp_dirs(parent: Path) -> list[Path]:
-    """Remove what earlier runs of this tool left in `parent` when they were killed: only folders with our
-    name pattern, made on this host, whose process is gone (a shared folder may hold other hosts' runs)."""
+    """Remove the temporary model folders earlier runs of this tool left in `parent` when they were killed."""
     removed: list[Path] = []
-    try:
-        entries = list(os.scandir(parent))
-    except OSError:
-        return removed
-    for e in entries:
-        m = _TEMP_RE.match(e.name)
-        if not m or m.group(2) != _host_tag() or not e.is_dir(follow_symlinks=False):
-            continue
-        pid = int(m.group(1))
-        if pid != os.getpid() and not _pid_alive(pid):
-            shutil.rmtree(e.path, ignore_errors=True)
-            removed.append(Path(e.path))
+    for e in _dead_writers_entries(parent, _TEMP_RE, folders=True):
+        shutil.rmtree(e.path, ignore_errors=True)
+        removed.append(Path(e.path))
     return removed
 
 

@@ -10,7 +10,9 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import numpy as np
@@ -62,6 +64,22 @@ def folder(tmp_path_factory) -> Path:
 SKIPPED = {"truncated.jpg", "not_really.png", "empty.jpg", "wide_40000x1.png"}
 
 
+@contextmanager
+def serving(model_dir: Path, tmp_path: Path) -> Iterator[int]:
+    """`parnet-cpu serve` on the folder, ready, on a free port (yielded); stopped after."""
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as f:
+        srv = subprocess.Popen([sys.executable, "-m", "parnet_cpu", "serve", "--model-dir", str(model_dir),
+                                "--port", str(port)], cwd=REPO, stdout=f, stderr=f,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        _wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", srv, log)
+        yield port
+    finally:
+        _stop(srv)
+
+
 def rows_of(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -89,14 +107,7 @@ def test_predict_folder_rows_equal_runtime_classify_and_skip_bad_files(model_dir
         assert (r["indices"], r["labels"]) == (list(w.indices), list(w.labels))
         np.testing.assert_allclose(r["probabilities"], w.probabilities, rtol=1e-6)
     # and serve's /v1/classify for the same files
-    port = _free_port()
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as f:
-        srv = subprocess.Popen([sys.executable, "-m", "parnet_cpu", "serve", "--model-dir", str(model_dir),
-                                "--port", str(port)], cwd=REPO, stdout=f, stderr=f,
-                               env={**os.environ, "PYTHONPATH": str(REPO)})
-    try:
-        _wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", srv, log)
+    with serving(model_dir, tmp_path) as port:
         for r in good:
             resp = httpx.post(f"http://127.0.0.1:{port}/v1/classify?top_k=5", content=Path(r["path"]).read_bytes(),
                               headers={"content-type": "image/jpeg"}, timeout=60)
@@ -104,8 +115,6 @@ def test_predict_folder_rows_equal_runtime_classify_and_skip_bad_files(model_dir
             mine = [{"index": i, "label": lab, "probability": p}
                     for i, lab, p in zip(r["indices"], r["labels"], r["probabilities"])]
             assert_same_answer(mine, resp.json()["predictions"])
-    finally:
-        _stop(srv)
 
 
 @pytest.mark.slow
@@ -240,19 +249,10 @@ def test_a_model_with_fewer_than_five_classes_works_without_a_top_k(tmp_path):
         assert [list(t.indices) for t in got] == [r["indices"] for r in rows]
         with pytest.raises(ValueError, match="top_k must be an integer in 1..2"):
             rt.classify(str(PHOTOS[0]), top_k=3)
-    port = _free_port()
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as f:
-        srv = subprocess.Popen([sys.executable, "-m", "parnet_cpu", "serve", "--model-dir", str(model_dir),
-                                "--port", str(port)], cwd=REPO, stdout=f, stderr=f,
-                               env={**os.environ, "PYTHONPATH": str(REPO)})
-    try:
-        _wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", srv, log)
+    with serving(model_dir, tmp_path) as port:
         resp = httpx.post(f"http://127.0.0.1:{port}/v1/classify", content=PHOTOS[0].read_bytes(),
                           headers={"content-type": "image/jpeg"}, timeout=60)
         assert resp.status_code == 200, resp.text
         assert [p["index"] for p in resp.json()["predictions"]] == rows[0]["indices"]
         assert httpx.post(f"http://127.0.0.1:{port}/v1/classify?top_k=3", content=PHOTOS[0].read_bytes(),
                           headers={"content-type": "image/jpeg"}, timeout=60).status_code == 400
-    finally:
-        _stop(srv)
