@@ -184,3 +184,17 @@ def test_serve_json_refused_before_the_port_and_cores(model, tmp_path, capsys):
     notes.write_text("mine")
     assert main(["serve", "--model-dir", str(model), "--port", "0", "--json", str(notes)]) == 2
     assert "refusing to replace it" in capsys.readouterr().err and notes.read_text() == "mine"
+
+
+def test_json_before_a_positional_says_why_the_positional_is_missing(tmp_path, capsys):
+    """`--json [FILE]` takes the next word as FILE, so `verify --json DIR` leaves DIR missing: the error says
+    that and the fix, for every command with a positional (verify, slim), and nothing is written."""
+    from parnet_cpu.cli import main
+
+    for command in ("verify", "slim"):
+        with pytest.raises(SystemExit) as exc:
+            main([command, "--json", str(tmp_path)])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "required: DIR" in err and f"took '{tmp_path}' as its FILE" in err and "--json=FILE" in err
+    assert list(tmp_path.iterdir()) == []

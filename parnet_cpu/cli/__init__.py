@@ -101,7 +101,18 @@ class CommandParser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):
         if self.missing and not {"-h", "--help"} & set(args or ()):
             self.exit(2, f"{self.prog}: error: {needs_full_install(self.missing)}\n")
+        self._argv = list(args or ())
         return super().parse_known_args(args, namespace)
+
+    def error(self, message: str):
+        """argparse's error, plus why a positional went missing when `--json` (its FILE optional) took it."""
+        argv = getattr(self, "_argv", [])
+        if "arguments are required" in message and "--json" in argv:
+            i = argv.index("--json")
+            if i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                message += (f" (`--json {argv[i + 1]}` took {argv[i + 1]!r} as its FILE: put --json after the "
+                            "positional arguments, or write --json=FILE or --json -)")
+        super().error(message)
 
 
 class _Registrar:
