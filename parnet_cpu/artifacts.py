@@ -407,7 +407,10 @@ class ModelDir:
         for name in names:
             path, rec = self.path / name, files.get(name)
             if rec is None:
-                if path.is_file():
+                if path.is_file() and name in (self.manifest.get("serving_only") or {}).get("removed", ()):
+                    problems.append(f"{name} is left over from an interrupted `parnet-cpu slim` (the manifest says "
+                                    "slim removed it): run `parnet-cpu slim` on the folder again")
+                elif path.is_file():
                     problems.append(f"{name} is not recorded in {MANIFEST} (added or replaced after export/quantize)")
                 continue
             if not path.is_file():
