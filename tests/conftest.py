@@ -1,10 +1,12 @@
 """Shared fixtures: a narrow ParNet that exercises every block type at a fraction of the cost."""
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,37 @@ collect_ignore = [] if importlib.util.find_spec("intel_extension_for_pytorch") e
 collect_ignore += [] if getattr(importlib.util.find_spec("ray"), "origin", None) else ["ray"]
 
 NARROW = dict(planes=(16, 32, 64, 128), num_blocks=(5, 6, 6, 1), input_size=64)
+
+
+class GatedWork:
+    """Work for real pool threads that holds until its gate opens, counting the amount running at once (the
+    decode-budget tests): `work(name, n)` runs `n` units; `started[name]` is set when it runs, `gates[name]`
+    lets it finish; `state` holds `running` and the `peak`."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.state = {"running": 0, "peak": 0}
+        self.started: dict[str, threading.Event] = {}
+        self.gates: dict[str, threading.Event] = {}
+
+    def work(self, name: str, n: int) -> str:
+        with self.lock:
+            self.state["running"] += n
+            self.state["peak"] = max(self.state["peak"], self.state["running"])
+        self.started[name].set()
+        self.gates[name].wait(30)
+        with self.lock:
+            self.state["running"] -= n
+        return name
+
+
+async def eventually(cond, what: str) -> None:
+    """Wait (up to 30 s, polling every 10 ms in the event loop) until `cond()` holds."""
+    for _ in range(3000):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def slow_param(*values):

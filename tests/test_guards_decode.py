@@ -28,6 +28,7 @@ from parnet_cpu.data import ImageDecodeError, ImageTooLargeError, PreprocessConf
 from parnet_cpu.data.inputs import MAX_IMAGE_PIXELS, preprocess_input
 from parnet_cpu.data.preprocess import (load_and_preprocess, plan_image,
                                         plan_preprocess, preprocess)
+from conftest import GatedWork, eventually
 from test_serve import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
@@ -405,27 +406,8 @@ def test_decode_budget_queues_decodes_that_do_not_fit_and_gives_bytes_back_when_
     larger than the whole budget runs alone. Bytes in running threads never exceed the budget."""
     from parnet_cpu.serve.app import DecodeBudget
 
-    lock = threading.Lock()
-    state = {"running": 0, "peak": 0}
-    started: dict[str, threading.Event] = {}
-    gates: dict[str, threading.Event] = {}
-
-    def work(name: str, n: int) -> str:
-        with lock:
-            state["running"] += n
-            state["peak"] = max(state["peak"], state["running"])
-        started[name].set()
-        gates[name].wait(30)
-        with lock:
-            state["running"] -= n
-        return name
-
-    async def until(cond, what: str) -> None:
-        for _ in range(3000):
-            if cond():
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"timed out waiting for {what}")
+    gated = GatedWork()
+    state, started, gates, work, until = gated.state, gated.started, gated.gates, gated.work, eventually
 
     async def main() -> None:
         budget, pool = DecodeBudget(100, patience_s=0), ThreadPoolExecutor(8)  # patience 0: strict arrival order

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import NARROW
+from conftest import NARROW, GatedWork, eventually
 from test_serve import REPO, ServerProcess, v2_json, wait_until
 
 SHAPE = (3, NARROW["input_size"], NARROW["input_size"])
@@ -267,27 +267,8 @@ def test_decode_budget_lets_small_decodes_pass_and_reserves_for_a_big_one_that_w
     patience, a further small one waits behind it (its reservation), and runs after it; total never over."""
     from parnet_cpu.serve.app import DecodeBudget
 
-    lock = threading.Lock()
-    state = {"running": 0, "peak": 0}
-    started: dict[str, threading.Event] = {}
-    gates: dict[str, threading.Event] = {}
-
-    def work(name: str, n: int) -> str:
-        with lock:
-            state["running"] += n
-            state["peak"] = max(state["peak"], state["running"])
-        started[name].set()
-        gates[name].wait(30)
-        with lock:
-            state["running"] -= n
-        return name
-
-    async def until(cond, what: str) -> None:
-        for _ in range(3000):
-            if cond():
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"timed out waiting for {what}")
+    gated = GatedWork()
+    state, started, gates, work, until = gated.state, gated.started, gated.gates, gated.work, eventually
 
     async def main() -> None:
         budget, pool = DecodeBudget(100, patience_s=0.5), ThreadPoolExecutor(8)
