@@ -178,7 +178,7 @@ def add_json_arg(p: argparse.ArgumentParser, what: str) -> None:
 def stdout_for_json(args: argparse.Namespace) -> Iterator[None]:
     """With `--json` to stdout, stdout carries the JSON alone (`| jq` works): whatever else the command prints
     (tables, progress, `wrote ...`) goes to stderr meanwhile. Entered once, around the command's handler."""
-    if getattr(args, "json", None) != STDOUT:
+    if not json_to_stdout(args):
         yield
         return
     from contextlib import redirect_stdout
