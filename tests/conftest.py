@@ -111,18 +111,23 @@ def own_lease_namespace(tmp_path_factory):
         os.environ["PARNET_CPU_LEASE_DIR"] = old
 
 
-def export_narrow(folder, seed: int = 0):
-    """The narrow ParNet-S (every block type) with seeded random weights and BN statistics, exported as an
-    FP32 model folder: what most runtime, serving and lease tests run on."""
+def narrow_parnet(seed: int = 0):
+    """The narrow ParNet-S (every block type) with seeded random weights and BN statistics."""
     import torch
 
-    from parnet_cpu.export import export_model_dir
     from parnet_cpu.models.parnet import create_model
 
     torch.manual_seed(seed)
     model = create_model("parnet_s", **NARROW)
     randomize_bn(model)
-    return export_model_dir(model, folder)
+    return model
+
+
+def export_narrow(folder, seed: int = 0):
+    """`narrow_parnet` exported as an FP32 model folder: what most runtime, serving and lease tests run on."""
+    from parnet_cpu.export import export_model_dir
+
+    return export_model_dir(narrow_parnet(seed), folder)
 
 
 @pytest.fixture(scope="session")
@@ -133,13 +138,51 @@ def narrow_master(tmp_path_factory) -> Path:
     return export_narrow(tmp_path_factory.mktemp("narrow-master") / "narrow")
 
 
+def copier(master: Path):
+    """`copy(folder)`: a fresh copy of `master` at `folder` (which must not exist)."""
+
+    def copy(folder) -> Path:
+        return Path(shutil.copytree(master, folder))
+
+    return copy
+
+
+@pytest.fixture(scope="session")
+def narrow_int8_master(narrow_master, tmp_path_factory) -> Path:
+    """`narrow_master`'s model as `export --onnx` then `quantize` leave it (every file a folder can hold:
+    FP32 and INT8 IR, model_deploy.pt, model.onnx), built once per session. The INT8 IR is NNCF's on four
+    random inputs with fast bias correction: its quantizers sit where the default options put them (full
+    bias correction only refits biases, ~5x slower here); test_quantize covers the calibrated pipeline.
+    Never handed to a test: `narrow_int8_copy` gives each its own copy."""
+    import numpy as np
+
+    from parnet_cpu.artifacts import ONNX_FILE, stamp_manifest
+    from parnet_cpu.export import deploy_form, save_ir, to_onnx
+    from parnet_cpu.quantization.openvino_backend import quantize_ir
+    from parnet_cpu.quantization.ptq import QuantizeOptions
+    from parnet_cpu.system.openvino_core import core
+
+    # export --onnx is the FP32 export plus the ONNX file: the session's FP32 folder (same model, same seed)
+    # with the ONNX written beside it, then stamped as export stamps it
+    out = Path(shutil.copytree(narrow_master, tmp_path_factory.mktemp("narrow-int8-master") / "narrow"))
+    to_onnx(deploy_form(narrow_parnet()), out / ONNX_FILE)
+    calib = [np.random.default_rng(i).standard_normal((1, 3, 64, 64), dtype=np.float32) for i in range(4)]
+    fp32 = core().read_model(str(out / "model_fp32.xml"))
+    options = QuantizeOptions(subset_size=len(calib), progress=False, fast_bias_correction=True)
+    save_ir(quantize_ir(fp32, calib, options), out / "model_int8.xml")
+    stamp_manifest(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def narrow_int8_copy(narrow_int8_master):
+    """`narrow_int8_copy(folder)`: a fresh copy of the session's narrow FP32 + INT8 model folder."""
+    return copier(narrow_int8_master)
+
+
 @pytest.fixture(scope="session")
 def narrow_copy(narrow_master):
     """`narrow_copy(folder)`: a fresh copy of the session's narrow FP32 model folder at `folder` (which must
     not exist): what a fresh `export_narrow(folder)` gives (same weights; the IR's node ids and the manifest's
     `created` differ between exports anyway)."""
-
-    def make(folder) -> Path:
-        return Path(shutil.copytree(narrow_master, folder))
-
-    return make
+    return copier(narrow_master)

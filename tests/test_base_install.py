@@ -67,9 +67,18 @@ def test_help_marks_exactly_the_commands_that_need_the_full_install():
     assert full.returncode == 0 and MARK not in full.stdout and INSTALL_HINT not in full.stdout
 
 
-@pytest.mark.parametrize("command", sorted(FULL_INSTALL_NEEDS))
-@pytest.mark.parametrize("extra", [(), ("--out", "made-by-it", "--no-such-flag"), ("--help",)],
-                         ids=["bare", "out-and-unknown-flag", "help"])
+EXTRAS = {"bare": (), "out-and-unknown-flag": ("--out", "made-by-it", "--no-such-flag"), "help": ("--help",)}
+
+
+def extra_cases():
+    """Every marked command bare, and every extra on one of them, in the inner loop; the rest in the full suite."""
+    for command in sorted(FULL_INSTALL_NEEDS):
+        for name, extra in EXTRAS.items():
+            inner = name == "bare" or command == "export"
+            yield pytest.param(command, extra, id=f"{name}-{command}", marks=() if inner else pytest.mark.slow)
+
+
+@pytest.mark.parametrize("command,extra", extra_cases())
 def test_a_full_install_command_says_the_install_command_and_writes_nothing(command, extra, tmp_path):
     """Every marked command, with no arguments, an unknown flag, an output folder, or --help: the install
     command, not argparse's usage error or a traceback, and nothing created in the working folder."""

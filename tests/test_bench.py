@@ -80,6 +80,7 @@ def busy_loop():
     proc.wait()
 
 
+@pytest.mark.slow
 def test_busy_machine_is_marked_or_refused(model_dir, tmp_path, capsys, busy_loop):
     """A busy loop on the measured CPUs: the numbers come out marked with the load recorded, and
     --require-quiet refuses with exit status 3 before measuring anything."""

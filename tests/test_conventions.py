@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import NARROW
+from conftest import NARROW, slow_param
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = NARROW["input_size"]
@@ -102,6 +102,7 @@ def copy_of(model_dir: Path, tmp_path: Path) -> Path:
 
 # ---------------------------------------------------------------------------------------------- item 7
 
+@pytest.mark.slow
 @needs_unshare
 def test_read_only_model_folder_caches_in_the_user_cache_and_the_next_start_imports(model_dir, reference, tmp_path):
     """A model folder mounted read-only (KServe, docker -v ...:ro): the compiled models and the plan choice go
@@ -127,6 +128,7 @@ def test_read_only_model_folder_caches_in_the_user_cache_and_the_next_start_impo
     assert not any("CompileCache" in w for w in first["warnings"] + second["warnings"]), first["warnings"]
 
 
+@pytest.mark.slow
 def test_writable_folder_caches_beside_the_model_for_the_workers_too(model_dir, reference, tmp_path):
     """A writable model folder keeps its cache in compile_cache/ (one folder per precision, CPU and OpenVINO);
     the multi-stream plan's pinned workers compile through the same cache: the second start adds no blob and
@@ -187,7 +189,7 @@ def test_corrupt_truncated_planted_blobs_are_removed_and_compiled_again(model_di
 
 
 @needs_unshare
-@pytest.mark.parametrize("case", ["others_can_write", "relative_xdg_no_home", "not_a_folder"])
+@pytest.mark.parametrize("case", ["others_can_write", slow_param("relative_xdg_no_home"), slow_param("not_a_folder")])
 def test_unusable_user_cache_starts_without_a_cache_and_says_why(model_dir, reference, tmp_path, case):
     """Read-only folder and a user cache that cannot be trusted or made (world-writable: anyone could plant a
     blob; no home; a file in the way): the start compiles from the IR, with one CompileCacheWarning naming it."""

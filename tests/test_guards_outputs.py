@@ -134,6 +134,7 @@ def test_reports_replace_their_own_kind_only(model, tmp_path, capsys):
     assert main(["plan", "--model-dir", m, "--cpus", "8", "--no-latency", "--json", str(notes), "--overwrite"]) == 0
 
 
+@pytest.mark.slow
 def test_plan_json_on_a_place_that_refuses_names_it_and_leaves_nothing(model, tmp_path):
     """/dev/full (ENOSPC, written directly) and a real file-size limit (EFBIG on the atomic temporary): exit 74,
     the path named, no 0-byte or partial file."""

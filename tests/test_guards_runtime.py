@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import NARROW
+from conftest import NARROW, slow_param
 
 REPO = Path(__file__).resolve().parents[1]
 CPUS = sorted(os.sched_getaffinity(0))
@@ -139,8 +139,8 @@ if __name__ == "__main__":
 '''.replace("SIZE_", str(SIZE))
 
 
-@pytest.mark.parametrize("plan,how", [("multi", "os.fork"), ("multi", "mp-fork"), ("single", "os.fork"),
-                                      ("single", "mp-fork")])
+@pytest.mark.parametrize("plan,how", [("multi", "os.fork"), slow_param("multi", "mp-fork"),
+                                      slow_param("single", "os.fork"), ("single", "mp-fork")])
 def test_c5_forked_child_gets_clear_error_and_parent_keeps_correct_answers(model_dir, tmp_path, plan, how):
     """A script makes a Runtime, forks, and the child calls every entry point, closes, and exits normally.
     Before: multi-stream answers went wrong and the child's exit SIGTERMed the parent's workers; the single
@@ -160,6 +160,7 @@ def test_c5_forked_child_gets_clear_error_and_parent_keeps_correct_answers(model
     assert "can only join a child process" not in report["stderr"], report["stderr"]
 
 
+@pytest.mark.slow
 def test_c5_a_child_can_create_its_own_runtime_after_forking(model_dir):
     """The fix the error names works: a forked child creates a Runtime of its own (on cores the parent does
     not hold) and gets the same logits as the parent; the parent is untouched."""
@@ -228,7 +229,7 @@ def with_small_shm(size: str) -> list[str]:
 
 
 @needs_unshare
-@pytest.mark.parametrize("inflight,max_batch", [(2, 16), (1, 32), (4, 8)])
+@pytest.mark.parametrize("inflight,max_batch", [(2, 16), slow_param(1, 32), slow_param(4, 8)])
 def test_c7_too_small_dev_shm_is_refused_at_start_with_the_size_and_the_fix(model_dir, inflight, max_batch):
     """A 1 MiB /dev/shm: the multi-stream plan is refused at start-up, naming /dev/shm, what it needs (which
     grows with inflight x max_batch) and `docker run --shm-size`. Before: the worker or the caller itself died

@@ -118,6 +118,7 @@ def test_c2_nested_data_must_match_the_declared_shape(server):
     assert httpx.get(server.url + "/v2/health/ready").status_code == 200
 
 
+@pytest.mark.slow
 def test_c2_only_json_numbers_are_numbers(server):
     """Strings, booleans, null, objects and NaN/Infinity were read as numbers (or crashed the parse); now a
     400, flat or nested, anywhere in the tensor. JSON integers are numbers. A boolean parameter must be a
@@ -208,6 +209,7 @@ def test_c9_every_error_of_the_http_layer_is_json(server):
                "connections to be released")
 
 
+@pytest.mark.slow
 def test_c9_graceful_timeout_is_a_json_500(model_dir, tmp_path):
     """A request still running when --graceful-timeout runs out was answered uvicorn's plain-text 500."""
     srv = ServerProcess(model_dir, tmp_path, "--plan", "single", "--precision", "fp32", "--graceful-timeout", "1",
@@ -239,6 +241,7 @@ def budget_under(nofile: tuple[int, int], asked: int = 256) -> dict:
     return json.loads(out.stdout)
 
 
+@pytest.mark.slow
 def test_c6_the_connection_cap_fits_the_descriptor_limit():
     """Read at start-up: a low hard limit lowers the cap (and the accept burst) to fit; a low soft limit under
     a higher hard one is raised as far as --max-connections needs; a limit with no room is a clear error."""

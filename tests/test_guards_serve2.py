@@ -236,6 +236,7 @@ def test_unknown_or_invalid_parameters_are_refused_everywhere(server):
 
 # ---------------------------------------------------------------------------------------------- defect 14
 
+@pytest.mark.slow
 def test_a_request_cut_by_the_graceful_timeout_logs_one_line_and_no_traceback(model_dir, tmp_path):
     """The JSON 500 as before, and the log says it in one warning: no `Exception in ASGI application`."""
     srv = ServerProcess(model_dir, tmp_path, "--plan", "single", "--precision", "fp32", "--graceful-timeout", "1",
@@ -310,6 +311,7 @@ def test_decode_budget_lets_small_decodes_pass_and_reserves_for_a_big_one_that_w
 
 # ---------------------------------------------------------------------------------------------- defect 12
 
+@pytest.mark.slow
 def test_replicas_auto_with_a_target_nothing_meets_warns_with_what_was_measured(model_dir, caplog):
     """`--replicas auto` with a p99 target no count can meet started 1 replica with an INFO line only. Now a
     WARNING naming the target and the lowest p99 measured, `target_met` False in the logged JSON, and the

@@ -15,7 +15,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import export_narrow
 from parnet_cpu.cli import build_parser, main
 from parnet_cpu.cli.common import JSON_HELP, STDOUT
 
@@ -48,8 +47,8 @@ def json_flag_problems(parser: argparse.ArgumentParser) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
-    return export_narrow(tmp_path_factory.mktemp("json") / "narrow")
+def model(narrow_copy, tmp_path_factory) -> Path:
+    return narrow_copy(tmp_path_factory.mktemp("json") / "narrow")
 
 
 def test_every_command_has_the_one_json_flag():
@@ -87,6 +86,7 @@ def test_json_to_stdout_is_the_json_alone(model, spelling):
     assert "groups sized by MACs" in r.stderr and "groups sized" not in r.stdout
 
 
+@pytest.mark.slow
 def test_json_file_is_a_stamped_report_and_the_text_stays_on_stdout(model, tmp_path):
     """The same flag with FILE: the report is written there (stamped, so a rerun may replace it, a user's
     file is refused), and the command's own text is on stdout as without --json. verify took --json as a

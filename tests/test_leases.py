@@ -116,6 +116,7 @@ def test_default_runtime_takes_the_free_cores_and_threads_follow(model_dir):
         first.close()
 
 
+@pytest.mark.slow
 def test_killed_holder_frees_its_cores_at_once(model_dir):
     from parnet_cpu.runtime.leases import current_leases
 
@@ -135,6 +136,7 @@ def test_killed_holder_frees_its_cores_at_once(model_dir):
         again.close()
 
 
+@pytest.mark.slow
 def test_sharing_is_an_opt_in_that_warns(model_dir):
     first = Holder(model_dir, plan="single", cores=[[CPUS[0]]])
     try:
@@ -183,6 +185,7 @@ def test_simultaneous_starts_never_both_fail(model_dir):
         assert not set(started[0]["cpus"]) & set(started[1]["cpus"])
 
 
+@pytest.mark.slow
 def test_info_lists_leases(model_dir):
     first = Holder(model_dir, plan="single", cores=[[CPUS[0]]])
     try:

@@ -52,6 +52,7 @@ def test_crashed_child_fails_fast_instead_of_hanging(target, how):
     assert time.monotonic() - t0 < 30
 
 
+@pytest.mark.slow
 def test_hung_child_is_killed_after_the_timeout():
     t0 = time.monotonic()
     with pytest.raises(PinnedChildTimeout, match="sleepy: no answer in 3 s"):

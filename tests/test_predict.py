@@ -139,6 +139,7 @@ def test_csv_files_given_one_by_one_and_resume_adds_only_the_rest(model_dir, fol
     assert sum(bool(r["skipped"]) for r in table) == len(SKIPPED)
 
 
+@pytest.mark.slow
 def test_parquet_rows_equal_the_jsonl_rows_and_resume_adds_only_the_rest(model_dir, folder, tmp_path):
     """--out x.parquet (pyarrow: the test extra installs it): the same rows as .jsonl, one table with typed
     list columns, and --resume keeps the earlier rows and adds only the rest."""
@@ -224,6 +225,7 @@ def test_bad_requests_are_clear_errors(model_dir, folder, tmp_path):
     assert not (tmp_path / "x.parquet").exists()
 
 
+@pytest.mark.slow
 def test_a_model_with_fewer_than_five_classes_works_without_a_top_k(tmp_path):
     """The default top-k is 5, or every class of a model with fewer: `predict`, `Runtime.classify` and serve's
     /v1/classify answer a 2-class model without being told (predict refused it: 'top_k must be in 1..2, got

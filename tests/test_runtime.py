@@ -8,42 +8,31 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import NARROW, randomize_bn, rel_l2
-from parnet_cpu.models.parnet import create_model
-from parnet_cpu.quantization.ptq import QuantizeOptions, quantize_to_dir
+from conftest import rel_l2, slow_param
 from parnet_cpu.runtime import Runtime, RuntimeClosedError
 from parnet_cpu.runtime.cores import CoreSpecError, parse_groups, proportional_sizes
 from parnet_cpu.runtime.engine import CompileOptions, compile_model
 from parnet_cpu.system.cpuinfo import parse_cpu_list
 
-REPO = Path(__file__).resolve().parents[1]
 CPUS = sorted(os.sched_getaffinity(0))
 # three stream groups on whatever this machine has (2 cores here: groups overlap, explicitly allowed)
 GROUPS = [[CPUS[0]], [CPUS[-1]], [CPUS[0]]]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """The narrow model quantized by the real pipeline. Fast bias correction: the quantizers sit where they
-    sit with full bias correction (which only refits biases, per layer, ~5x slower here); the cut is what is
-    tested (test_quantize covers the default options)."""
-    torch.manual_seed(0)
-    model = create_model("parnet_s", **NARROW)
-    randomize_bn(model)
-    out = tmp_path_factory.mktemp("rt") / "narrow"
-    quantize_to_dir(model, {"model": "narrow"}, REPO / "calibration" / "sample", out,
-                    QuantizeOptions(subset_size=16, progress=False, fast_bias_correction=True), log=lambda *a: None)
-    return out
+def model_dir(narrow_int8_copy, tmp_path_factory) -> Path:
+    """The narrow model in FP32 and INT8 (conftest's session folder: NNCF's quantizers where the default options
+    put them; test_quantize covers the calibrated pipeline)."""
+    return narrow_int8_copy(tmp_path_factory.mktemp("rt") / "narrow")
 
 
 def images(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, 3, 64, 64)).astype(np.float32)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
-@pytest.mark.parametrize("inits1", ["recompute", "share"])
+@pytest.mark.parametrize("inits1,precision", [("recompute", "fp32"), ("share", "int8"),
+                                              slow_param("recompute", "int8"), slow_param("share", "fp32")])
 def test_multistream_equals_single_graph(model_dir, precision, inits1, monkeypatch):
     # INT8 with f32 leftovers: the cut itself must change nothing. (With bf16 leftovers, the default where
     # the CPU has bf16, each stage rounds its own float ops, so results agree to bf16 precision only.)
@@ -149,6 +138,7 @@ def test_bad_core_specs(model_dir):
     assert proportional_sizes([1.0, 1.25, 1.25], 16) == [5, 6, 5] or sum(proportional_sizes([1, 1.25, 1.25], 16)) == 16
 
 
+@pytest.mark.slow
 def test_two_runtimes_never_share_cores(model_dir):
     with Runtime(model_dir, plan="single") as first:
         assert set(first.plan.cpus) == set(CPUS)
@@ -158,6 +148,7 @@ def test_two_runtimes_never_share_cores(model_dir):
         assert again.plan.kind == "single"
 
 
+@pytest.mark.slow
 def test_auto_plan_is_never_slower_than_single(model_dir):
     with Runtime(model_dir) as rt:
         x = images(2)

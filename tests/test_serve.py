@@ -350,6 +350,7 @@ def test_bad_images_and_oversized_bodies(client):
 
 # ---------------------------------------------------------------------------------------------- concurrency
 
+@pytest.mark.slow
 def test_200_concurrent_requests_get_their_own_answers(server, reference):
     x, ref = reference["x"], reference["logits"]
 

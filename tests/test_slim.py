@@ -13,33 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import NARROW, randomize_bn
 
 FULL = {"parnet.json", "model_fp32.xml", "model_fp32.bin", "model_int8.xml", "model_int8.bin", "model_deploy.pt",
         "model.onnx"}
 
 
 @pytest.fixture(scope="module")
-def full_folder(tmp_path_factory) -> Path:
-    """A folder as `export --onnx` then `quantize` leave it (INT8 from NNCF on random inputs: fast, and only the
-    files matter here)."""
-    import torch
-
-    from parnet_cpu.artifacts import stamp_manifest
-    from parnet_cpu.export import export_model_dir, save_ir
-    from parnet_cpu.models.parnet import create_model
-    from parnet_cpu.quantization.openvino_backend import quantize_ir
-    from parnet_cpu.quantization.ptq import QuantizeOptions
-    from parnet_cpu.system.openvino_core import core
-
-    torch.manual_seed(0)
-    model = create_model("parnet_s", **NARROW)
-    randomize_bn(model)
-    out = export_model_dir(model, tmp_path_factory.mktemp("slim") / "full", onnx=True)
-    calib = [np.random.default_rng(i).standard_normal((1, 3, 64, 64), dtype=np.float32) for i in range(4)]
-    fp32 = core().read_model(str(out / "model_fp32.xml"))
-    save_ir(quantize_ir(fp32, calib, QuantizeOptions(subset_size=4, progress=False)), out / "model_int8.xml")
-    stamp_manifest(out)
+def full_folder(narrow_int8_copy, tmp_path_factory) -> Path:
+    """A folder as `export --onnx` then `quantize` leave it (conftest's session folder; only the files matter)."""
+    out = narrow_int8_copy(tmp_path_factory.mktemp("slim") / "full")
     assert names(out) == FULL
     return out
 
@@ -90,6 +72,7 @@ def test_a_slim_folder_keeps_what_a_runtime_needs_verifies_and_answers_the_same(
         ModelDir.open(folder).ir_path("fp32")
 
 
+@pytest.mark.slow
 def test_keep_several_precisions_then_slim_further(folder):
     r = cli("slim", str(folder), "--keep", "int8", "--keep", "fp32")
     assert r.returncode == 0, r.stderr
@@ -119,6 +102,7 @@ def test_slim_refuses_a_changed_kept_file_and_removes_nothing(folder):
     assert names(folder) == FULL and (folder / "parnet.json").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_an_interrupted_slim_is_finished_by_running_it_again_and_foreign_files_stay(folder, full_folder):
     """The manifest is written first; a removal cut short leaves removed files behind, which verify names and a
     second slim removes. A file the manifest never recorded (the user's) is left alone."""
@@ -166,6 +150,7 @@ def test_slim_never_deletes_a_file_changed_since_it_was_recorded(folder):
     assert (folder / "parnet.json").read_bytes() == before and names(folder) == FULL
 
 
+@pytest.mark.slow
 def test_bench_on_a_slim_folder_says_which_engines_need_the_removed_files(folder, tmp_path):
     """bench's torch and ONNX baselines build from model_deploy.pt (or model.onnx): on a serving-only folder
     those rows say so and the OpenVINO rows run (it ended in a CheckpointError traceback)."""

@@ -254,6 +254,7 @@ def test_c4_quantize_report_records_the_folder_to_index_mapping(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ class 5
 
+@pytest.mark.slow
 def test_c5_checkpoint_config_conflicting_with_command_line_is_an_error(tmp_path, capsys):
     from parnet_cpu.models.checkpoint import save_checkpoint
     from parnet_cpu.models.parnet import create_model

@@ -239,6 +239,7 @@ def test_c8_killed_worker_fails_fast_with_its_cause(model_dir):
     assert "error" not in box
 
 
+@pytest.mark.slow
 def test_c8_killed_idle_worker_is_seen_by_health_check(model_dir):
     """No call in flight: healthy() notices a dead worker by itself (what /v2/health/ready polls)."""
     from parnet_cpu.runtime import RuntimeBrokenError
@@ -256,6 +257,7 @@ def test_c8_killed_idle_worker_is_seen_by_health_check(model_dir):
             rt.infer(images(1))
 
 
+@pytest.mark.slow
 def test_c8_stopped_worker_times_out_then_recovers(model_dir):
     """A stopped worker: the call raises InferenceTimeout (a TimeoutError naming the worker) after the
     Runtime's timeout or the per-call one instead of blocking forever; once the worker continues, its late

@@ -221,6 +221,7 @@ def test_c11_non_finite_logits_are_never_written_as_bare_nan(hardened):
     assert httpx.get(hardened.url + "/v2/health/ready").status_code == 200  # the model's answer, not a failure
 
 
+@pytest.mark.slow
 def test_c11_slow_headers_and_slow_bodies_are_cut_off(hardened):
     t0 = time.monotonic()
     assert raw_request(hardened.port, b"") == b""  # connects, sends nothing: closed
