@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Callable, Iterator, Mapping, Sequence
 
@@ -617,8 +618,6 @@ REPORT_SCHEMA = 1  # version of the JSON reports (quantize's report.json, eval -
 def report_stamp(kind: str) -> dict:
     """What every JSON report starts with: what it is, its schema version, the tool version and a
     time-zone-aware UTC timestamp, so a report read months later says what wrote it and when."""
-    from datetime import datetime, timezone
-
     from parnet_cpu import __version__
 
     return {"report": kind, "schema": REPORT_SCHEMA, "parnet_cpu": __version__,

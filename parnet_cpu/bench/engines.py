@@ -19,7 +19,9 @@ in-process (`parnet_cpu.bench.runner`).
 """
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -143,14 +145,10 @@ class _RootWarnings:
         return False
 
     def __enter__(self) -> "_RootWarnings":
-        import logging
-
         logging.getLogger().addFilter(self)
         return self
 
     def __exit__(self, *exc) -> None:
-        import logging
-
         logging.getLogger().removeFilter(self)
 
     def summary(self) -> dict:
@@ -164,8 +162,6 @@ def build_ort_int8(name: str, spec: EngineSpec):
     activations only ParNet-S's 22 SE convolutions became QLinearConv and the other 22 stayed float; with
     u8, 34 of 44 plus the SiLU multiplies and adds run quantized), MinMax calibration on the same images,
     sequential execution on all the threads."""
-    import tempfile
-
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 

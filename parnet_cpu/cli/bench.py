@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -49,8 +51,6 @@ def restrict_to_threads(threads: int, use_smt: bool) -> list[int]:
     """benchmark_app's `-nthreads N` here: narrow this process (and so every engine, pinned child and Runtime
     it starts, which all take their CPUs from the affinity) to the first N free physical cores (N logical CPUs
     with --use-smt), so every engine runs N threads on the same N CPUs. Returns the CPUs."""
-    import os
-
     from parnet_cpu.runtime.cores import CoreSpecError
     from parnet_cpu.runtime.leases import available_cores
 
@@ -173,8 +173,6 @@ def run(args: argparse.Namespace) -> int:
     payload = results[0] if len(results) == 1 else {"sweep": results}
     write_json_arg(args, "bench", payload)
     if args.report_folder:
-        import json
-
         from parnet_cpu.outputs import own_report_kind
         from parnet_cpu.bench.report import benchmark_app_report
 

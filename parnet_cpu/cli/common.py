@@ -6,7 +6,8 @@ import json
 import os
 import signal
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
+from dataclasses import replace
 from typing import Iterator, Sequence
 
 from parnet_cpu.cli import CliError
@@ -181,8 +182,6 @@ def stdout_for_json(args: argparse.Namespace) -> Iterator[None]:
     if not json_to_stdout(args):
         yield
         return
-    from contextlib import redirect_stdout
-
     _json_stdout.append(sys.stdout)
     try:
         with redirect_stdout(sys.stderr):
@@ -290,8 +289,6 @@ def model_from_args(args: argparse.Namespace, *, data_classes: int | None = None
     For training: `data_classes` / `data_class_names` (what the training set has) fill the class count and
     names the flags leave open, `seed` seeds the initialisation, and `fresh` means a model without
     --checkpoint starts from random weights on purpose (no shipped weights, no warning)."""
-    from dataclasses import replace
-
     from parnet_cpu.models.checkpoint import CheckpointError, load_checkpoint
     from parnet_cpu.models.parnet import build_model, resolve_config, shipped_weights
 

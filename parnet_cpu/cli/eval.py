@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 
 from parnet_cpu.cli import CliError
 from parnet_cpu.cli.common import (add_json_arg, add_model_dir_arg, add_overwrite_arg, check_output_arg,
@@ -85,9 +87,6 @@ def save_json(args: argparse.Namespace, result: dict) -> None:
     """Write --json (`common.write_report_arg`); when the place refuses it after all (a disk that filled
     meanwhile, /dev/full), the figures go to stdout instead of being lost, and the error (exit 74) says where
     they are."""
-    import json
-    import sys
-
     try:
         write_json_arg(args, "eval", result)
     except (OSError, CliError):

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+from dataclasses import asdict
+from pathlib import Path
 
 from parnet_cpu.cli import CliError
 from parnet_cpu.cli.common import add_json_arg, json_to_stdout, write_json_arg
@@ -24,8 +27,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from parnet_cpu.system.cpuinfo import describe_machine
 
     root = Path(args.root or "/")
@@ -47,8 +48,6 @@ def run(args: argparse.Namespace) -> int:
 
 def live_leases() -> list[dict]:
     """Cores leased right now by runtimes on this machine (see `parnet_cpu.runtime.leases`)."""
-    from dataclasses import asdict
-
     from parnet_cpu.runtime.cores import CoreSpecError
     from parnet_cpu.runtime.leases import current_leases
 
@@ -72,8 +71,6 @@ def format_leases(leases: list[dict]) -> str:
 
 def _leftovers(info) -> str:
     """Precision INT8 models will run their float leftovers (stem, SE gates, pooling) in on this CPU."""
-    import os
-
     from parnet_cpu.runtime.engine import LEFTOVERS_ENV, default_leftovers
 
     chosen = os.environ.get(LEFTOVERS_ENV, "auto")
@@ -81,8 +78,6 @@ def _leftovers(info) -> str:
 
 
 def _leftovers_note(info) -> str:
-    import os
-
     from parnet_cpu.runtime.engine import LEFTOVERS_ENV
 
     why = (f"{LEFTOVERS_ENV}={os.environ[LEFTOVERS_ENV]}" if os.environ.get(LEFTOVERS_ENV, "auto") != "auto"

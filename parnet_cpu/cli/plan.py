@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from parnet_cpu.bench.quiet import add_quiet_args
 from parnet_cpu.cli.common import add_json_arg, add_model_dir_arg, add_overwrite_arg, check_output_arg, write_json_arg
@@ -68,8 +69,6 @@ HANDOVERS_PER_CALL = 3  # stem -> streams -> tail -> caller: three parent<->work
 def measured_handover(md, precision: str) -> tuple[float, str]:
     """The hand-over term: HANDOVERS_PER_CALL x the parent<->worker message round trip measured on this
     machine (`Runtime.message_round_trip_ms`, the single graph in a worker pinned to one CPU)."""
-    import os
-
     from parnet_cpu.runtime.runtime import Runtime
 
     cpus = sorted(os.sched_getaffinity(0))
@@ -110,8 +109,6 @@ def make_report(args) -> dict:
         if handover is None and isinstance(fitted.get("handover_ms"), (int, float)):
             handover, handover_source = fitted["handover_ms"], f"{fitted.get('handover_source', 'measured')} (--fit)"
     elif not args.no_latency:
-        import os
-
         from parnet_cpu.bench.quiet import LoadWatch
 
         watch = LoadWatch(sorted(os.sched_getaffinity(0)), args.require_quiet, args.quiet_wait, "profiling").settle()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
 
 from parnet_cpu.cli.common import add_json_arg, add_model_dir_arg, check_output_arg, sigterm_as_interrupt, write_json_arg
 from parnet_cpu.options import arg
@@ -39,8 +40,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
     from parnet_cpu.artifacts import ModelDirError
     from parnet_cpu.cli import CliError
     from parnet_cpu.predict import PredictError, output_format, predict_folder

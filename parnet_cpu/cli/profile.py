@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from parnet_cpu.bench.quiet import add_quiet_args
 from parnet_cpu.cli.common import (STDOUT, add_json_arg, add_model_dir_arg, add_overwrite_arg, check_output_arg,
@@ -32,8 +33,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
     from parnet_cpu.artifacts import ModelDirError
     from parnet_cpu.bench.quiet import LoadWatch, NotQuietError, refuse
     from parnet_cpu.cli import CliError

@@ -6,6 +6,7 @@ import os
 import shlex
 import sys
 import time
+from pathlib import Path
 
 from parnet_cpu.cli import CliError
 from parnet_cpu.cli.common import (add_json_arg, add_model_args, add_overwrite_arg, check_output_arg, model_from_args,
@@ -141,8 +142,6 @@ def run(args: argparse.Namespace) -> int:
             export_checkpoint(args.out, f, **({"test_accuracy": result} if result else {}))
         print(f"wrote {args.export} (EMA weights, fp32, training form; sha256 {sha256_file(args.export)[:16]}...)")
     if args.report or args.json:
-        from pathlib import Path
-
         from parnet_cpu.outputs import sha256_file
 
         shipped = Path(args.export) if args.export else Path(args.out)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from parnet_cpu.cli.common import add_json_arg, check_output_arg, json_to_stdout, write_json_arg
 
@@ -81,8 +82,6 @@ def format_checks(r: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from parnet_cpu.artifacts import MANIFEST, ModelDirError, stamp_manifest
     from parnet_cpu.cli import CliError
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import struct
 from pathlib import Path
 from typing import Callable, Sequence
@@ -220,8 +221,6 @@ def prepare_fmnist(folder: str | os.PathLike[str], calib_count: int = 300, test_
     """The first `calib_count` training images (one flat folder, in dataset order) and the first `test_limit`
     labelled test images (class folders; None: all), written once under `folder` as `calib_<n>/` and
     `test_<n|all>/` and reused when complete. FileNotFoundError without the dataset (`find_fashion_mnist`)."""
-    import shutil
-
     folder = Path(folder)
     data = load_fashion_mnist()
     n_calib = min(calib_count, len(data["train_images"]))

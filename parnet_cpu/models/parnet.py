@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -129,8 +130,6 @@ def no_pretrained_weights_message(name: str) -> str:
 
 def shipped_weights(name: str):
     """Path of the weights shipped for a variant, or None."""
-    from pathlib import Path
-
     fname = SHIPPED_WEIGHTS.get(name.lower().replace("-", "_"))
     return Path(__file__).resolve().parents[1] / "assets" / fname if fname else None
 

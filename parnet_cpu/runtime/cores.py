@@ -7,6 +7,7 @@ and never more than the cgroup CPU quota allows (`parnet_cpu.system.cpuinfo.usab
 """
 from __future__ import annotations
 
+from itertools import product
 from typing import Sequence
 
 from parnet_cpu.system.cpuinfo import describe_machine, format_cpu_list, parse_cpu_list, usable_physical_cores
@@ -102,8 +103,6 @@ def place_stream_groups(info, costs: Sequence[float], use_smt: bool = False, inc
     smallest slowest group wins (`group_time(i, cores)`, default cost / cores; ties: fewer sockets, then
     lower socket numbers). SMT siblings only with `use_smt`,
     efficiency cores only with `include_efficiency` (or when nothing else is usable)."""
-    from itertools import product
-
     domains = socket_domains(info, use_smt, include_efficiency)
     total = sum(len(d) for d in domains)
     if total < len(costs):

@@ -16,6 +16,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from multiprocessing import shared_memory
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -131,8 +132,6 @@ def unguarded_main_problem() -> str | None:
 
 def _attach(layout, shms: dict):
     """numpy views over shared memory for every slot's tensors."""
-    from multiprocessing import shared_memory
-
     import numpy as np
 
     views = []

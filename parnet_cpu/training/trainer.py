@@ -17,6 +17,7 @@ history, the training configuration), all tensors and plain types so ``weights_o
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -215,8 +216,6 @@ class ModelEma:
     """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
-        import copy
-
         self.module = copy.deepcopy(model).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
