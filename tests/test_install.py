@@ -4,6 +4,7 @@ folder that the full install exported."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -26,7 +27,9 @@ RUNTIME_CHECK = """
 import importlib.util, json, sys
 import numpy as np
 assert importlib.util.find_spec("torch") is None, "torch is installed in the serving venv"
+import parnet_cpu
 from parnet_cpu import Runtime
+assert parnet_cpu.__file__.startswith(sys.prefix), f"parnet_cpu from {parnet_cpu.__file__}, not the venv's wheel"
 x = np.load(sys.argv[2])
 with Runtime(sys.argv[1], plan="single", cores_per_stream=None) as rt:
     y = rt.infer(x)
@@ -54,17 +57,21 @@ def test_serving_install_from_the_wheel_needs_no_torch(tmp_path):
     venv = tmp_path / "serve-venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
+    # the venv sees only what it installed: a PYTHONPATH into a source tree (a clean clone's test run) would
+    # let the venv import that tree instead of the wheel, and let pip take its egg-info for an installed wheel
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     # the serving install: the wheel with no extra, its dependencies from the package registry
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(wheel)], check=True,
-                   timeout=600)
-    freeze = subprocess.run([str(py), "-m", "pip", "freeze"], capture_output=True, text=True, check=True).stdout
+                   env=env, timeout=600)
+    freeze = subprocess.run([str(py), "-m", "pip", "freeze"], capture_output=True, text=True, check=True,
+                            env=env).stdout
     assert not any(line.split("==")[0].lower() in {"torch", "nncf", "onnxruntime", "torchao"}
                    for line in freeze.splitlines()), freeze
 
     x = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     out = subprocess.run([str(py), "-c", RUNTIME_CHECK, str(model_dir), str(tmp_path / "x.npy")],
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr
     with Runtime(model_dir, plan="single", cores_per_stream=None) as rt:
         ref = rt.infer(x)
@@ -74,7 +81,7 @@ def test_serving_install_from_the_wheel_needs_no_torch(tmp_path):
     # serve from the same venv: ready, then a real v2 inference over loopback
     port = _free_port()
     server = subprocess.Popen([str(venv / "bin" / "parnet-cpu"), "serve", "--model-dir", str(model_dir), "--port",
-                               str(port), "--plan", "single"], cwd=tmp_path, stdout=subprocess.PIPE,
+                               str(port), "--plan", "single"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
