@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -198,3 +199,21 @@ def test_json_before_a_positional_says_why_the_positional_is_missing(tmp_path, c
         err = capsys.readouterr().err
         assert "required: DIR" in err and f"took '{tmp_path}' as its FILE" in err and "--json=FILE" in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a device that refuses every write)")
+def test_a_json_file_refused_after_the_work_goes_to_stdout_for_every_command(model, tmp_path, capsys):
+    """`--json FILE` on a place that refuses the write only once the command's work is done (/dev/full): the
+    report is printed on stdout and the error (exit 74) says so, in the one writer every command uses. `slim`
+    had already removed files when its report was lost (hostile pass); `info` is any other command."""
+    folder = tmp_path / "m"
+    shutil.copytree(model, folder)
+    assert main(["slim", str(folder), "--json", "/dev/full"]) == 74
+    out, err = capsys.readouterr()
+    report = json.loads(out[out.index("{"):])  # stamped as the file would have been
+    assert report["report"] == "slim" and "model_deploy.pt" in json.dumps(report) and not (folder / "model_deploy.pt").exists()
+    assert "the slim report is printed above (JSON), because --json /dev/full could not be written" in err
+    assert "cannot write /dev/full" in err and "Traceback" not in err
+    assert main(["info", "--json", "/dev/full"]) == 74
+    out, err = capsys.readouterr()
+    assert json.loads(out[out.index("{"):])["report"] == "info" and "the info report is printed above" in err

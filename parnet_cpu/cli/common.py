@@ -157,12 +157,22 @@ def output_arg(args: argparse.Namespace, dest: str, report: str | None = None, m
 
 def write_report_arg(args: argparse.Namespace, dest: str, kind: str, obj: dict) -> None:
     """A JSON report flag (--json, --report) through `output_arg`, stamped as `kind` (`outputs.report_stamp`)
-    so the next run of the command recognises it as its own to replace."""
-    from parnet_cpu.outputs import report_stamp
+    so the next run of the command recognises it as its own to replace. When the place refuses the report
+    after the command's work is done (a disk that filled meanwhile, /dev/full), the report goes to stdout
+    instead of being lost and the error that follows (exit 74, or 2 for a refused path) says where it is: a
+    slim, a quantization or an evaluation has already happened, and the report is the only account of it."""
+    from parnet_cpu.outputs import OutputError, report_stamp
 
     body = obj if "report" in obj else {**report_stamp(kind), **obj}
-    with output_arg(args, dest, report=kind) as f:
-        f.write(json.dumps(body, indent=2, sort_keys=True, default=str) + "\n")
+    text = json.dumps(body, indent=2, sort_keys=True, default=str) + "\n"
+    try:
+        with output_arg(args, dest, report=kind) as f:
+            f.write(text)
+    except (OSError, CliError, OutputError):
+        print(text, end="", flush=True)
+        print(f"the {kind} report is printed above (JSON), because --{dest.replace('_', '-')} "
+              f"{getattr(args, dest)} could not be written", file=sys.stderr)
+        raise
 
 
 JSON_HELP = "write {what} as JSON to FILE, or to stdout without FILE (or with -)"
@@ -197,7 +207,7 @@ def json_to_stdout(args: argparse.Namespace) -> bool:
 
 def write_json_arg(args: argparse.Namespace, kind: str, obj: dict) -> None:
     """The one writer of `--json`: to stdout as it is, or to FILE through `write_report_arg` (stamped as `kind`,
-    checked, atomic). Unset: nothing."""
+    checked, atomic; on stdout if the place refuses it after all). Unset: nothing."""
     if getattr(args, "json", None) is None:
         return
     if args.json != STDOUT:

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 from parnet_cpu.cli import CliError
 from parnet_cpu.cli.common import (add_json_arg, add_model_dir_arg, add_overwrite_arg, check_output_arg,
@@ -78,19 +76,5 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("no image could be decoded and evaluated")
     print(f"{precision}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  on {result['labelled']} images"
           + (f" ({len(result['skipped'])} undecodable skipped)" if result["skipped"] else ""))
-    if args.json:
-        save_json(args, result)
+    write_json_arg(args, "eval", result)
     return 0
-
-
-def save_json(args: argparse.Namespace, result: dict) -> None:
-    """Write --json (`common.write_report_arg`); when the place refuses it after all (a disk that filled
-    meanwhile, /dev/full), the figures go to stdout instead of being lost, and the error (exit 74) says where
-    they are."""
-    try:
-        write_json_arg(args, "eval", result)
-    except (OSError, CliError):
-        print(json.dumps(result, indent=2, sort_keys=True, default=str), flush=True)
-        print(f"the evaluation's figures are printed above (JSON), because --json {args.json} could not be written",
-              file=sys.stderr)
-        raise
