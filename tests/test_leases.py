@@ -327,3 +327,15 @@ def test_info_reports_an_unusable_lease_folder_instead_of_a_traceback(tmp_path, 
         assert main(["info"]) == 0
         out = capsys.readouterr().out
         assert "Core leases        cannot be read:" in out and words in out and "ISA" in out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs procfs")
+def test_a_lease_folder_that_takes_no_files_is_named_as_such(monkeypatch):
+    """/proc exists but makes no files (O_CREAT there is ENOENT): the error says so and the fix, not that the
+    folder is gone (hostile pass minor)."""
+    from parnet_cpu.runtime.leases import LeaseDirError, available_cores
+
+    monkeypatch.setenv("PARNET_CPU_LEASE_DIR", "/proc")
+    with pytest.raises(LeaseDirError, match=r"/proc/\.registry\.lock: its folder takes no new files") as exc:
+        available_cores()
+    assert "gone" not in str(exc.value) and "PARNET_CPU_LEASE_DIR" in str(exc.value)

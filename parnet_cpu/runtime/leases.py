@@ -123,8 +123,10 @@ def _open_lock_file(path: Path, create: bool = True) -> int:
     except FileNotFoundError:
         if not create:
             raise
-        raise LeaseDirError(f"cannot create the core lease file {path}: its folder is gone; {LEASE_DIR_FIX}") \
-            from None
+        # ENOENT from O_CREAT: the folder went away, or it is a file system that makes no files (/proc, /sys)
+        why = ("its folder is gone" if not path.parent.is_dir() else
+               "its folder takes no new files (a file system such as /proc or /sys)")
+        raise LeaseDirError(f"cannot create the core lease file {path}: {why}; {LEASE_DIR_FIX}") from None
     except OSError as exc:
         raise LeaseDirError(_lock_file_problem(path, exc)) from None
     st = os.fstat(fd)
