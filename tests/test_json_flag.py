@@ -202,7 +202,7 @@ def test_json_before_a_positional_says_why_the_positional_is_missing(tmp_path, c
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (a device that refuses every write)")
-def test_a_json_file_refused_after_the_work_goes_to_stdout_for_every_command(model, tmp_path, capsys):
+def test_a_json_file_refused_after_the_work_goes_to_stdout_for_every_command(model, tmp_path, capsys, monkeypatch):
     """`--json FILE` on a place that refuses the write only once the command's work is done (/dev/full): the
     report is printed on stdout and the error (exit 74) says so, in the one writer every command uses. `slim`
     had already removed files when its report was lost (hostile pass); `info` is any other command."""
@@ -217,3 +217,6 @@ def test_a_json_file_refused_after_the_work_goes_to_stdout_for_every_command(mod
     assert main(["info", "--json", "/dev/full"]) == 74
     out, err = capsys.readouterr()
     assert json.loads(out[out.index("{"):])["report"] == "info" and "the info report is printed above" in err
+    monkeypatch.setattr(sys, "stdout", None)  # started with stdout closed (`>&-`): nothing is said to be above
+    assert main(["info", "--json", "/dev/full"]) == 74
+    assert "the info report is lost: stdout is closed too" in capsys.readouterr().err

@@ -169,9 +169,11 @@ def write_report_arg(args: argparse.Namespace, dest: str, kind: str, obj: dict) 
         with output_arg(args, dest, report=kind) as f:
             f.write(text)
     except (OSError, CliError, OutputError):
-        print(text, end="", flush=True)
-        print(f"the {kind} report is printed above (JSON), because --{dest.replace('_', '-')} "
-              f"{getattr(args, dest)} could not be written", file=sys.stderr)
+        where = "printed above (JSON)" if sys.stdout is not None else "lost: stdout is closed too"
+        if sys.stdout is not None:  # None: the process was started with its stdout closed (`>&-`)
+            print(text, end="", flush=True)
+        print(f"the {kind} report is {where}, because --{dest.replace('_', '-')} {getattr(args, dest)} could not "
+              "be written", file=sys.stderr)
         raise
 
 
